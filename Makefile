@@ -55,6 +55,8 @@ bench: $(STAMP)
 
 crd: $(STAMP)
 	$(PY) -m kvcache_operator.cli crd > crds/kvcache.dev_kvcaches.yaml
+	cp crds/kvcache.dev_kvcaches.yaml helm/kvcache-operator/files/crds/kvcache.dev_kvcaches.yaml
+	$(PY) -m kvcache_operator.rbac > helm/kvcache-operator/files/rbac-rules.yaml
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache demo-report.png

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from kvcache_engine.config import ConfigError
 
@@ -28,7 +29,129 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+if TYPE_CHECKING:
+    Sub = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _add_serve(sub: Sub) -> None:
+    p = sub.add_parser("serve", help="run the engine's HTTP API (loads the persisted cache, persists on SIGTERM)")
+    p.add_argument("--config", help="config file (YAML or JSON, camelCase or snake_case); env KVCACHE_<FIELD> overrides")
+    p.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--token-file", help="API token file (default: $KVCACHE_TOKEN_FILE, then $KVCACHE_TOKEN)")
+    p.add_argument("--auth-probes", action="store_true", help="require the token on /healthz, /readyz, /metrics too")
+    p.add_argument("--max-body-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
+    p.add_argument("--max-blocks", type=int, default=4096, help="most blocks per request (default 4096)")
+    p.add_argument("--body-timeout-s", type=float, default=60.0, help="seconds to receive a request body (default 60)")
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvcache_engine.server import cmd_serve
+
+    return cmd_serve(args)
+
+
+def _add_url_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="engine base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--token-file", help="API token file (default: $KVCACHE_TOKEN_FILE, then $KVCACHE_TOKEN)")
+
+
+def _add_stats(sub: Sub) -> None:
+    p = sub.add_parser("stats", help="print a running engine's get_stats()")
+    _add_url_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_cmd_backup_module("cmd_stats"))
+
+
+def _add_persist(sub: Sub) -> None:
+    p = sub.add_parser("persist", help="ask a running engine to persist now (exit 1 if it could not)")
+    _add_url_args(p)
+    p.set_defaults(handler=_cmd_backup_module("cmd_persist"))
+
+
+def _add_validate(sub: Sub) -> None:
+    p = sub.add_parser("validate", help="check a persisted cache or backup directory offline (exit 1 if invalid)")
+    p.add_argument("path", help="directory holding manifest.json and segments")
+    p.add_argument("--config", help="engine config whose geometry the cache must match")
+    p.set_defaults(handler=_cmd_backup_module("cmd_validate"))
+
+
+def _add_backup(sub: Sub) -> None:
+    p = sub.add_parser("backup", help="pull a verified snapshot from a running engine into DEST, keep N")
+    _add_url_args(p)
+    p.add_argument("--dest", required=True, help="backup root directory")
+    p.add_argument("--keep", type=int, default=7, help="backups to keep (default 7)")
+    p.set_defaults(handler=_cmd_backup_module("cmd_backup"))
+
+
+def _add_restore(sub: Sub) -> None:
+    p = sub.add_parser("restore", help="validate a backup and stream it into a running engine")
+    p.add_argument("--from", required=True, metavar="PATH", help="backup directory")
+    _add_url_args(p)
+    p.set_defaults(handler=_cmd_backup_module("cmd_restore"))
+
+
+def _cmd_backup_module(name: str) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        from kvcache_engine import backup
+
+        handler: Handler = getattr(backup, name)
+        return handler(args)
+
+    return run
+
+
+def _add_replay(sub: Sub) -> None:
+    from typing import get_args
+
+    from kvcache_engine.config import CacheStrategy, Codec
+
+    p = sub.add_parser("replay", help="replay a Mooncake trace through the index and eviction (hit rate)")
+    p.add_argument("--trace", help="Mooncake trace (.jsonl or .jsonl.gz); default: the packaged trace")
+    p.add_argument(
+        "--capacity-blocks", type=_non_negative_int, required=True, help="budget in fp16 blocks (512 tokens)"
+    )
+    strategies = [s.value.lower() for s in CacheStrategy]
+    p.add_argument("--strategy", default="lru", type=str.lower, choices=strategies)
+    p.add_argument("--codec", default="none", choices=list(get_args(Codec)))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_cmd_replay)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from kvcache_engine.replay import run_replay_command
+
+    return run_replay_command(args)
+
+
+def _add_doctor(sub: Sub) -> None:
+    p = sub.add_parser("doctor", help="diagnose a running engine: findings, evidence, config changes")
+    _add_url_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
+    p.set_defaults(handler=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from kvcache_engine.analytics import cmd_doctor
+
+    return cmd_doctor(args)
+
+
+_SUBCOMMANDS: list[Callable[[Sub], None]] = [
+    _add_serve, _add_stats, _add_persist, _add_validate, _add_backup, _add_restore, _add_replay, _add_doctor,
+]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

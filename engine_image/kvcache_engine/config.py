@@ -15,6 +15,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,15 +24,19 @@ from pydantic.alias_generators import to_camel
 
 __all__ = [
     "CODEC_BYTES_PER_FP16_BYTE",
+    "CODEC_GROUP_SIZE",
     "DTYPE_BYTES",
+    "LIVE_FIELDS",
     "CacheStrategy",
     "Codec",
     "ConfigError",
     "KVCacheConfig",
+    "PayloadField",
+    "PayloadLayout",
     "bytes_per_token",
-    "LIVE_FIELDS",
     "format_validation_error",
     "load_config",
+    "payload_layout",
     "pool_blocks",
     "pool_bytes",
 ]
@@ -61,17 +66,110 @@ DType = Literal["float16", "bfloat16", "float32"]
 
 DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 
-# Stored bytes per fp16 byte for each codec, scales included, at the default group size (32).
-# int8: 1 byte + one fp16 scale and one fp16 zero point per group of 32 -> (32 + 4) / 64.
-# int4: half a byte + the same per-group metadata -> (16 + 4) / 64. fp8: 1 byte, one fp32
-# scale per block (negligible). These are the figures the pool is sized with; the engine
-# reports the ratio it actually achieves in get_stats()["compression_ratio"].
+# Nominal stored bytes per fp16 byte for each codec, scales included, for a block whose token
+# and channel counts are multiples of the group size. int8: 1 byte + an fp16 scale and an fp16
+# zero point per group of 128 -> (128 + 4) / 256. int4: half a byte + the same per group of 32
+# -> (16 + 4) / 64. fp8: 1 byte + one fp32 scale per (K/V, layer). The exact figure for a
+# geometry comes from payload_layout() (keys are grouped along the block's tokens, so a 16-token
+# block has groups of 16): block_bytes_stored() and the pool use that, and the engine reports
+# the ratio it achieves in get_stats()["compression_ratio"].
 CODEC_BYTES_PER_FP16_BYTE: dict[str, float] = {
     "none": 1.0,
     "fp8": 0.5,
-    "int8": 36 / 64,
+    "int8": 132 / 256,
     "int4": 20 / 64,
 }
+
+# Quantisation group size per codec (elements sharing one scale and zero point). Keys are grouped
+# per channel along tokens, values per token along channels (KIVI); a group never straddles a
+# block, so the effective key group is gcd(block_tokens, size) and the value group
+# gcd(head_dim, size).
+CODEC_GROUP_SIZE: dict[str, int] = {"int8": 128, "int4": 32}
+
+# Every payload field starts at a multiple of this many bytes inside a pool slot, and slots are a
+# multiple of it, so typed views of the pool's uint8 storage are always aligned.
+SLOT_ALIGN_BYTES = 16
+
+_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "uint8": 1}
+
+
+@dataclass(frozen=True)
+class PayloadField:
+    """One tensor of a stored block: its dtype name, shape and byte offset inside a pool slot."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PayloadLayout:
+    """The exact bytes of one stored block for a codec and geometry (torch-free).
+
+    Fields are ordered by decreasing item size and aligned to SLOT_ALIGN_BYTES; ``slot_bytes``
+    is what one pool slot occupies, so pool bytes = slots * slot_bytes, exactly.
+    """
+
+    codec: str
+    fields: tuple[PayloadField, ...]
+    slot_bytes: int
+
+
+def _align(n: int) -> int:
+    return -(-n // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES
+
+
+def _codec_fields(
+    codec: str, *, layers: int, tokens: int, heads: int, dim: int, dtype: str
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    if codec == "none":
+        return [("kv", dtype, (2, layers, tokens, heads, dim))]
+    if codec == "fp8":
+        return [("scale", "float32", (2, layers)), ("data", "float8_e4m3fn", (2, layers, tokens, heads, dim))]
+    if codec not in CODEC_GROUP_SIZE:
+        raise ConfigError(f"unknown codec {codec!r}; supported: none, fp8, int8, int4")
+    size = CODEC_GROUP_SIZE[codec]
+    key_group, value_group = math.gcd(tokens, size), math.gcd(dim, size)
+    elements = layers * tokens * heads * dim
+    # int4 packs two codes per byte over the flattened tensor.
+    k_shape: tuple[int, ...] = (layers, heads, dim, tokens) if codec == "int8" else ((elements + 1) // 2,)
+    v_shape: tuple[int, ...] = (layers, tokens, heads, dim) if codec == "int8" else ((elements + 1) // 2,)
+    k_meta = (layers, heads, dim, tokens // key_group)
+    v_meta = (layers, tokens, heads, dim // value_group)
+    return [
+        ("k_scale", "float16", k_meta),
+        ("k_zero", "float16", k_meta),
+        ("v_scale", "float16", v_meta),
+        ("v_zero", "float16", v_meta),
+        ("k_q", "uint8", k_shape),
+        ("v_q", "uint8", v_shape),
+    ]
+
+
+def payload_layout(
+    codec: str,
+    *,
+    num_layers: int,
+    block_tokens: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: str = "float16",
+) -> PayloadLayout:
+    """The stored fields of one block (see PayloadLayout). The engine's codecs and pool use this
+    layout, so the memory the operator computes is the memory the engine allocates."""
+    raw = _codec_fields(
+        codec, layers=num_layers, tokens=block_tokens, heads=num_kv_heads, dim=head_dim, dtype=dtype
+    )
+    raw.sort(key=lambda f: -_ITEMSIZE[f[1]])  # stable: larger items first keeps every offset aligned
+    fields, offset = [], 0
+    for name, dt, shape in raw:
+        nbytes = math.prod(shape) * _ITEMSIZE[dt]
+        fields.append(PayloadField(name, dt, shape, offset, nbytes))
+        offset = _align(offset + nbytes)
+    return PayloadLayout(codec, tuple(fields), max(offset, SLOT_ALIGN_BYTES))
+
 
 # The bookkeeping overhead per pool slot (index entry, checksums, eviction node), in bytes,
 # used for the pod memory request. Measured in bench/ and kept deliberately generous.
@@ -103,7 +201,9 @@ class KVCacheConfig(BaseModel):
         8192, ge=16, le=2**31, description="Cache capacity in tokens (the fp16-equivalent budget)."
     )
     block_tokens: int = Field(16, ge=1, le=4096, description="Tokens per KV block (the unit of caching).")
-    num_layers: int = Field(32, ge=1, le=1024, description="Transformer layers of the model whose KV is cached.")
+    num_layers: int = Field(
+        32, ge=1, le=1024, description="Transformer layers of the model whose KV is cached."
+    )
     num_kv_heads: int = Field(8, ge=1, le=1024, description="Key/value heads per layer.")
     head_dim: int = Field(128, ge=1, le=4096, description="Dimension of each attention head.")
     dtype: DType = Field("float16", description="Dtype of the KV tensors clients put and get.")
@@ -115,7 +215,9 @@ class KVCacheConfig(BaseModel):
     )
 
     # --- eviction ------------------------------------------------------------------------------
-    cache_strategy: CacheStrategy = Field(CacheStrategy.ADAPTIVE, description="Eviction strategy: LRU, LFU or ADAPTIVE.")
+    cache_strategy: CacheStrategy = Field(
+        CacheStrategy.ADAPTIVE, description="Eviction strategy: LRU, LFU or ADAPTIVE."
+    )
     enable_gc: bool = Field(True, description="Evict in the background once occupancy passes gc_threshold.")
     gc_threshold: float = Field(
         0.9, gt=0.0, le=1.0, description="Occupancy (0..1] at which background eviction starts."
@@ -154,7 +256,9 @@ class KVCacheConfig(BaseModel):
     )
     pin_memory: bool = Field(True, description="Pin host memory (CPU tier, transfers) when CUDA is present.")
     non_blocking: bool = Field(True, description="Use non_blocking host<->device copies.")
-    enable_memory_pool: bool = Field(True, description="Preallocate the block pool (always on; kept for the seed).")
+    enable_memory_pool: bool = Field(
+        True, description="Preallocate the block pool (always on; kept for the seed)."
+    )
     memory_pool_size: int | None = Field(
         None,
         ge=1,
@@ -162,10 +266,17 @@ class KVCacheConfig(BaseModel):
     )
 
     # --- service ---------------------------------------------------------------------------
-    num_workers: int = Field(4, ge=1, le=256, description="Worker threads for tensor work (compression, copies).")
-    persistence_path: str | None = Field(None, description="Directory where the cache persists (a PVC mount).")
+    num_workers: int = Field(
+        4, ge=1, le=256, description="Worker threads for tensor work (compression, copies)."
+    )
+    persistence_path: str | None = Field(
+        None, description="Directory where the cache persists (a PVC mount)."
+    )
     persist_interval_s: float = Field(
-        60.0, ge=0.0, le=86400.0, description="Seconds between incremental persists (0: only on demand/SIGTERM)."
+        60.0,
+        ge=0.0,
+        le=86400.0,
+        description="Seconds between incremental persists (0: only on demand/SIGTERM).",
     )
     enable_distributed: bool = Field(False, description="Multi-process mode (torch.distributed).")
     enable_profiling: bool = Field(False, description="Allow POST /admin/profile (torch.profiler traces).")
@@ -225,12 +336,20 @@ class KVCacheConfig(BaseModel):
         """Bytes of one block's K and V in fp16 (the budget unit)."""
         return 2 * self.num_layers * self.block_tokens * self.num_kv_heads * self.head_dim * 2
 
+    def payload_layout(self) -> PayloadLayout:
+        """The exact layout of one stored block with the configured codec and geometry."""
+        return payload_layout(
+            self.codec,
+            num_layers=self.num_layers,
+            block_tokens=self.block_tokens,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+        )
+
     def block_bytes_stored(self) -> int:
-        """Bytes one block occupies in the pool with the configured codec."""
-        raw = 2 * self.num_layers * self.block_tokens * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
-        if self.codec == "none":
-            return raw
-        return math.ceil(self.block_bytes_fp16() * CODEC_BYTES_PER_FP16_BYTE[self.codec])
+        """Bytes one block occupies in the pool with the configured codec (one pool slot)."""
+        return self.payload_layout().slot_bytes
 
     def num_blocks(self) -> int:
         """Pool slots: memory_pool_size when set, else the max_tokens budget in fp16 bytes."""

@@ -8,7 +8,44 @@ from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+def _add_crd(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("crd", help="print the KVCache CustomResourceDefinition (YAML)")
+    p.set_defaults(handler=_cmd_crd)
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from kvcache_operator.crd import render_crd
+
+    sys.stdout.write(render_crd())
+    return 0
+
+
+def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("render", help="print every child manifest of a KVCache (YAML stream)")
+    p.add_argument("-f", "--filename", required=True, help="KVCache manifest (YAML; '-' for stdin)")
+    p.add_argument("-n", "--namespace", help="namespace when the manifest has none (default: default)")
+    p.set_defaults(handler=_cmd_render)
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from kvcache_operator.render import render_file
+
+    sys.stdout.write(render_file(args.filename, args.namespace))
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kvcache_operator.run import add_parser
+
+    add_parser(sub)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_crd,
+    _add_render,
+    _add_run,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,295 @@
+"""Backups and the small admin CLIs: ``kvcache-engine backup|restore|validate|stats|persist``.
+
+A backup is a directory with the persisted-cache layout (``manifest.json`` + safetensors
+segments), so ``validate`` and ``engine.restore_from_backup`` read backups and PVC caches alike.
+``backup`` pulls ``GET /admin/snapshot`` (a KVS1 stream), verifies every block checksum while
+writing, writes into ``.partial-<name>`` and renames it to ``kvcache-backup-<UTC time>`` only when
+complete (a crashed backup never looks like a backup), then prunes to ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from kvcache_engine.persistence import (
+    decode_segment,
+    new_segment,
+    read_manifest,
+    validate_path,
+    write_atomic,
+    write_manifest,
+)
+from kvcache_engine.wire import (
+    PREFIX_BYTES,
+    SEGMENT_LEN,
+    STREAM_CONTENT_TYPE,
+    STREAM_MAGIC,
+    TRAILER_LEN,
+    WIRE_FORMAT_VERSION,
+    decode_frame_header,
+    decode_frame_prefix,
+    encode_stream_header,
+    encode_stream_segment,
+    encode_stream_trailer,
+    parse_segment_metadata,
+)
+
+__all__ = ["BACKUP_PREFIX", "pull_backup", "push_backup"]
+
+BACKUP_PREFIX = "kvcache-backup-"
+
+
+class BackupError(ValueError):
+    """A backup or restore failed; the message says where and why."""
+
+
+# --- HTTP helpers ----------------------------------------------------------------------------------
+
+
+def _read_token(token_file: str | None) -> str | None:
+    path = token_file or os.environ.get("KVCACHE_TOKEN_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as exc:
+            raise BackupError(f"--token-file {path}: {exc.strerror}") from None
+    return os.environ.get("KVCACHE_TOKEN") or None
+
+
+def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
+    parts = urlsplit(url if "//" in url else "http://" + url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise BackupError(f"--url {url!r}: expected http://host:port")
+    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+
+
+def _headers(token: str | None, ctype: str | None = None) -> dict[str, str]:
+    out = {"Authorization": f"Bearer {token}"} if token else {}
+    if ctype:
+        out["Content-Type"] = ctype
+    return out
+
+
+def request_json(
+    url: str, method: str, path: str, token: str | None, body: Any = None, timeout: float = 300.0
+) -> Any:
+    """One JSON request; BackupError with the server's message on a non-200 answer."""
+    conn = _connect(url, timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers=_headers(token, "application/json" if data else None))
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as exc:
+        raise BackupError(f"{method} {url}{path}: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BackupError(f"{method} {url}{path}: HTTP {resp.status}: {raw[:300].decode('utf-8', 'replace')}")
+    return json.loads(raw)
+
+
+def _read_exact(resp: http.client.HTTPResponse, n: int) -> bytes:
+    data = resp.read(n)
+    if len(data) != n:
+        raise BackupError(f"snapshot stream truncated (wanted {n} bytes, got {len(data)})")
+    return data
+
+
+# --- backup ------------------------------------------------------------------------------------------
+
+
+def pull_backup(
+    url: str, token: str | None, dest: str | os.PathLike[str], keep: int, timeout: float = 600.0
+) -> Path:
+    """Pull a snapshot into ``dest/kvcache-backup-<UTC>``, verified and atomic; prune to ``keep``."""
+    if keep < 1:
+        raise BackupError(f"--keep must be >= 1, got {keep}")
+    root = Path(dest)
+    root.mkdir(parents=True, exist_ok=True)
+    name = BACKUP_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    partial = root / f".partial-{name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    conn = _connect(url, timeout)
+    try:
+        conn.request("GET", "/admin/snapshot", headers=_headers(token))
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise BackupError(
+                f"GET {url}/admin/snapshot: HTTP {resp.status}: {resp.read()[:300].decode('utf-8', 'replace')}"
+            )
+        header, segments, blocks = _write_stream(resp, partial)
+        write_manifest(partial, header["geometry"], str(header.get("codec", "none")), segments, generation=0)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        conn.close()
+    final = root / name
+    if final.exists():  # two backups in the same second: keep both
+        final = root / f"{name}-{os.getpid()}"
+    os.replace(partial, final)
+    _fsync_dir(root)
+    prune(root, keep)
+    print(f"backup {final}: {blocks} blocks in {len(segments)} segments", file=sys.stderr)
+    return final
+
+
+def _write_stream(resp: http.client.HTTPResponse, directory: Path) -> tuple[dict[str, Any], list[Any], int]:
+    hlen = decode_frame_prefix(_read_exact(resp, PREFIX_BYTES), STREAM_MAGIC)
+    header = decode_frame_header(_read_exact(resp, hlen))
+    if header.get("format_version") != WIRE_FORMAT_VERSION or not isinstance(header.get("geometry"), dict):
+        raise BackupError(f"snapshot: unsupported stream header {header!r}")
+    segments = []
+    blocks = 0
+    while True:
+        (length,) = SEGMENT_LEN.unpack(_read_exact(resp, SEGMENT_LEN.size))
+        if length == 0:
+            (tlen,) = TRAILER_LEN.unpack(_read_exact(resp, TRAILER_LEN.size))
+            trailer = decode_frame_header(_read_exact(resp, tlen))
+            break
+        data = _read_exact(resp, length)
+        verified = decode_segment(data, None, f"snapshot segment {len(segments)}")  # checksums
+        file = f"seg-00000000-{len(segments):04d}.safetensors"
+        write_atomic(directory / file, data)
+        metas = parse_segment_metadata(_metadata(data))
+        segments.append(new_segment(file, len(data), metas))
+        blocks += len(verified)
+    if trailer.get("blocks") != blocks or trailer.get("segments") != len(segments):
+        raise BackupError(
+            f"snapshot: trailer {trailer} does not match {blocks} blocks in {len(segments)} segments"
+        )
+    return header, segments, blocks
+
+
+def _metadata(data: bytes) -> dict[str, str] | None:
+    n = int.from_bytes(data[:8], "little")
+    doc = json.loads(data[8 : 8 + n])
+    meta = doc.get("__metadata__")
+    return meta if isinstance(meta, dict) else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Remove the oldest backups beyond ``keep`` (names sort by time); returns those removed."""
+    backups = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(BACKUP_PREFIX))
+    removed = backups[: max(0, len(backups) - keep)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+# --- restore ---------------------------------------------------------------------------------------
+
+
+def push_backup(
+    path: str | os.PathLike[str], url: str, token: str | None, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Validate a backup offline, then stream it to ``POST /admin/restore``."""
+    directory = Path(path)
+    report = validate_path(directory)
+    if not report["is_valid"]:
+        raise BackupError(f"restore: {directory} is not a valid backup: {'; '.join(report['errors'])}")
+    doc = read_manifest(directory)
+    assert doc is not None
+    conn = _connect(url, timeout)
+    try:
+        conn.request(
+            "POST", "/admin/restore", body=_stream_body(directory, doc),
+            headers=_headers(token, STREAM_CONTENT_TYPE), encode_chunked=True,
+        )  # fmt: skip
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as exc:
+        raise BackupError(f"POST {url}/admin/restore: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BackupError(
+            f"POST {url}/admin/restore: HTTP {resp.status}: {raw[:300].decode('utf-8', 'replace')}"
+        )
+    result: dict[str, Any] = json.loads(raw)
+    return result
+
+
+def _stream_body(directory: Path, doc: dict[str, Any]) -> Iterator[bytes]:
+    header = {
+        "format_version": WIRE_FORMAT_VERSION,
+        "geometry": doc["geometry"],
+        "codec": doc.get("codec", "none"),
+    }
+    yield encode_stream_header(header)
+    blocks = 0
+    for seg in doc["segments"]:
+        data = (directory / seg["file"]).read_bytes()
+        blocks += len(parse_segment_metadata(_metadata(data)))
+        yield encode_stream_segment(data)
+        yield data
+    yield encode_stream_trailer({"blocks": blocks, "segments": len(doc["segments"])})
+
+
+# --- CLI handlers ------------------------------------------------------------------------------------
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    pull_backup(args.url, _read_token(args.token_file), args.dest, args.keep)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    result = push_backup(getattr(args, "from"), args.url, _read_token(args.token_file))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = None
+    if args.config:
+        from kvcache_engine.config import load_config
+
+        config = load_config(args.config, {})
+    report = validate_path(args.path, config)
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if report["is_valid"] else 1
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = request_json(args.url, "GET", "/v1/stats", _read_token(args.token_file))
+    if args.json:
+        print(json.dumps(stats, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kvcache engine {args.url}")
+    table.add_column("stat")
+    table.add_column("value", justify="right")
+    for key, value in stats.items():
+        if not isinstance(value, dict):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    return 0
+
+
+def cmd_persist(args: argparse.Namespace) -> int:
+    result = request_json(args.url, "POST", "/admin/persist", _read_token(args.token_file))
+    print(json.dumps({"ok": result["ok"], "error": result.get("error")}))
+    return 0 if result["ok"] else 1

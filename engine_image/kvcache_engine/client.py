@@ -1,0 +1,1319 @@
+"""``KVCacheClient`` (sync) and ``AsyncKVCacheClient``: the inference side of the engine service.
+
+Promise to the caller: by default **no exception from the cache reaches the inference call**,
+and every call returns within its deadline — ``lookup`` answers 0 and ``get`` answers ``None``
+when an engine is down, slow, restarting or answering garbage; ``put`` is fire-and-forget
+through a bounded queue that drops (and counts) instead of blocking. ``strict=True`` turns
+failures into :class:`KVCacheClientError` subclasses for tools that want them.
+
+Placement: a chain lives on one replica, chosen by rendezvous hashing on the chain's first
+block hash (:func:`kvcache_engine.wire.rendezvous_order`, the same function the server's drain
+uses). When the owner's circuit breaker is open the next replica in rendezvous order is used,
+so all calls for a chain agree on one fallback.
+
+Transport: HTTP/1.1 keep-alive over pooled sockets, with a tiny purpose-built HTTP client so that
+the deadline bounds every send and receive (``socket.settimeout(remaining)`` per syscall) and
+large gets are received straight into the result tensor's memory (one copy off the wire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from kvcache_engine.config import DTYPE_BYTES, KVCacheConfig
+from kvcache_engine.hashing import chain_hashes
+from kvcache_engine.wire import (
+    FRAME_CONTENT_TYPE,
+    PREFIX_BYTES,
+    WireError,
+    decode_frame_header,
+    decode_frame_prefix,
+    encode_frame_header,
+    node_id,
+    rendezvous_order,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "AsyncKVCacheClient",
+    "CacheProtocolError",
+    "CacheServerError",
+    "CacheTimeout",
+    "CacheUnavailable",
+    "CircuitBreaker",
+    "ClientGeometry",
+    "KVCacheClient",
+    "KVCacheClientError",
+]
+
+log = logging.getLogger("kvcache_engine.client")
+
+DEFAULT_PORT = 8080
+_MAX_HEAD_BYTES = 64 * 1024
+_RECV_CHUNK = 4 * 1024 * 1024
+
+# --- client metrics (module level: prometheus_client registries reject duplicate names) ------
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+M_REQUESTS = Counter("kvcache_client_requests", "Client calls by operation and outcome.", ["op", "outcome"])
+M_HITS = Counter("kvcache_client_hits", "Lookups/gets that found at least one cached block.")
+M_MISSES = Counter("kvcache_client_misses", "Lookups/gets that found nothing cached (errors included).")
+M_HIT_TOKENS = Counter("kvcache_client_hit_tokens", "Cached tokens reported to callers.")
+M_REQUESTED_TOKENS = Counter("kvcache_client_requested_tokens", "Full-block tokens asked for.")
+M_ERRORS = Counter("kvcache_client_errors", "Failed calls by operation and kind.", ["op", "kind"])
+M_TIMEOUTS = Counter("kvcache_client_timeouts", "Calls that ran out of their deadline.", ["op"])
+M_BYTES = Counter("kvcache_client_bytes", "Body bytes over the wire.", ["direction"])
+M_LATENCY = Histogram(
+    "kvcache_client_latency_seconds", "Client call latency.", ["op"], buckets=_LATENCY_BUCKETS
+)
+M_PUT_DROPPED = Counter("kvcache_client_put_dropped", "Puts dropped because the put queue was full.")
+M_BREAKER_OPEN = Gauge("kvcache_client_breaker_open", "1 while an endpoint's breaker is open.", ["endpoint"])
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class KVCacheClientError(Exception):
+    """Base of the errors raised in strict mode."""
+
+    kind = "error"
+
+
+class CacheUnavailable(KVCacheClientError):
+    """No endpoint could be reached (connection refused/reset, breaker open, none configured)."""
+
+    kind = "unavailable"
+
+
+class CacheTimeout(KVCacheClientError):
+    """The call's deadline passed."""
+
+    kind = "timeout"
+
+
+class CacheProtocolError(KVCacheClientError):
+    """The server answered something that is not a valid response."""
+
+    kind = "protocol"
+
+
+class CacheServerError(KVCacheClientError):
+    """The server answered with an error status."""
+
+    kind = "server"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class _RetryableConnError(CacheUnavailable):
+    """A connection failed before any response byte arrived (safe to retry on a new socket)."""
+
+
+# --- circuit breaker -----------------------------------------------------------------------------
+
+
+class CircuitBreaker:
+    """Per-endpoint breaker: closed → open after ``failure_threshold`` consecutive failures;
+    open → half-open after ``reset_timeout_s`` (doubling per failed probe up to
+    ``max_reset_timeout_s``); half-open lets exactly one probe through — its success closes the
+    breaker, its failure re-opens it. Thread-safe; asyncio code uses it from one thread."""
+
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int = 3,
+        reset_timeout_s: float = 1.0,
+        max_reset_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.base_reset_s = reset_timeout_s
+        self.max_reset_s = max_reset_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._reset_s = reset_timeout_s
+        self._open_until = 0.0
+        self._probe_since: float | None = None
+        self.state = "closed"
+
+    def allow(self) -> bool:
+        """May a call go to this endpoint now? (In half-open, only the one probe may.)"""
+        with self._lock:
+            now = self._clock()
+            if self.state == "closed":
+                return True
+            if self.state == "open" and now >= self._open_until:
+                self.state = "half_open"
+                self._probe_since = now
+                return True
+            # A probe that never reported (its caller vanished) must not wedge the breaker.
+            if (
+                self.state == "half_open"
+                and self._probe_since is not None
+                and now - self._probe_since > self._reset_s
+            ):
+                self._probe_since = now
+                return True
+            return False
+
+    def record_success(self) -> None:
+        with self._lock:
+            self.state = "closed"
+            self._failures = 0
+            self._reset_s = self.base_reset_s
+            self._probe_since = None
+        M_BREAKER_OPEN.labels(self.name).set(0)
+
+    def record_failure(self) -> None:
+        with self._lock:
+            now = self._clock()
+            if self.state == "half_open":
+                self._reset_s = min(self._reset_s * 2, self.max_reset_s)
+                self._open(now)
+            else:
+                self._failures += 1
+                if self._failures >= self.failure_threshold:
+                    self._open(now)
+
+    def _open(self, now: float) -> None:
+        self.state = "open"
+        self._open_until = now + self._reset_s
+        self._probe_since = None
+        M_BREAKER_OPEN.labels(self.name).set(1)
+
+
+# --- geometry ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientGeometry:
+    """What the client must know to hash chains and shape tensors (from config or /v1/config)."""
+
+    namespace: str
+    block_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @classmethod
+    def from_config(cls, cfg: KVCacheConfig) -> ClientGeometry:
+        return cls(cfg.namespace, cfg.block_tokens, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+
+    def block_bytes(self) -> int:
+        return (
+            2
+            * self.num_layers
+            * self.block_tokens
+            * self.num_kv_heads
+            * self.head_dim
+            * DTYPE_BYTES[self.dtype]
+        )
+
+
+# --- HTTP plumbing shared by both clients ----------------------------------------------------
+
+
+@dataclass
+class _Head:
+    status: int
+    headers: dict[str, str]
+    content_length: int
+    keep_alive: bool
+
+
+def _parse_head(raw: bytes) -> _Head:
+    """Status line and headers of an HTTP/1.1 response (CacheProtocolError on garbage)."""
+    try:
+        text = raw.decode("latin-1")
+        lines = text.split("\r\n")
+        version, status, *_ = lines[0].split(" ", 2)
+        if not version.startswith("HTTP/1."):
+            raise ValueError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        code = int(status)
+    except ValueError as exc:
+        raise CacheProtocolError(f"malformed response head: {exc}") from None
+    if "chunked" in headers.get("transfer-encoding", "").lower() or "content-length" not in headers:
+        raise CacheProtocolError("response without Content-Length (the engine always sends one)")
+    try:
+        length = int(headers["content-length"])
+    except ValueError:
+        raise CacheProtocolError(f"bad Content-Length {headers['content-length']!r}") from None
+    if length < 0:
+        raise CacheProtocolError(f"bad Content-Length {length}")
+    keep = headers.get("connection", "").lower() != "close"
+    return _Head(code, headers, length, keep)
+
+
+def _request_head(
+    method: str, path: str, host: str, token: str | None, content_type: str, length: int
+) -> bytes:
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: {host}",
+        f"Content-Length: {length}",
+        "Connection: keep-alive",
+    ]
+    if length:
+        lines.append(f"Content-Type: {content_type}")
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+        return str(doc.get("error", doc)) if isinstance(doc, dict) else str(doc)
+    except (ValueError, UnicodeDecodeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise CacheProtocolError("response body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise CacheProtocolError("response body is not a JSON object")
+    return doc
+
+
+def _int_field(doc: dict[str, Any], name: str, *, high: int) -> int:
+    value = doc.get(name)
+    if type(value) is not int or not 0 <= value <= high:
+        raise CacheProtocolError(
+            f"response field {name!r}: expected an integer in [0, {high}], got {value!r}"
+        )
+    return value
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    text = endpoint if "//" in endpoint else "http://" + endpoint
+    parts = urlsplit(text)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"endpoint {endpoint!r}: expected http://host:port (plain HTTP)")
+    return parts.hostname, parts.port or 80
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config dtype name (``float16``, ``bfloat16``, ``float32``)."""
+    import torch
+
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if name not in dtypes:
+        raise ValueError(f"dtype {name!r}: supported: {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def _tokens_list(tokens: Any) -> list[int]:
+    if hasattr(tokens, "tolist"):
+        tokens = tokens.tolist()
+    if not isinstance(tokens, list):
+        tokens = list(tokens)
+    return tokens
+
+
+# --- the core shared by both clients --------------------------------------------------------
+
+
+class _ClientCore:
+    """Routing, breakers, deadlines, encoding and metrics; the subclasses only move bytes."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | None,
+        service: str | None,
+        token: str | None,
+        token_file: str | None,
+        config: KVCacheConfig | None,
+        timeout_s: float,
+        min_bandwidth_mib_s: float,
+        max_retries: int,
+        retry_backoff_s: float,
+        failure_threshold: int,
+        reset_timeout_s: float,
+        put_queue_size: int,
+        strict: bool,
+        port: int,
+        dns_refresh_s: float,
+    ) -> None:
+        if (endpoints is None) == (service is None):
+            raise ValueError("KVCacheClient: pass exactly one of endpoints=[...] or service='name.ns.svc'")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.min_bandwidth = min_bandwidth_mib_s * 1024 * 1024
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.strict = strict
+        self.put_queue_size = put_queue_size
+        self._token = token
+        self._token_file = token_file
+        self._breaker_args = (failure_threshold, reset_timeout_s)
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+        self._geometry = ClientGeometry.from_config(config) if config is not None else None
+        self._service = service
+        self._port = port
+        self._dns_refresh_s = dns_refresh_s
+        self._resolved_at = 0.0
+        self._endpoints: list[str] = [self._normalise(e) for e in endpoints] if endpoints is not None else []
+        if service is not None:
+            self._resolve()
+        self._last_warning: dict[str, float] = {}
+
+    # -- configuration ----------------------------------------------------------------
+
+    @staticmethod
+    def _normalise(endpoint: str) -> str:
+        host, port = _split_endpoint(endpoint)
+        return f"http://{node_id(f'{host}:{port}')}"
+
+    def _resolve(self) -> None:
+        """Endpoints of a headless Service: one per A record (pod IP), re-resolved periodically."""
+        assert self._service is not None
+        host, _, port_text = self._service.partition(":")
+        port = int(port_text) if port_text else self._port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self._warn("dns", f"cannot resolve service {host!r}: {exc}")
+            infos = []
+        ips = sorted({str(info[4][0]) for info in infos})
+        with self._lock:
+            if ips or not self._endpoints:
+                self._endpoints = [
+                    self._normalise(f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}") for ip in ips
+                ]
+            self._resolved_at = time.monotonic()
+
+    def endpoints(self) -> list[str]:
+        """Current endpoints (re-resolving a service name every ``dns_refresh_s``)."""
+        if self._service is not None and time.monotonic() - self._resolved_at > self._dns_refresh_s:
+            self._resolve()
+        return list(self._endpoints)
+
+    def token(self) -> str | None:
+        """The bearer token; a token file is re-read so that rotated Secrets take effect."""
+        if self._token_file is None:
+            return self._token
+        try:
+            with open(self._token_file, encoding="utf-8") as fh:
+                return fh.read().strip() or None
+        except OSError as exc:
+            self._warn("token", f"cannot read token file {self._token_file}: {exc.strerror}")
+            return None
+
+    def breaker(self, endpoint: str) -> CircuitBreaker:
+        with self._lock:
+            br = self._breakers.get(endpoint)
+            if br is None:
+                threshold, reset = self._breaker_args
+                br = self._breakers[endpoint] = CircuitBreaker(endpoint, threshold, reset)
+            return br
+
+    def _warn(self, key: str, message: str) -> None:
+        # Rate-limited: a dead engine must not flood the inference server's log.
+        now = time.monotonic()
+        if now - self._last_warning.get(key, -1e9) >= 10.0:
+            self._last_warning[key] = now
+            log.warning("kvcache client: %s", message)
+        else:
+            log.debug("kvcache client: %s", message)
+
+    def set_geometry(self, doc: dict[str, Any]) -> ClientGeometry:
+        cfg = KVCacheConfig.model_validate(doc)
+        self._geometry = ClientGeometry.from_config(cfg)
+        return self._geometry
+
+    # -- routing ----------------------------------------------------------------
+
+    def route(self, root: int) -> list[str]:
+        """Endpoints to try for a chain: rendezvous order, those with an open breaker removed."""
+        return rendezvous_order(root, self.endpoints())
+
+    def deadline_for(self, nbytes: int) -> float:
+        """Seconds allowed for a call moving ``nbytes``: the base timeout plus transfer time at
+        the configured minimum bandwidth."""
+        return self.timeout_s + nbytes / self.min_bandwidth
+
+    # -- encoding ----------------------------------------------------------------
+
+    def hashes(self, geometry: ClientGeometry, tokens: Any) -> list[int]:
+        return [int(h) for h in chain_hashes(geometry.namespace, _tokens_list(tokens), geometry.block_tokens)]
+
+    def put_frame(
+        self, geometry: ClientGeometry, hashes: list[int], kv: torch.Tensor
+    ) -> tuple[bytes, memoryview]:
+        """Frame header and payload view for a put of the full blocks of ``kv``."""
+        import torch
+
+        if not isinstance(kv, torch.Tensor) or kv.dim() != 5:
+            raise ValueError("kv: expected a 5-D tensor [2, num_layers, n_tokens, num_kv_heads, head_dim]")
+        n = len(hashes) * geometry.block_tokens
+        want = (2, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+        got = (kv.shape[0], kv.shape[1], kv.shape[3], kv.shape[4])
+        if got != want or kv.shape[2] < n:
+            raise ValueError(
+                f"kv: shape {tuple(kv.shape)} does not match the engine geometry "
+                f"[2, {geometry.num_layers}, >={n}, {geometry.num_kv_heads}, {geometry.head_dim}]"
+            )
+        kv = kv.detach()[:, :, :n].to(device="cpu", dtype=torch_dtype(geometry.dtype)).contiguous()
+        payload = memoryview(kv.view(-1).view(torch.uint8).numpy())
+        header = {
+            "hashes": hashes,
+            "dtype": geometry.dtype,
+            "shape": list(kv.shape),
+            "nbytes": payload.nbytes,
+        }
+        return encode_frame_header(header), payload
+
+    def get_tensor_for(
+        self, geometry: ClientGeometry, header: dict[str, Any], asked_blocks: int, body_len: int
+    ) -> torch.Tensor:
+        """Validate a get response header and allocate the tensor its payload lands in."""
+        import torch
+
+        shape = header.get("shape")
+        n_max = asked_blocks * geometry.block_tokens
+        if header.get("dtype") != geometry.dtype or not isinstance(shape, list) or len(shape) != 5:
+            raise CacheProtocolError(f"get: unexpected tensor header {header!r}")
+        if (
+            any(type(x) is not int for x in shape)
+            or shape[2] % geometry.block_tokens
+            or not 0 <= shape[2] <= n_max
+        ):
+            raise CacheProtocolError(f"get: unexpected tensor shape {shape!r}")
+        want = [2, geometry.num_layers, shape[2], geometry.num_kv_heads, geometry.head_dim]
+        if shape != want:
+            raise CacheProtocolError(f"get: tensor shape {shape} does not match the geometry {want}")
+        nbytes = shape[2] * geometry.block_bytes() // geometry.block_tokens
+        if header.get("nbytes") != nbytes or body_len != nbytes:
+            raise CacheProtocolError(
+                f"get: payload is {body_len} bytes, header says {header.get('nbytes')}, expected {nbytes}"
+            )
+        return torch.empty(want, dtype=torch_dtype(geometry.dtype))
+
+    # -- outcomes ----------------------------------------------------------------
+
+    def fail(self, op: str, exc: BaseException, started: float) -> None:
+        """Count a failed call; re-raise in strict mode."""
+        err = (
+            exc if isinstance(exc, KVCacheClientError) else CacheProtocolError(f"{type(exc).__name__}: {exc}")
+        )
+        kind = err.kind
+        M_REQUESTS.labels(op, kind).inc()
+        M_ERRORS.labels(op, kind).inc()
+        if isinstance(err, CacheTimeout):
+            M_TIMEOUTS.labels(op).inc()
+        M_LATENCY.labels(op).observe(time.perf_counter() - started)
+        self._warn(f"{op}:{kind}", f"{op} failed ({kind}): {err}")
+        if self.strict:
+            raise err from (exc if err is not exc else None)
+
+    def ok(self, op: str, started: float) -> None:
+        M_REQUESTS.labels(op, "ok").inc()
+        M_LATENCY.labels(op).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def count_lookup(requested_tokens: int, hit_tokens: int) -> None:
+        M_REQUESTED_TOKENS.inc(requested_tokens)
+        if hit_tokens:
+            M_HITS.inc()
+            M_HIT_TOKENS.inc(hit_tokens)
+        else:
+            M_MISSES.inc()
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CacheTimeout("deadline exceeded")
+    return left
+
+
+def _wire_exc(exc: BaseException) -> KVCacheClientError:
+    if isinstance(exc, KVCacheClientError):
+        return exc
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return CacheTimeout("deadline exceeded")
+    if isinstance(exc, WireError):
+        return CacheProtocolError(str(exc))
+    return CacheUnavailable(f"{type(exc).__name__}: {exc}")
+
+
+# --- the synchronous client -------------------------------------------------------------------
+
+
+class _SyncConn:
+    """One keep-alive HTTP/1.1 connection; every syscall is bounded by the call's deadline."""
+
+    def __init__(self, host: str, port: int, deadline: float) -> None:
+        self.host = f"{host}:{port}"
+        try:
+            self.sock = socket.create_connection((host, port), timeout=_remaining(deadline))
+        except OSError as exc:
+            if isinstance(exc, TimeoutError | socket.timeout):
+                raise CacheTimeout(f"connect to {self.host} timed out") from None
+            raise CacheUnavailable(f"cannot connect to {self.host}: {exc}") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.reused = False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(self, parts: Iterable[bytes | memoryview], deadline: float) -> None:
+        for part in parts:
+            self.sock.settimeout(_remaining(deadline))
+            self.sock.sendall(part)
+
+    def read_head(self, deadline: float) -> _Head:
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                raw = bytes(self.buf[:end])
+                del self.buf[: end + 4]
+                return _parse_head(raw)
+            if len(self.buf) > _MAX_HEAD_BYTES:
+                raise CacheProtocolError("response head too large")
+            self.sock.settimeout(_remaining(deadline))
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                # Nothing received: a kept-alive socket the server closed meanwhile.
+                if not self.buf:
+                    raise _RetryableConnError(f"connection to {self.host} closed before a response")
+                raise CacheProtocolError("connection closed inside the response head")
+            self.buf += chunk
+
+    def read_into(self, view: memoryview, deadline: float) -> None:
+        """Fill ``view`` exactly from buffered bytes, then straight from the socket."""
+        pos = min(len(self.buf), len(view))
+        if pos:
+            view[:pos] = self.buf[:pos]
+            del self.buf[:pos]
+        while pos < len(view):
+            self.sock.settimeout(_remaining(deadline))
+            got = self.sock.recv_into(view[pos : pos + _RECV_CHUNK])
+            if not got:
+                raise CacheProtocolError("connection closed inside the response body")
+            pos += got
+
+    def read_exact(self, n: int, deadline: float) -> bytes:
+        out = bytearray(n)
+        self.read_into(memoryview(out), deadline)
+        return bytes(out)
+
+
+class KVCacheClient:
+    """Synchronous client. See the module docstring for the guarantees.
+
+    Parameters: ``endpoints`` (``http://host:port`` list) or ``service`` (a headless Service DNS
+    name, optionally ``:port``), ``token``/``token_file`` (bearer token), ``config`` (geometry;
+    fetched from ``GET /v1/config`` when omitted), ``timeout_s`` (deadline for a lookup; a
+    get/put adds the transfer time at ``min_bandwidth_mib_s``), ``max_retries`` and
+    ``retry_backoff_s`` (connection errors only, within the deadline), ``failure_threshold``/
+    ``reset_timeout_s`` (circuit breaker), ``put_queue_size`` (fire-and-forget queue),
+    ``strict`` (raise instead of degrading).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | None = None,
+        *,
+        service: str | None = None,
+        token: str | None = None,
+        token_file: str | None = None,
+        config: KVCacheConfig | None = None,
+        timeout_s: float = 0.05,
+        min_bandwidth_mib_s: float = 200.0,
+        max_retries: int = 2,
+        retry_backoff_s: float = 0.005,
+        failure_threshold: int = 3,
+        reset_timeout_s: float = 1.0,
+        put_queue_size: int = 64,
+        pool_size: int = 8,
+        strict: bool = False,
+        port: int = DEFAULT_PORT,
+        dns_refresh_s: float = 30.0,
+    ) -> None:
+        self._core = _ClientCore(
+            endpoints, service, token, token_file, config, timeout_s, min_bandwidth_mib_s, max_retries,
+            retry_backoff_s, failure_threshold, reset_timeout_s, put_queue_size, strict, port, dns_refresh_s,
+        )  # fmt: skip
+        self._pool: dict[str, list[_SyncConn]] = {}
+        self._pool_size = pool_size
+        self._pool_lock = threading.Lock()
+        self._queue: Any = None
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def strict(self) -> bool:
+        return self._core.strict
+
+    def breaker(self, endpoint: str) -> CircuitBreaker:
+        """The circuit breaker of one endpoint (``http://host:port``)."""
+        return self._core.breaker(self._core._normalise(endpoint))
+
+    # -- public API ----------------------------------------------------------------
+
+    def lookup(self, tokens: Any) -> int:
+        """Cached leading tokens of ``tokens`` (a multiple of block_tokens); 0 on any failure."""
+        started = time.perf_counter()
+        try:
+            geo = self._geometry(time.monotonic() + self._core.timeout_s)
+            hashes = self._core.hashes(geo, tokens)
+            if not hashes:
+                return 0
+            doc = self._call_json(hashes[0], "POST", "/v1/lookup", {"hashes": hashes}, self._core.timeout_s)
+            blocks = _int_field(doc, "cached_blocks", high=len(hashes))
+        except Exception as exc:  # never into inference (strict re-raises in fail())
+            self._core.fail("lookup", exc, started)
+            return 0
+        hit = blocks * geo.block_tokens
+        self._core.count_lookup(len(hashes) * geo.block_tokens, hit)
+        self._core.ok("lookup", started)
+        return hit
+
+    def get(self, tokens: Any) -> torch.Tensor | None:
+        """KV ``[2, L, n, H, D]`` of the cached prefix, or None when nothing is cached or on failure."""
+        started = time.perf_counter()
+        try:
+            geo = self._geometry(time.monotonic() + self._core.timeout_s)
+            hashes = self._core.hashes(geo, tokens)
+            if not hashes:
+                return None
+            budget = self._core.deadline_for(len(hashes) * geo.block_bytes())
+            kv = self._call_get(geo, hashes, budget)
+        except Exception as exc:
+            self._core.fail("get", exc, started)
+            self._core.count_lookup(0, 0)
+            return None
+        n = 0 if kv is None else int(kv.shape[2])
+        self._core.count_lookup(len(hashes) * geo.block_tokens, n)
+        self._core.ok("get", started)
+        return kv if n else None
+
+    def put(self, tokens: Any, kv: torch.Tensor, *, wait: bool = False) -> int:
+        """Store the full blocks of ``tokens`` with their KV ``[2, L, n, H, D]``.
+
+        Default: enqueue and return at once (1 if queued, 0 if dropped because the queue is
+        full); the caller must not modify ``kv`` in place afterwards. ``wait=True`` sends it now
+        and returns the number of blocks the engine newly stored (0 on failure).
+        """
+        if wait:
+            return self._put_now(tokens, kv)
+        self._start_worker()
+        try:
+            self._queue.put_nowait((tokens, kv))
+        except Exception:  # queue.Full
+            M_PUT_DROPPED.inc()
+            return 0
+        return 1
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until queued puts are sent (True) or the timeout passes (False)."""
+        if self._queue is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """Per-endpoint breaker states and the put queue depth."""
+        return {
+            "endpoints": self._core.endpoints(),
+            "breakers": {e: b.state for e, b in self._core._breakers.items()},
+            "put_queue": 0 if self._queue is None else self._queue.qsize(),
+        }
+
+    def close(self) -> None:
+        """Stop the put worker (after a short flush) and close pooled connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker is not None:
+            self.flush(1.0)
+            with contextlib.suppress(Exception):
+                self._queue.put_nowait(None)
+            self._worker.join(timeout=2.0)
+        with self._pool_lock:
+            for conns in self._pool.values():
+                for conn in conns:
+                    conn.close()
+            self._pool.clear()
+
+    def __enter__(self) -> KVCacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _put_now(self, tokens: Any, kv: torch.Tensor) -> int:
+        started = time.perf_counter()
+        try:
+            geo = self._geometry(time.monotonic() + self._core.timeout_s)
+            hashes = self._core.hashes(geo, tokens)
+            if not hashes:
+                return 0
+            head, payload = self._core.put_frame(geo, hashes, kv)
+            budget = self._core.deadline_for(payload.nbytes)
+            doc = self._call(hashes[0], "POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload], budget, None)
+            stored = _int_field(_json_body(doc), "stored_blocks", high=len(hashes))
+        except Exception as exc:
+            self._core.fail("put", exc, started)
+            return 0
+        self._core.ok("put", started)
+        return stored
+
+    def _start_worker(self) -> None:
+        if self._worker is not None:
+            return
+        import queue
+
+        with self._pool_lock:
+            if self._worker is None:
+                self._queue = queue.Queue(maxsize=self._core.put_queue_size)
+                self._worker = threading.Thread(
+                    target=self._drain_puts, name="kvcache-client-put", daemon=True
+                )
+                self._worker.start()
+
+    def _drain_puts(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                with contextlib.suppress(Exception):  # strict mode: background errors are only counted
+                    self._put_now(*item)
+            finally:
+                self._queue.task_done()
+
+    def _geometry(self, deadline: float) -> ClientGeometry:
+        geo = self._core._geometry
+        if geo is not None:
+            return geo
+        last: BaseException = CacheUnavailable("no endpoints configured")
+        for endpoint in self._core.endpoints():
+            if not self._core.breaker(endpoint).allow():
+                continue
+            try:
+                raw = self._exchange(endpoint, "GET", "/v1/config", "", [], deadline, None)
+                self._core.breaker(endpoint).record_success()
+                return self._core.set_geometry(_json_body(raw))
+            except (CacheUnavailable, CacheTimeout, CacheProtocolError) as exc:
+                self._core.breaker(endpoint).record_failure()
+                last = exc
+            except Exception as exc:
+                last = exc
+        raise last
+
+    def _call_json(self, root: int, method: str, path: str, doc: Any, budget: float) -> dict[str, Any]:
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        return _json_body(self._call(root, method, path, "application/json", [body], budget, None))
+
+    def _call_get(self, geo: ClientGeometry, hashes: list[int], budget: float) -> torch.Tensor | None:
+        body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
+        holder: list[torch.Tensor] = []
+
+        def receive(conn: _SyncConn, head: _Head, deadline: float) -> None:
+            prefix = conn.read_exact(PREFIX_BYTES, deadline)
+            hlen = decode_frame_prefix(prefix)
+            header = decode_frame_header(conn.read_exact(hlen, deadline))
+            body_len = head.content_length - PREFIX_BYTES - hlen
+            out = self._core.get_tensor_for(geo, header, len(hashes), body_len)
+            if out.numel():
+                import torch
+
+                conn.read_into(memoryview(out.view(-1).view(torch.uint8).numpy()), deadline)
+            M_BYTES.labels("received").inc(head.content_length)
+            holder.append(out)
+
+        self._call(hashes[0], "POST", "/v1/get", "application/json", [body], budget, receive)
+        return holder[0] if holder else None
+
+    def _call(
+        self,
+        root: int,
+        method: str,
+        path: str,
+        ctype: str,
+        parts: list[bytes | memoryview],
+        budget: float,
+        receive: Callable[[_SyncConn, _Head, float], None] | None,
+    ) -> bytes:
+        """Route to the chain's replica (first with a closed/probing breaker) and exchange."""
+        deadline = time.monotonic() + budget
+        for endpoint in self._core.route(root):
+            br = self._core.breaker(endpoint)
+            if not br.allow():
+                continue
+            try:
+                out = self._exchange(endpoint, method, path, ctype, parts, deadline, receive)
+            except CacheServerError as exc:
+                # 5xx is the endpoint's fault; 4xx is ours (the endpoint is healthy).
+                (br.record_failure if exc.status >= 500 else br.record_success)()
+                raise
+            except BaseException:
+                br.record_failure()
+                raise
+            br.record_success()
+            return out
+        raise CacheUnavailable("no endpoint available (none configured, or every breaker is open)")
+
+    def _exchange(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        ctype: str,
+        parts: list[bytes | memoryview],
+        deadline: float,
+        receive: Callable[[_SyncConn, _Head, float], None] | None,
+    ) -> bytes:
+        """One request/response with retries on connection errors (backoff, within deadline)."""
+        attempt = 0
+        while True:
+            try:
+                return self._exchange_once(endpoint, method, path, ctype, parts, deadline, receive)
+            except _RetryableConnError:
+                if attempt >= self._core.max_retries:
+                    raise
+            except CacheUnavailable:
+                if attempt >= self._core.max_retries:
+                    raise
+                delay = self._core.retry_backoff_s * (2**attempt)
+                if time.monotonic() + delay >= deadline:
+                    raise
+                time.sleep(delay)
+            attempt += 1
+
+    def _exchange_once(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        ctype: str,
+        parts: list[bytes | memoryview],
+        deadline: float,
+        receive: Callable[[_SyncConn, _Head, float], None] | None,
+    ) -> bytes:
+        conn = self._checkout(endpoint, deadline)
+        length = sum(memoryview(p).nbytes for p in parts)
+        token = self._core.token()
+        try:
+            conn.send([_request_head(method, path, conn.host, token, ctype, length), *parts], deadline)
+            M_BYTES.labels("sent").inc(length)
+            head = conn.read_head(deadline)
+            if head.status != 200 or receive is None:
+                body = conn.read_exact(head.content_length, deadline) if head.content_length else b""
+                if head.status != 200:
+                    raise CacheServerError(head.status, _error_message(body))
+                M_BYTES.labels("received").inc(len(body))
+            else:
+                receive(conn, head, deadline)
+                body = b""
+        except KVCacheClientError:
+            conn.close()  # an error response or garbage: do not reuse a socket in doubt
+            raise
+        except (OSError, WireError) as exc:
+            conn.close()
+            err = _wire_exc(exc)
+            # A reset on a reused socket before any answer is the stale keep-alive case.
+            if conn.reused and isinstance(err, CacheUnavailable):
+                raise _RetryableConnError(str(err)) from None
+            raise err from None
+        if head.keep_alive:
+            self._checkin(endpoint, conn)
+        else:
+            conn.close()
+        return body
+
+    def _checkout(self, endpoint: str, deadline: float) -> _SyncConn:
+        with self._pool_lock:
+            conns = self._pool.get(endpoint)
+            if conns:
+                conn = conns.pop()
+                conn.reused = True
+                return conn
+        host, port = _split_endpoint(endpoint)
+        return _SyncConn(host, port, deadline)
+
+    def _checkin(self, endpoint: str, conn: _SyncConn) -> None:
+        with self._pool_lock:
+            conns = self._pool.setdefault(endpoint, [])
+            if len(conns) < self._pool_size and not self._closed:
+                conns.append(conn)
+                return
+        conn.close()
+
+
+# --- the asyncio client ------------------------------------------------------------------------
+
+
+class _AsyncConn:
+    def __init__(self, host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.host = host
+        self.reader = reader
+        self.writer = writer
+        self.reused = False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    async def read_head(self) -> _Head:
+        try:
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise _RetryableConnError(f"connection to {self.host} closed before a response") from None
+            raise CacheProtocolError("connection closed inside the response head") from None
+        except asyncio.LimitOverrunError:
+            raise CacheProtocolError("response head too large") from None
+        return _parse_head(raw[:-4])
+
+    async def read_exact(self, n: int) -> bytes:
+        try:
+            return await self.reader.readexactly(n)
+        except asyncio.IncompleteReadError:
+            raise CacheProtocolError("connection closed inside the response body") from None
+
+    async def read_into(self, view: memoryview) -> None:
+        pos = 0
+        while pos < len(view):
+            chunk = await self.reader.read(min(len(view) - pos, _RECV_CHUNK))
+            if not chunk:
+                raise CacheProtocolError("connection closed inside the response body")
+            view[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+
+
+class AsyncKVCacheClient:
+    """asyncio twin of :class:`KVCacheClient` (same parameters, same guarantees); its methods
+    are coroutines. Use it from one event loop; ``await client.aclose()`` when done."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | None = None,
+        *,
+        service: str | None = None,
+        token: str | None = None,
+        token_file: str | None = None,
+        config: KVCacheConfig | None = None,
+        timeout_s: float = 0.05,
+        min_bandwidth_mib_s: float = 200.0,
+        max_retries: int = 2,
+        retry_backoff_s: float = 0.005,
+        failure_threshold: int = 3,
+        reset_timeout_s: float = 1.0,
+        put_queue_size: int = 64,
+        pool_size: int = 8,
+        strict: bool = False,
+        port: int = DEFAULT_PORT,
+        dns_refresh_s: float = 30.0,
+    ) -> None:
+        self._core = _ClientCore(
+            endpoints, service, token, token_file, config, timeout_s, min_bandwidth_mib_s, max_retries,
+            retry_backoff_s, failure_threshold, reset_timeout_s, put_queue_size, strict, port, dns_refresh_s,
+        )  # fmt: skip
+        self._pool: dict[str, list[_AsyncConn]] = {}
+        self._pool_size = pool_size
+        self._queue: asyncio.Queue[tuple[Any, Any]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def strict(self) -> bool:
+        return self._core.strict
+
+    def breaker(self, endpoint: str) -> CircuitBreaker:
+        return self._core.breaker(self._core._normalise(endpoint))
+
+    async def lookup(self, tokens: Any) -> int:
+        """Cached leading tokens; 0 on any failure (see :meth:`KVCacheClient.lookup`)."""
+        started = time.perf_counter()
+        try:
+            geo = await self._geometry(self._core.timeout_s)
+            hashes = self._core.hashes(geo, tokens)
+            if not hashes:
+                return 0
+            body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
+            raw = await self._call(
+                hashes[0], "/v1/lookup", "application/json", [body], self._core.timeout_s, None
+            )
+            blocks = _int_field(_json_body(raw), "cached_blocks", high=len(hashes))
+        except Exception as exc:
+            self._core.fail("lookup", exc, started)
+            return 0
+        hit = blocks * geo.block_tokens
+        self._core.count_lookup(len(hashes) * geo.block_tokens, hit)
+        self._core.ok("lookup", started)
+        return hit
+
+    async def get(self, tokens: Any) -> torch.Tensor | None:
+        """KV of the cached prefix or None (see :meth:`KVCacheClient.get`)."""
+        started = time.perf_counter()
+        try:
+            geo = await self._geometry(self._core.timeout_s)
+            hashes = self._core.hashes(geo, tokens)
+            if not hashes:
+                return None
+            body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
+            holder: list[torch.Tensor] = []
+
+            async def receive(conn: _AsyncConn, head: _Head) -> None:
+                hlen = decode_frame_prefix(await conn.read_exact(PREFIX_BYTES))
+                header = decode_frame_header(await conn.read_exact(hlen))
+                out = self._core.get_tensor_for(
+                    geo, header, len(hashes), head.content_length - PREFIX_BYTES - hlen
+                )
+                if out.numel():
+                    import torch
+
+                    await conn.read_into(memoryview(out.view(-1).view(torch.uint8).numpy()))
+                M_BYTES.labels("received").inc(head.content_length)
+                holder.append(out)
+
+            budget = self._core.deadline_for(len(hashes) * geo.block_bytes())
+            await self._call(hashes[0], "/v1/get", "application/json", [body], budget, receive)
+        except Exception as exc:
+            self._core.fail("get", exc, started)
+            self._core.count_lookup(0, 0)
+            return None
+        n = int(holder[0].shape[2]) if holder else 0
+        self._core.count_lookup(len(hashes) * geo.block_tokens, n)
+        self._core.ok("get", started)
+        return holder[0] if n else None
+
+    async def put(self, tokens: Any, kv: torch.Tensor, *, wait: bool = False) -> int:
+        """Fire-and-forget (1 queued / 0 dropped) or, with ``wait=True``, blocks newly stored."""
+        if wait:
+            return await self._put_now(tokens, kv)
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=self._core.put_queue_size)
+            self._worker = asyncio.get_running_loop().create_task(self._drain_puts())
+        try:
+            self._queue.put_nowait((tokens, kv))
+        except asyncio.QueueFull:
+            M_PUT_DROPPED.inc()
+            return 0
+        return 1
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until queued puts are sent (True) or the timeout passes (False)."""
+        if self._queue is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._queue.join()
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Flush briefly, stop the put worker, close pooled connections."""
+        if self._worker is not None:
+            await self.flush(1.0)
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        for conns in self._pool.values():
+            for conn in conns:
+                conn.close()
+                with contextlib.suppress(Exception):
+                    await conn.writer.wait_closed()
+        self._pool.clear()
+
+    async def __aenter__(self) -> AsyncKVCacheClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _drain_puts(self) -> None:
+        assert self._queue is not None
+        while True:
+            tokens, kv = await self._queue.get()
+            try:
+                with contextlib.suppress(Exception):
+                    await self._put_now(tokens, kv)
+            finally:
+                self._queue.task_done()
+
+    async def _put_now(self, tokens: Any, kv: torch.Tensor) -> int:
+        started = time.perf_counter()
+        try:
+            geo = await self._geometry(self._core.timeout_s)
+            hashes = self._core.hashes(geo, tokens)
+            if not hashes:
+                return 0
+            head, payload = self._core.put_frame(geo, hashes, kv)
+            budget = self._core.deadline_for(payload.nbytes)
+            raw = await self._call(hashes[0], "/v1/put", FRAME_CONTENT_TYPE, [head, payload], budget, None)
+            stored = _int_field(_json_body(raw), "stored_blocks", high=len(hashes))
+        except Exception as exc:
+            self._core.fail("put", exc, started)
+            return 0
+        self._core.ok("put", started)
+        return stored
+
+    async def _geometry(self, budget: float) -> ClientGeometry:
+        geo = self._core._geometry
+        if geo is not None:
+            return geo
+        last: BaseException = CacheUnavailable("no endpoints configured")
+        for endpoint in self._core.endpoints():
+            br = self._core.breaker(endpoint)
+            if not br.allow():
+                continue
+            try:
+                raw = await self._exchange(endpoint, "GET", "/v1/config", "", [], budget, None)
+            except KVCacheClientError as exc:
+                br.record_failure()
+                last = exc
+                continue
+            br.record_success()
+            return self._core.set_geometry(_json_body(raw))
+        raise last
+
+    async def _call(
+        self,
+        root: int,
+        path: str,
+        ctype: str,
+        parts: list[bytes | memoryview],
+        budget: float,
+        receive: Callable[[_AsyncConn, _Head], Any] | None,
+    ) -> bytes:
+        for endpoint in self._core.route(root):
+            br = self._core.breaker(endpoint)
+            if not br.allow():
+                continue
+            try:
+                out = await self._exchange(endpoint, "POST", path, ctype, parts, budget, receive)
+            except CacheServerError as exc:
+                (br.record_failure if exc.status >= 500 else br.record_success)()
+                raise
+            except BaseException:
+                br.record_failure()
+                raise
+            br.record_success()
+            return out
+        raise CacheUnavailable("no endpoint available (none configured, or every breaker is open)")
+
+    async def _exchange(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        ctype: str,
+        parts: list[bytes | memoryview],
+        budget: float,
+        receive: Callable[[_AsyncConn, _Head], Any] | None,
+    ) -> bytes:
+        deadline = time.monotonic() + budget
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(_remaining(deadline)):
+                    return await self._exchange_once(endpoint, method, path, ctype, parts, receive)
+            except TimeoutError:
+                raise CacheTimeout("deadline exceeded") from None
+            except CacheUnavailable:
+                if attempt >= self._core.max_retries:
+                    raise
+                delay = self._core.retry_backoff_s * (2**attempt)
+                if time.monotonic() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _exchange_once(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        ctype: str,
+        parts: list[bytes | memoryview],
+        receive: Callable[[_AsyncConn, _Head], Any] | None,
+    ) -> bytes:
+        conn = await self._checkout(endpoint)
+        length = sum(memoryview(p).nbytes for p in parts)
+        ok = False
+        try:
+            conn.writer.write(_request_head(method, path, conn.host, self._core.token(), ctype, length))
+            for part in parts:
+                conn.writer.write(part)
+            await conn.writer.drain()
+            M_BYTES.labels("sent").inc(length)
+            head = await conn.read_head()
+            if head.status != 200 or receive is None:
+                body = await conn.read_exact(head.content_length) if head.content_length else b""
+                if head.status != 200:
+                    ok = head.keep_alive
+                    raise CacheServerError(head.status, _error_message(body))
+                M_BYTES.labels("received").inc(len(body))
+            else:
+                await receive(conn, head)
+                body = b""
+            ok = head.keep_alive
+        except (OSError, WireError) as exc:
+            err = _wire_exc(exc)
+            if conn.reused and isinstance(err, CacheUnavailable):
+                raise _RetryableConnError(str(err)) from None
+            raise err from None
+        finally:
+            # Anything but a complete exchange leaves the socket in an unknown state.
+            if ok and len(self._pool.setdefault(endpoint, [])) < self._pool_size:
+                self._pool[endpoint].append(conn)
+            else:
+                conn.close()
+        return body
+
+    async def _checkout(self, endpoint: str) -> _AsyncConn:
+        conns = self._pool.get(endpoint)
+        if conns:
+            conn = conns.pop()
+            conn.reused = True
+            return conn
+        host, port = _split_endpoint(endpoint)
+        try:
+            reader, writer = await asyncio.open_connection(host, port, limit=_MAX_HEAD_BYTES)
+        except OSError as exc:
+            raise CacheUnavailable(f"cannot connect to {host}:{port}: {exc}") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _AsyncConn(f"{host}:{port}", reader, writer)

@@ -1,0 +1,240 @@
+"""Block codecs: none, fp8, int8, int4 (KIVI-style group quantisation).
+
+A codec turns one block's KV, ``[2, L, T, H, D]`` (keys then values), into a payload: a dict of
+tensors whose names, dtypes and shapes are exactly ``config.payload_layout(...)``, so the bytes a
+block occupies in the pool are the bytes the operator budgets for. ``encode_batch``/``decode_batch``
+take a leading block dimension so a whole request (or a benchmark batch) is one set of kernels.
+
+int8/int4 are asymmetric (fp16 scale and zero point per group). Keys are quantised per channel
+(a group runs along the block's tokens), values per token (a group runs along the channels): key
+outliers live in fixed channels, value outliers in tokens (KIVI, Liu et al. 2024). int4 packs two
+codes per byte. fp8 is e4m3 with one fp32 scale per (K/V, layer).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from kvcache_engine.config import CODEC_GROUP_SIZE, PayloadLayout, payload_layout
+
+__all__ = ["CODECS", "Codec", "make_codec", "relative_error", "torch_dtype"]
+
+Payload = dict[str, torch.Tensor]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (``float16``, ``uint8``, ``float8_e4m3fn``, ...)."""
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtype: unknown torch dtype {name!r}")
+    return dt
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Relative Frobenius error ||a - r|| / ||r|| (0.0 when both are zero)."""
+    ref = reference.double()
+    denom = float(torch.linalg.vector_norm(ref))
+    diff = float(torch.linalg.vector_norm(approx.double() - ref))
+    return diff / denom if denom else diff
+
+
+class Codec(ABC):
+    """Encodes/decodes blocks of one geometry. Payload tensors are on the input's device."""
+
+    name: str = ""
+
+    def __init__(
+        self, num_layers: int, block_tokens: int, num_kv_heads: int, head_dim: int, dtype: str
+    ) -> None:
+        self.geometry = (num_layers, block_tokens, num_kv_heads, head_dim)
+        self.dtype = torch_dtype(dtype)
+        self.layout: PayloadLayout = payload_layout(
+            self.name,
+            num_layers=num_layers,
+            block_tokens=block_tokens,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+        )
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        layers, tokens, heads, dim = self.geometry
+        return (2, layers, tokens, heads, dim)
+
+    def stored_bytes(self) -> int:
+        """Bytes one encoded block occupies (one pool slot)."""
+        return self.layout.slot_bytes
+
+    def ratio(self) -> float:
+        """Stored bytes / fp16 bytes of a block."""
+        return self.stored_bytes() / (math.prod(self.block_shape) * 2)
+
+    def encode(self, kv: torch.Tensor) -> Payload:
+        """One block ``[2, L, T, H, D]`` -> payload (contiguous tensors)."""
+        return {k: v[0] for k, v in self.encode_batch(kv.unsqueeze(0)).items()}
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        """Payload -> one block ``[2, L, T, H, D]`` in the codec's dtype."""
+        return self.decode_batch({k: v.unsqueeze(0) for k, v in payload.items()})[0]
+
+    @abstractmethod
+    def encode_batch(self, kv: torch.Tensor) -> Payload:
+        """``[N, 2, L, T, H, D]`` -> payload with a leading N on every field."""
+
+    @abstractmethod
+    def decode_batch(self, payload: Payload) -> torch.Tensor:
+        """Payload with a leading N -> ``[N, 2, L, T, H, D]``."""
+
+    def check_payload(self, payload: Payload) -> None:
+        """Raise ValueError naming ``payload`` unless it has exactly this layout's fields."""
+        names = {f.name for f in self.layout.fields}
+        if set(payload) != names:
+            raise ValueError(
+                f"payload: expected fields {sorted(names)} for codec {self.name}, got {sorted(payload)}"
+            )
+        for f in self.layout.fields:
+            t = payload[f.name]
+            if tuple(t.shape) != f.shape or t.dtype != torch_dtype(f.dtype):
+                raise ValueError(
+                    f"payload: field {f.name} must be {f.dtype}{list(f.shape)}, got {t.dtype}{list(t.shape)}"
+                )
+
+
+class NoneCodec(Codec):
+    """Stores the block as given (bit-exact)."""
+
+    name = "none"
+
+    def encode_batch(self, kv: torch.Tensor) -> Payload:
+        return {"kv": kv.to(self.dtype).contiguous()}
+
+    def decode_batch(self, payload: Payload) -> torch.Tensor:
+        return payload["kv"]
+
+
+class Fp8Codec(Codec):
+    """float8 e4m3 with one fp32 scale per (K/V, layer), mapping the amax to 448."""
+
+    name = "fp8"
+    _FP8_MAX = 448.0
+
+    def encode_batch(self, kv: torch.Tensor) -> Payload:
+        x = kv.float()
+        amax = x.abs().amax(dim=(3, 4, 5))
+        scale = torch.where(amax > 0, amax / self._FP8_MAX, torch.ones_like(amax))
+        data = (x / scale[..., None, None, None]).to(torch.float8_e4m3fn)
+        return {"scale": scale.contiguous(), "data": data.contiguous()}
+
+    def decode_batch(self, payload: Payload) -> torch.Tensor:
+        scale = payload["scale"]
+        return (payload["data"].float() * scale[..., None, None, None]).to(self.dtype)
+
+
+class _GroupQuantCodec(Codec):
+    """Asymmetric group quantisation to ``bits``; keys per channel, values per token."""
+
+    bits = 8
+
+    def __init__(
+        self, num_layers: int, block_tokens: int, num_kv_heads: int, head_dim: int, dtype: str
+    ) -> None:
+        super().__init__(num_layers, block_tokens, num_kv_heads, head_dim, dtype)
+        size = CODEC_GROUP_SIZE[self.name]
+        self.key_group = math.gcd(block_tokens, size)
+        self.value_group = math.gcd(head_dim, size)
+        self.qmax = float(2**self.bits - 1)
+
+    def _quantize(self, x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x[..., C]`` grouped along the last dim -> (codes uint8 [..., C], scale, zero [..., C/g])."""
+        g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+        lo = g.amin(dim=-1)
+        hi = g.amax(dim=-1)
+        # Quantise with the fp16-rounded metadata that is stored, so decode sees the same grid.
+        zero = lo.half()
+        scale = ((hi - lo) / self.qmax).half()
+        s = torch.where(scale > 0, scale.float(), torch.ones_like(lo))
+        codes = ((g - zero.float()[..., None]) / s[..., None]).round_().clamp_(0, self.qmax)
+        return codes.to(torch.uint8).reshape(x.shape), scale, zero
+
+    @staticmethod
+    def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+        g = codes.reshape(*scale.shape, group).float()
+        return (g * scale.float()[..., None] + zero.float()[..., None]).reshape(codes.shape)
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes
+
+    def _unpack(self, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return packed.reshape(shape)
+
+    def encode_batch(self, kv: torch.Tensor) -> Payload:
+        x = kv.float()
+        keys = x[:, 0].permute(0, 1, 3, 4, 2)  # [N, L, H, D, T]: groups run along tokens
+        values = x[:, 1]  # [N, L, T, H, D]: groups run along channels
+        k_codes, k_scale, k_zero = self._quantize(keys, self.key_group)
+        v_codes, v_scale, v_zero = self._quantize(values, self.value_group)
+        return {
+            "k_scale": k_scale.contiguous(),
+            "k_zero": k_zero.contiguous(),
+            "v_scale": v_scale.contiguous(),
+            "v_zero": v_zero.contiguous(),
+            "k_q": self._pack(k_codes),
+            "v_q": self._pack(v_codes),
+        }
+
+    def decode_batch(self, payload: Payload) -> torch.Tensor:
+        n = payload["k_q"].shape[0]
+        layers, tokens, heads, dim = self.geometry
+        k_codes = self._unpack(payload["k_q"], (n, layers, heads, dim, tokens))
+        v_codes = self._unpack(payload["v_q"], (n, layers, tokens, heads, dim))
+        keys = self._dequantize(k_codes, payload["k_scale"], payload["k_zero"], self.key_group)
+        values = self._dequantize(v_codes, payload["v_scale"], payload["v_zero"], self.value_group)
+        out = torch.empty((n, *self.block_shape), dtype=self.dtype, device=keys.device)
+        out[:, 0] = keys.permute(0, 1, 4, 2, 3)
+        out[:, 1] = values
+        return out
+
+
+class Int8Codec(_GroupQuantCodec):
+    name = "int8"
+    bits = 8
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.contiguous()
+
+
+class Int4Codec(_GroupQuantCodec):
+    """Two 4-bit codes per byte over the flattened field (low nibble first)."""
+
+    name = "int4"
+    bits = 4
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        flat = codes.reshape(codes.shape[0], -1)
+        if flat.shape[1] % 2:
+            flat = torch.nn.functional.pad(flat, (0, 1))
+        return (flat[:, 0::2] | (flat[:, 1::2] << 4)).contiguous()
+
+    def _unpack(self, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        both = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+        return both[:, : math.prod(shape[1:])].reshape(shape)
+
+
+CODECS: dict[str, type[Codec]] = {"none": NoneCodec, "fp8": Fp8Codec, "int8": Int8Codec, "int4": Int4Codec}
+
+
+def make_codec(
+    name: str, *, num_layers: int, block_tokens: int, num_kv_heads: int, head_dim: int, dtype: str = "float16"
+) -> Codec:
+    """The codec called ``name`` for this geometry. Raises ValueError naming ``codec`` with the
+    supported values (fp8 only where torch has float8_e4m3fn)."""
+    cls = CODECS.get(name)
+    if cls is None:
+        raise ValueError(f"codec: unknown codec {name!r}; supported: {', '.join(CODECS)}")
+    if cls is Fp8Codec and not hasattr(torch, "float8_e4m3fn"):
+        raise ValueError("codec: fp8 needs torch.float8_e4m3fn, which this torch build lacks")
+    return cls(num_layers, block_tokens, num_kv_heads, head_dim, dtype)

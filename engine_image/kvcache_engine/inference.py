@@ -1,0 +1,574 @@
+"""Model-side prefix reuse: run a causal LM on only the uncached part of a prompt.
+
+The engine stores KV in the layout ``[2, num_layers, n_tokens, num_kv_heads, head_dim]``
+(K then V, every layer, token-major). A transformers model keeps it in a ``DynamicCache`` whose
+layers hold ``[batch, num_kv_heads, n_tokens, head_dim]`` tensors. This module converts
+between the two, and runs the four stages of a cached request:
+
+1. hash the prompt's full blocks under a namespace that includes the model identity
+   (name, revision, dtype), so two models never share entries;
+2. fetch the longest cached prefix and load it into a ``DynamicCache``;
+3. prefill only the suffix (at least one token is always recomputed: the logits of the last
+   prompt token are needed to pick the first output token, and the cache holds no logits);
+4. greedy decode, then store the new full blocks.
+
+Greedy output equals a run without the cache as long as the stored KV is bit-exact (the engine
+dtype equals the model dtype and the codec is ``none``); a lossy codec trades that for space.
+
+``ModelRunner(engine)`` is what ``KVCacheEngine.process_request`` delegates to; the
+transformers helper (``kvcache_engine.integrations.transformers``) drives the same
+``PrefixCachedGenerator`` with a remote client instead of an in-process engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+from kvcache_engine.hashing import BlockHash, chain_hashes
+
+if TYPE_CHECKING:
+    from kvcache_engine.config import KVCacheConfig
+    from kvcache_engine.engine import KVCacheEngine
+
+__all__ = [
+    "EngineKVStore",
+    "GenerationResult",
+    "KVGeometry",
+    "KVStore",
+    "LoadedModel",
+    "ModelIdentity",
+    "ModelRunner",
+    "PrefixCachedGenerator",
+    "dynamic_cache_to_kv",
+    "kv_to_dynamic_cache",
+    "load_model",
+    "model_identity",
+    "parse_request",
+]
+
+MAX_NEW_TOKENS_LIMIT = 4096
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
+# --- geometry and identity ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """The shape of one token's KV: what must agree between a model and a cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> KVGeometry:
+        """Geometry of a transformers (text) config; GQA models have fewer KV heads than heads."""
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = int(text.num_attention_heads)
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
+        return cls(int(text.num_hidden_layers), int(kv_heads), int(head_dim))
+
+    @classmethod
+    def from_engine_config(cls, config: KVCacheConfig) -> KVGeometry:
+        return cls(config.num_layers, config.num_kv_heads, config.head_dim)
+
+    def require_match(self, cache: KVGeometry, *, what: str = "model") -> None:
+        """Raise ValueError naming every field that differs (model value vs cache value)."""
+        diffs = [
+            f"{name}: {what} has {getattr(self, name)}, cache has {getattr(cache, name)}"
+            for name in ("num_layers", "num_kv_heads", "head_dim")
+            if getattr(self, name) != getattr(cache, name)
+        ]
+        if diffs:
+            raise ValueError(
+                "KV geometry mismatch between the " + what + " and the cache: " + "; ".join(diffs)
+            )
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Who produced a KV tensor. Part of every block key: KV from two models is never shared."""
+
+    name: str
+    revision: str
+    dtype: str
+
+    def namespace(self, base: str) -> str:
+        """The hashing namespace: the cache's own namespace plus this identity."""
+        return f"{base}|model={self.name}|revision={self.revision}|dtype={self.dtype}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fingerprint_files(paths: Sequence[Path]) -> str:
+    """A cheap content fingerprint: names, sizes and the first and last MiB of each file.
+
+    Hashing every byte of a multi-GB checkpoint would cost seconds at start-up; a re-trained
+    or re-quantised checkpoint changes its size or its header/tail, which this catches.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    chunk = 1 << 20
+    for path in sorted(paths):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as fh:
+            digest.update(fh.read(chunk))
+            if size > chunk:
+                fh.seek(max(chunk, size - chunk))
+                digest.update(fh.read(chunk))
+    return digest.hexdigest()
+
+
+def _fingerprint_parameters(model: Any) -> str:
+    """Config plus a strided sample of every parameter: distinguishes checkpoints (and random
+    initialisations with different seeds) without hashing every weight."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // 256)
+            sample = flat[::step][:256].to(torch.float32).cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_identity(model: Any, *, name: str | None = None, revision: str | None = None) -> ModelIdentity:
+    """Identity of an in-memory model. ``revision`` defaults to the hub commit when known,
+    else to a fingerprint of the config and weights."""
+    config = model.config
+    resolved_name = name or getattr(config, "name_or_path", "") or type(model).__name__
+    resolved_rev = revision or getattr(config, "_commit_hash", None) or _fingerprint_parameters(model)
+    return ModelIdentity(str(resolved_name), str(resolved_rev), _dtype_name(model.dtype))
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and its identity."""
+
+    model: Any
+    tokenizer: Any
+    identity: ModelIdentity
+
+
+def load_model(model_path: str | os.PathLike[str], dtype: str = "float32") -> LoadedModel:
+    """Load a local Hugging Face directory or a ``.gguf`` file (dequantised by transformers).
+
+    Never reaches the network (``local_files_only``). Raises ValueError naming ``model_path``
+    when it is neither.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(_TORCH_DTYPES)}, got {dtype!r}")
+    path = Path(model_path)
+    torch_dtype = _TORCH_DTYPES[dtype]
+    model: Any
+    if path.is_file() and path.suffix == ".gguf":
+        kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch_dtype, **kwargs)
+        files = [path]
+        name = path.stem
+    elif path.is_dir() and (path / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+        files = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} or p.name == "config.json"]
+        name = path.name
+    else:
+        raise ValueError(
+            f"model_path: expected a Hugging Face model directory (with config.json) or a .gguf file, "
+            f"got {str(path)!r}"
+        )
+    model.eval()
+    identity = ModelIdentity(name, _fingerprint_files(files), dtype)
+    return LoadedModel(model, tokenizer, identity)
+
+
+# --- layout conversion --------------------------------------------------------------------------------
+
+
+def kv_to_dynamic_cache(kv: torch.Tensor, model_config: Any, device: torch.device | str = "cpu") -> Any:
+    """``[2, L, n, H, D]`` → a ``DynamicCache`` holding n tokens (batch 1).
+
+    Refuses models whose layers are not plain full attention (sliding windows, shared or
+    linear-attention layers): their cache is not a per-token KV prefix.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache: Any = DynamicCache(config=model_config)
+    unsupported = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if unsupported:
+        raise ValueError(
+            f"model: only full-attention layers can reuse cached KV; this model has {unsupported}"
+        )
+    if kv.dim() != 5 or kv.shape[0] != 2 or kv.shape[1] != len(cache.layers):
+        raise ValueError(
+            f"kv: expected [2, {len(cache.layers)}, n_tokens, num_kv_heads, head_dim], got {list(kv.shape)}"
+        )
+    for index, layer in enumerate(cache.layers):
+        keys = kv[0, index].permute(1, 0, 2).unsqueeze(0).to(device)
+        values = kv[1, index].permute(1, 0, 2).unsqueeze(0).to(device)
+        layer.update(keys, values)
+    return cache
+
+
+def dynamic_cache_to_kv(cache: Any, start: int, end: int) -> torch.Tensor:
+    """Tokens ``[start, end)`` of a batch-1 ``DynamicCache`` as a contiguous CPU ``[2, L, n, H, D]``."""
+    keys = [layer.keys[0, :, start:end, :].permute(1, 0, 2) for layer in cache.layers]
+    values = [layer.values[0, :, start:end, :].permute(1, 0, 2) for layer in cache.layers]
+    return torch.stack([torch.stack(keys), torch.stack(values)]).cpu().contiguous()
+
+
+# --- the store a generator talks to ---------------------------------------------------------------
+
+
+@runtime_checkable
+class KVStore(Protocol):
+    """What the generator needs from a cache: block-hash level access, so the caller chooses
+    the namespace (the model identity) the hashes are computed under."""
+
+    @property
+    def block_tokens(self) -> int: ...
+
+    @property
+    def geometry(self) -> KVGeometry: ...
+
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    def lookup_hashes(self, hashes: Sequence[BlockHash]) -> int: ...
+
+    def get_hashes(self, hashes: Sequence[BlockHash]) -> torch.Tensor: ...
+
+    def put_hashes(self, hashes: Sequence[BlockHash], kv: torch.Tensor, *, known_blocks: int = 0) -> int:
+        """Store the chain ``hashes`` (from its root) with ``kv`` covering all of it; the first
+        ``known_blocks`` are believed stored already (a store may skip sending them)."""
+        ...
+
+
+class EngineKVStore:
+    """``KVStore`` over an in-process ``KVCacheEngine``."""
+
+    def __init__(self, engine: KVCacheEngine) -> None:
+        self._engine = engine
+
+    @property
+    def block_tokens(self) -> int:
+        return self._engine.config.block_tokens
+
+    @property
+    def geometry(self) -> KVGeometry:
+        return KVGeometry.from_engine_config(self._engine.config)
+
+    @property
+    def namespace(self) -> str:
+        return self._engine.config.namespace
+
+    @property
+    def dtype(self) -> str:
+        return self._engine.config.dtype
+
+    def lookup_hashes(self, hashes: Sequence[BlockHash]) -> int:
+        return self._engine.lookup_hashes(hashes)
+
+    def get_hashes(self, hashes: Sequence[BlockHash]) -> torch.Tensor:
+        return self._engine.get_hashes(hashes)
+
+    def put_hashes(self, hashes: Sequence[BlockHash], kv: torch.Tensor, *, known_blocks: int = 0) -> int:
+        # The engine touches blocks it already holds and stores the rest, parents first.
+        return self._engine.put_blocks_raw(hashes, kv)
+
+
+# --- generation -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    """Outcome of one cached request. Token counts refer to the prompt."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    cached_tokens: int
+    computed_tokens: int
+    stored_blocks: int
+    ttft_ms: float
+    latency_ms: float
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class PrefixCachedGenerator:
+    """Greedy generation for one batch-1 causal LM with its KV prefix kept in a ``KVStore``.
+
+    Invariants: ``cached_tokens + computed_tokens == len(prompt)``; ``computed_tokens >= 1``;
+    ``cached_tokens`` is what was actually loaded (a block evicted between lookup and get
+    shrinks it, never breaks the request).
+    """
+
+    def __init__(self, model: Any, store: KVStore, identity: ModelIdentity) -> None:
+        KVGeometry.from_model_config(model.config).require_match(store.geometry)
+        self.model = model
+        self.store = store
+        self.identity = identity
+        self.namespace = identity.namespace(store.namespace)
+        self._device = next(model.parameters()).device
+        self._dtype = model.dtype
+
+    def block_hashes(self, ids: Sequence[int]) -> list[BlockHash]:
+        return chain_hashes(self.namespace, ids, self.store.block_tokens)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int = 0,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> GenerationResult:
+        """Prefill the uncached suffix, decode greedily, store new full blocks."""
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError("prompt: expected at least one token")
+        started = time.perf_counter()
+        marks: dict[str, float] = {}
+        hashes = self.block_hashes(ids)
+
+        # Stage 1-2: the longest cached prefix, loaded into the model's cache object.
+        cache, cached, have_blocks = self._load_prefix(hashes, len(ids))
+        marks["load_ms"] = (time.perf_counter() - started) * 1e3
+
+        # Stage 3: prefill the suffix; its last position's logits give the first token.
+        suffix = torch.tensor([ids[cached:]], dtype=torch.long, device=self._device)
+        # logits_to_keep=1: only the last position's logits are needed (a 2k-token prompt's full
+        # logits over a 49k vocabulary would be 400 MB of float32).
+        out = self.model(input_ids=suffix, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        next_token = int(out.logits[0, -1].argmax())
+        ttft_ms = (time.perf_counter() - started) * 1e3
+        marks["prefill_ms"] = ttft_ms - marks["load_ms"]
+
+        # Stage 4: greedy decode, then store every full block whose KV the cache now holds.
+        output = self._decode(cache, next_token, max_new_tokens, _eos_set(eos_token_id))
+        decode_done = time.perf_counter()
+        marks["decode_ms"] = (decode_done - started) * 1e3 - ttft_ms
+        stored = self._store(cache, ids + output[:-1], hashes, have_blocks)
+        marks["store_ms"] = (time.perf_counter() - decode_done) * 1e3
+        return GenerationResult(
+            prompt_ids=ids,
+            output_ids=output,
+            cached_tokens=cached,
+            computed_tokens=len(ids) - cached,
+            stored_blocks=stored,
+            ttft_ms=ttft_ms,
+            latency_ms=(time.perf_counter() - started) * 1e3,
+            timings_ms=marks,
+        )
+
+    def _load_prefix(self, hashes: list[BlockHash], n_prompt: int) -> tuple[Any, int, int]:
+        """Returns (cache or None, tokens loaded, blocks the store holds).
+
+        One lookup per request (it is what the engine's hit-rate counters see); the fetched
+        tensor's length is the truth when blocks were evicted in between. The last prompt
+        token always stays uncached.
+        """
+        if not hashes or self.store.lookup_hashes(hashes) == 0:
+            return None, 0, 0
+        kv = self.store.get_hashes(hashes)
+        have_blocks = int(kv.shape[2]) // self.store.block_tokens
+        usable = min(int(kv.shape[2]), n_prompt - 1)
+        if usable <= 0:
+            return None, 0, have_blocks
+        kv = kv[:, :, :usable].to(self._dtype)
+        return kv_to_dynamic_cache(kv, self.model.config, self._device), usable, have_blocks
+
+    def _decode(self, cache: Any, first: int, max_new_tokens: int, eos: set[int]) -> list[int]:
+        output = [first] if max_new_tokens > 0 else []
+        while output and len(output) < max_new_tokens and output[-1] not in eos:
+            step = torch.tensor([[output[-1]]], dtype=torch.long, device=self._device)
+            out = self.model(input_ids=step, cache=cache, use_cache=True)
+            cache = out.cache
+            output.append(int(out.logits[0, -1].argmax()))
+        return output
+
+    def _store(self, cache: Any, kv_ids: list[int], prompt_hashes: list[BlockHash], have: int) -> int:
+        """Store the full blocks of ``kv_ids`` (the tokens whose KV ``cache`` holds) after the
+        ``have`` leading blocks the store already had. Generated tokens are stored too: a
+        follow-up turn's prompt contains them."""
+        bt = self.store.block_tokens
+        full = min(len(kv_ids), int(cache.get_seq_length())) // bt
+        if full <= have:
+            return 0
+        hashes = prompt_hashes if len(prompt_hashes) >= full else self.block_hashes(kv_ids)
+        kv = dynamic_cache_to_kv(cache, 0, full * bt).to(_TORCH_DTYPES[self.store.dtype])
+        return self.store.put_hashes(hashes[:full], kv, known_blocks=have)
+
+
+def _eos_set(eos: int | Sequence[int] | None) -> set[int]:
+    if eos is None:
+        return set()
+    if isinstance(eos, int):
+        return {eos}
+    return {int(t) for t in eos}
+
+
+# --- requests -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """A validated ``process_request`` body."""
+
+    text: str | None
+    input_ids: list[int] | None
+    max_new_tokens: int
+    return_text: bool
+
+
+def parse_request(request: Any) -> InferenceRequest:
+    """Validate a request dict: ``text`` (str) or ``input_ids`` (list of ints), optional
+    ``max_new_tokens`` (0..4096, default 0: prefill only) and ``return_text`` (default True)."""
+    if not isinstance(request, dict):
+        raise ValueError(f"request: expected a dict, got {type(request).__name__}")
+    unknown = sorted(set(request) - {"text", "input_ids", "max_new_tokens", "return_text"})
+    if unknown:
+        raise ValueError(
+            f"request: unknown fields {unknown}; supported: text, input_ids, max_new_tokens, return_text"
+        )
+    text, ids = request.get("text"), request.get("input_ids")
+    if (text is None) == (ids is None):
+        raise ValueError("request: expected exactly one of 'text' (str) or 'input_ids' (list of ints)")
+    if text is not None and (not isinstance(text, str) or not text):
+        raise ValueError("text: expected a non-empty string")
+    if ids is not None and (
+        not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids)
+    ):
+        raise ValueError("input_ids: expected a non-empty list of non-negative ints")
+    max_new = request.get("max_new_tokens", 0)
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or not 0 <= max_new <= MAX_NEW_TOKENS_LIMIT:
+        raise ValueError(f"max_new_tokens: expected an int in 0..{MAX_NEW_TOKENS_LIMIT}, got {max_new!r}")
+    return_text = request.get("return_text", True)
+    if not isinstance(return_text, bool):
+        raise ValueError(f"return_text: expected a bool, got {return_text!r}")
+    return InferenceRequest(text, ids, max_new, return_text)
+
+
+class ModelRunner:
+    """Serves ``process_request`` for an engine whose config names a ``model_path``.
+
+    The model is loaded in the engine's dtype (so stored KV round-trips bit-exactly with the
+    ``none`` codec) and must match the engine's KV geometry. Requests are serialised on one
+    lock: a batch-1 model forward is not re-entrant, and running two at once on shared cores
+    only slows both.
+    """
+
+    def __init__(self, engine: KVCacheEngine, loaded: LoadedModel | None = None) -> None:
+        if loaded is None:
+            if not engine.config.model_path:
+                raise ValueError("model_path: process_request needs the engine config's model_path set")
+            loaded = load_model(engine.config.model_path, engine.config.dtype)
+        self.engine = engine
+        self.loaded = loaded
+        self.generator = PrefixCachedGenerator(loaded.model, EngineKVStore(engine), loaded.identity)
+        self._lock = threading.Lock()
+
+    def tokenize(self, req: InferenceRequest) -> list[int]:
+        if req.input_ids is not None:
+            return list(req.input_ids)
+        ids: list[int] = self.loaded.tokenizer(req.text, add_special_tokens=True)["input_ids"]
+        return ids
+
+    def run(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request, synchronously. Returns cached/computed tokens, timings, output."""
+        req = parse_request(request)
+        ids = self.tokenize(req)
+        tokenizer = self.loaded.tokenizer
+        with self._lock:
+            result = self.generator.generate(
+                ids, req.max_new_tokens, getattr(tokenizer, "eos_token_id", None)
+            )
+        answer: dict[str, Any] = {
+            "prompt_tokens": len(ids),
+            "cached_tokens": result.cached_tokens,
+            "computed_tokens": result.computed_tokens,
+            "stored_blocks": result.stored_blocks,
+            "latency_ms": result.latency_ms,
+            "ttft_ms": result.ttft_ms,
+            "output_ids": result.output_ids,
+        }
+        if req.return_text and req.max_new_tokens > 0:
+            answer["text"] = tokenizer.decode(result.output_ids, skip_special_tokens=True)
+        return answer
+
+    async def process_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.run, request)
+
+    def process_request_sync(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.run(request)
+
+    async def process_batch_optimized(
+        self, requests: list[dict[str, Any]], batch_size: int = 20
+    ) -> list[dict[str, Any]]:
+        """Runs requests in chunks of ``batch_size``; answers come back in input order.
+
+        Within a chunk, requests are ordered by token sequence so that those sharing a prefix
+        run back to back: the first computes and stores the shared blocks, the rest load them.
+        Identical prompts in a chunk are computed once. Errors in one request are reported in
+        its answer (``{"error": ...}``) and do not fail the batch.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        if not isinstance(requests, list):
+            raise ValueError(f"requests: expected a list of request dicts, got {type(requests).__name__}")
+        answers: list[dict[str, Any]] = [{} for _ in requests]
+        for start in range(0, len(requests), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(requests))))
+            await asyncio.to_thread(self._run_chunk, requests, chunk, answers)
+        return answers
+
+    def _run_chunk(
+        self, requests: list[dict[str, Any]], indices: list[int], answers: list[dict[str, Any]]
+    ) -> None:
+        keyed: list[tuple[tuple[int, ...], int, int]] = []
+        for index in indices:
+            try:
+                req = parse_request(requests[index])
+                keyed.append((tuple(self.tokenize(req)), req.max_new_tokens, index))
+            except ValueError as exc:
+                answers[index] = {"error": str(exc)}
+        done: dict[tuple[tuple[int, ...], int, bool], dict[str, Any]] = {}
+        for ids, max_new, index in sorted(keyed):
+            req_dict = dict(requests[index])
+            key = (ids, max_new, bool(req_dict.get("return_text", True)))
+            if key in done:
+                answers[index] = {**done[key], "deduplicated": True}
+                continue
+            req_dict.pop("text", None)
+            req_dict["input_ids"] = list(ids)
+            answer = self.run(req_dict)
+            done[key] = answer
+            answers[index] = answer

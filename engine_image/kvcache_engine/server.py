@@ -1,0 +1,779 @@
+"""``kvcache-engine serve``: the engine's HTTP API (aiohttp). Transport only: every decision
+lives in the engine or the persister; this module parses, limits, authenticates and streams.
+
+Data plane (bearer token): ``POST /v1/lookup``, ``POST /v1/get`` (answers a binary frame,
+streamed), ``POST /v1/put`` (a binary frame). Probes (open by default): ``/healthz``,
+``/readyz`` (503 until the persisted cache is loaded), ``/metrics``. Stats/config:
+``GET /v1/stats``, ``GET /v1/config``. Admin (token): config hot reload, persist, validate,
+compact, clear, snapshot (stream), restore (stream), drain. See docs/engine-api.md.
+
+Guarantees: malformed input gets a 4xx JSON ``{"error", "request_id"}`` naming what was wrong,
+never a 500 and never a crash; bodies, blocks per request and body read time are bounded; a
+missing or wrong token gets 401 with no detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import http.client
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from kvcache_engine.config import DTYPE_BYTES, LIVE_FIELDS, ConfigError, KVCacheConfig, load_config
+from kvcache_engine.persistence import (
+    SEGMENT_BYTES,
+    GeometryMismatchError,
+    Persister,
+    check_geometry,
+    decode_segment,
+    geometry_of,
+    iter_segments,
+    persister_for,
+)
+from kvcache_engine.wire import (
+    FRAME_CONTENT_TYPE,
+    PREFIX_BYTES,
+    SEGMENT_LEN,
+    STREAM_CONTENT_TYPE,
+    STREAM_MAGIC,
+    TRAILER_LEN,
+    WIRE_FORMAT_VERSION,
+    decode_frame_header,
+    decode_frame_prefix,
+    encode_frame_header,
+    encode_stream_header,
+    encode_stream_segment,
+    encode_stream_trailer,
+    node_id,
+    parse_hashes,
+    parse_tokens,
+    rendezvous_owner,
+    split_frame,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvcache_engine.block_pool import StoredBlock
+    from kvcache_engine.engine import KVCacheEngine
+
+__all__ = ["EngineServer", "ServerSettings", "resolve_token", "serve"]
+
+log = logging.getLogger("kvcache_engine.server")
+T = TypeVar("T")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_WRITE_CHUNK = 8 * 1024 * 1024
+SNAPSHOT_SEGMENT_BYTES = 64 * 1024 * 1024
+"""Segment size inside snapshot/drain streams (bounds the server's memory per stream)."""
+
+
+@dataclass
+class ServerSettings:
+    """Transport limits and auth. ``token`` None disables auth (a warning is logged)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    token: str | None = None
+    token_file: str | None = None
+    open_probes: bool = True
+    max_body_bytes: int = 1024 * 1024 * 1024
+    max_blocks_per_request: int = 4096
+    body_timeout_s: float = 60.0
+    drain_timeout_s: float = 60.0
+
+
+def resolve_token(
+    token_file: str | None, environ: dict[str, str] | None = None
+) -> tuple[str | None, str | None]:
+    """(token, token_file) from ``--token-file``, ``KVCACHE_TOKEN_FILE`` or ``KVCACHE_TOKEN``."""
+    env = dict(os.environ) if environ is None else environ
+    path = token_file or env.get("KVCACHE_TOKEN_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise ValueError(f"--token-file {path}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"--token-file {path}: the file is empty")
+        return token, path
+    return env.get("KVCACHE_TOKEN") or None, None
+
+
+class BadRequest(ValueError):
+    """A 4xx answer with a message; ``status`` defaults to 400."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str, request_id: str) -> web.Response:
+    return web.json_response(
+        {"error": message, "request_id": request_id}, status=status, headers={"X-Request-Id": request_id}
+    )
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+class _EngineCollector:
+    """Prometheus view of ``engine.get_stats()`` and the persister, computed per scrape."""
+
+    def __init__(self, server: EngineServer) -> None:
+        self.server = server
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked collector: families come from live stats
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.server.engine.get_stats()
+        ps = self.server.persister.stats()
+        counters = {
+            "kvcache_hits": ("Blocks found by lookups.", st["cache_hits"]),
+            "kvcache_misses": ("Blocks asked by lookups and not found.", st["cache_misses"]),
+            "kvcache_hit_tokens": ("Cached leading tokens found by lookups.", st["hit_tokens"]),
+            "kvcache_requested_tokens": ("Full-block tokens asked by lookups.", st["requested_tokens"]),
+            "kvcache_requests": ("Lookups served.", st["requests"]),
+            "kvcache_evictions": ("Blocks evicted.", st["evictions"]),
+            "kvcache_bytes_in": ("KV bytes received by puts.", st["bytes_in"]),
+            "kvcache_bytes_out": ("KV bytes sent by gets.", st["bytes_out"]),
+            "kvcache_persist_failures": ("Persists that failed (any reason).", ps["persist_failures"]),
+            "kvcache_persists": ("Persists that completed.", ps["persists"]),
+            "kvcache_quarantined_segments": (
+                "Persisted segments moved to quarantine.",
+                ps["quarantined_segments"],
+            ),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=float(value))
+        by_reason = CounterMetricFamily(
+            "kvcache_persist_failures_by_reason", "Failed persists by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(ps["persist_failures_by_reason"].items()):
+            by_reason.add_metric([reason], float(count))
+        yield by_reason
+        gauges = {
+            "kvcache_capacity_blocks": ("Block slots of the primary tier.", st["num_blocks"]),
+            "kvcache_used_blocks": ("Occupied block slots of the primary tier.", st["used_blocks"]),
+            "kvcache_memory_pressure": ("used_blocks / capacity_blocks (0..1).", st["memory_pressure"]),
+            "kvcache_compression_ratio": ("Stored bytes / fp16 bytes achieved.", st["compression_ratio"]),
+            "kvcache_max_tokens": ("Configured capacity in tokens.", st["max_tokens"]),
+            "kvcache_block_tokens": ("Tokens per block.", st["block_tokens"]),
+            "kvcache_hit_rate": ("hit_tokens / requested_tokens since start.", st["hit_rate"]),
+            "kvcache_ready": (
+                "1 once the persisted cache is loaded.",
+                1.0 if self.server.ready.is_set() else 0.0,
+            ),
+            "kvcache_persisted_blocks": ("Blocks named by the manifest on disk.", ps["persisted_blocks"]),
+            "kvcache_last_persist_timestamp_seconds": (
+                "Unix time of the last good persist.",
+                ps["last_persist_unix"],
+            ),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=float(value))
+        mem = GaugeMetricFamily("kvcache_device_memory_bytes", "Device memory (0 on CPU).", labels=["kind"])
+        for kind in ("allocated", "reserved", "total"):
+            mem.add_metric([kind], float(st[f"device_memory_{kind}"]))
+        yield mem
+        info = GaugeMetricFamily(
+            "kvcache_info", "Engine identity.", labels=["codec", "strategy", "device", "namespace"]
+        )
+        info.add_metric(
+            [
+                str(st["codec"]),
+                str(st["cache_strategy"]),
+                str(st["device"]),
+                self.server.engine.config.namespace,
+            ],
+            1.0,
+        )
+        yield info
+        yield self._latency(st.get("latency_histograms", {}))
+
+    @staticmethod
+    def _latency(hists: dict[str, Any]) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily("kvcache_op_latency_ms", "Engine operation latency (ms).", labels=["op"])
+        for op, h in sorted(hists.items()):
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip(h["buckets"], h["counts"], strict=True):
+                label = "+Inf" if math.isinf(float(bound)) else repr(float(bound))
+                buckets.append((label, float(count)))
+            if not buckets or buckets[-1][0] != "+Inf":
+                buckets.append(("+Inf", float(h["count"])))
+            fam.add_metric([op], buckets, float(h["sum"]))
+        return fam
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class EngineServer:
+    """The aiohttp application around one engine. ``ready`` is set once ``load()`` finished."""
+
+    def __init__(
+        self, engine: KVCacheEngine, settings: ServerSettings, persister: Persister | None = None
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.persister = persister or persister_for(engine)
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(2, engine.config.num_workers), thread_name_prefix="kvcache-io"
+        )
+        self._token_cache: tuple[float, str | None] = (0.0, settings.token)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_EngineCollector(self))  # type: ignore[arg-type]
+        self.http_requests = Counter(
+            "kvcache_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.app = self._build_app()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware])
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/v1/stats", self.stats)
+        r.add_get("/v1/config", self.get_config)
+        r.add_get("/v1/analyze", self.analyze)
+        r.add_post("/v1/lookup", self.lookup)
+        r.add_post("/v1/get", self.get)
+        r.add_post("/v1/put", self.put)
+        r.add_post("/admin/config", self.admin_config)
+        r.add_post("/admin/persist", self.admin_persist)
+        r.add_post("/admin/validate", self.admin_validate)
+        r.add_post("/admin/compact", self.admin_compact)
+        r.add_post("/admin/clear", self.admin_clear)
+        r.add_get("/admin/snapshot", self.admin_snapshot)
+        r.add_post("/admin/restore", self.admin_restore)
+        r.add_post("/admin/drain", self.admin_drain)
+        return app
+
+    def _token(self) -> str | None:
+        """The expected token; a token file is re-read (at most once a second) for rotation."""
+        if self.settings.token_file is None:
+            return self.settings.token
+        checked, token = self._token_cache
+        now = time.monotonic()
+        if now - checked >= 1.0:
+            with contextlib.suppress(OSError):
+                with open(self.settings.token_file, encoding="utf-8") as fh:
+                    token = fh.read().strip() or token
+            self._token_cache = (now, token)
+        return token
+
+    def _authorised(self, request: web.Request) -> bool:
+        expected = self._token()
+        if expected is None:
+            return True
+        got = request.headers.get("Authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {expected}".encode())
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id", "")
+        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex[:16]
+        request["request_id"] = rid
+        route = (
+            request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        )
+        try:
+            if not (request.path in OPEN_PATHS and self.settings.open_probes) and not self._authorised(
+                request
+            ):
+                resp: web.StreamResponse = _error(401, "unauthorized", rid)
+            else:
+                resp = await handler(request)
+                if not resp.prepared:
+                    resp.headers["X-Request-Id"] = rid
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            resp = _error(exc.status, exc.reason, rid)
+        except BadRequest as exc:
+            resp = _error(exc.status, str(exc), rid)
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
+            # Parsing and engine validation errors: the client sent something wrong.
+            resp = _error(400, _describe(exc), rid)
+        except TimeoutError:
+            resp = _error(408, "request body not received in time", rid)
+        except ConnectionResetError:
+            raise
+        except Exception as exc:
+            log.exception("request %s %s failed (request_id=%s)", request.method, request.path, rid)
+            resp = _error(500, f"internal error ({type(exc).__name__}); see the engine log", rid)
+        self.http_requests.labels(route, str(resp.status)).inc()
+        return resp
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _body(self, request: web.Request, limit: int | None = None) -> bytearray:
+        """The whole body into one preallocated buffer; 413 over the limit, 408 when too slow."""
+        limit = self.settings.max_body_bytes if limit is None else limit
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise BadRequest(f"body of {declared} bytes exceeds the limit of {limit}", 413)
+        buf = bytearray(declared) if declared is not None else bytearray()
+        pos = 0
+        async with asyncio.timeout(self.settings.body_timeout_s):
+            async for chunk in request.content.iter_any():
+                end = pos + len(chunk)
+                if end > limit or (declared is not None and end > declared):
+                    raise BadRequest(f"body exceeds the limit of {limit} bytes", 413)
+                if declared is None:
+                    buf += chunk
+                else:
+                    buf[pos:end] = chunk
+                pos = end
+        if declared is not None and pos != declared:
+            raise BadRequest(f"body truncated: {pos} of {declared} bytes")
+        return buf
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        raw = await self._body(request, limit=64 * 1024 * 1024)
+        try:
+            doc = json.loads(raw or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise BadRequest(f"body must be a JSON object, got {type(doc).__name__}")
+        return doc
+
+    def _chain(self, doc: dict[str, Any]) -> tuple[str, list[int]]:
+        """("hashes"|"tokens", values) from a request, bounded by max_blocks_per_request."""
+        cfg = self.engine.config
+        max_blocks = self.settings.max_blocks_per_request
+        if ("hashes" in doc) == ("tokens" in doc):
+            raise BadRequest("give exactly one of 'hashes' (block hashes) or 'tokens' (token ids)")
+        if "hashes" in doc:
+            return "hashes", parse_hashes(doc["hashes"], max_len=max_blocks)
+        return "tokens", parse_tokens(
+            doc["tokens"], max_len=max_blocks * cfg.block_tokens + cfg.block_tokens - 1
+        )
+
+    # -- probes, stats ---------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.ready.is_set():
+            return web.json_response({"status": "ready", "load_error": self.load_error})
+        return web.json_response({"status": "loading"}, status=503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await self._run(generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        st = await self._run(self.engine.get_stats)
+        st = {**st, "persistence": self.persister.stats(), "ready": self.ready.is_set()}
+        return web.json_response(st, dumps=_dumps)
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        return web.json_response(self.engine.config.to_file_dict())
+
+    async def analyze(self, request: web.Request) -> web.Response:
+        """The analyzers' findings (kvcache_engine.analytics.analyze), for ``kvcache-engine doctor``."""
+        from kvcache_engine.analytics import analyze
+
+        return web.json_response(await self._run(analyze, self.engine), dumps=_dumps)
+
+    # -- data plane ----------------------------------------------------------------------------
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        kind, values = self._chain(await self._json(request))
+        bt = self.engine.config.block_tokens
+        if kind == "hashes":
+            blocks = await self._run(self.engine.lookup_hashes, values)
+        else:
+            blocks = await self._run(self.engine.lookup, values) // bt
+        return web.json_response({"cached_blocks": blocks, "cached_tokens": blocks * bt})
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        kind, values = self._chain(await self._json(request))
+        fn = self.engine.get_hashes if kind == "hashes" else self.engine.get
+        kv = await self._run(fn, values)
+        return await self._send_tensor(request, kv)
+
+    async def _send_tensor(self, request: web.Request, kv: torch.Tensor) -> web.StreamResponse:
+        import torch
+
+        flat = kv.contiguous().view(-1).view(torch.uint8).numpy() if kv.numel() else b""
+        payload = memoryview(flat)
+        cfg = self.engine.config
+        head = encode_frame_header({"dtype": cfg.dtype, "shape": list(kv.shape), "nbytes": payload.nbytes})
+        resp = web.StreamResponse(
+            headers={"Content-Type": FRAME_CONTENT_TYPE, "X-Request-Id": request["request_id"]}
+        )
+        resp.content_length = len(head) + payload.nbytes
+        await resp.prepare(request)
+        await resp.write(head)
+        for start in range(0, payload.nbytes, _WRITE_CHUNK):
+            await resp.write(payload[start : start + _WRITE_CHUNK])
+        await resp.write_eof()
+        return resp
+
+    async def put(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        header, payload = split_frame(body)
+        cfg = self.engine.config
+        kind, values = self._chain(header)
+        kv = self._frame_tensor(header, payload, body, kind, values)
+        if kind == "hashes":
+            stored = await self._run(self.engine.put_blocks_raw, values, kv)
+        else:
+            stored = await self._run(self.engine.put, values, kv)
+        return web.json_response({"stored_blocks": stored, "block_tokens": cfg.block_tokens})
+
+    def _frame_tensor(
+        self, header: dict[str, Any], payload: memoryview, body: bytearray, kind: str, values: list[int]
+    ) -> torch.Tensor:
+        """The KV tensor of a put frame, a zero-copy view of the body, after shape checks."""
+        import torch
+
+        from kvcache_engine.client import torch_dtype
+
+        cfg = self.engine.config
+        if header.get("dtype") != cfg.dtype:
+            raise BadRequest(f"dtype: got {header.get('dtype')!r}, this engine stores {cfg.dtype!r}")
+        shape = header.get("shape")
+        n = len(values) * cfg.block_tokens if kind == "hashes" else len(values)
+        want = [2, cfg.num_layers, n, cfg.num_kv_heads, cfg.head_dim]
+        if shape != want:
+            raise BadRequest(
+                f"shape: got {shape!r}, expected {want} ([2, num_layers, n_tokens, num_kv_heads, head_dim])"
+            )
+        nbytes = math.prod(want) * DTYPE_BYTES[cfg.dtype]
+        if header.get("nbytes") != nbytes or payload.nbytes != nbytes:
+            raise BadRequest(
+                f"payload: {payload.nbytes} bytes (header nbytes={header.get('nbytes')!r}), expected {nbytes}"
+            )
+        if nbytes == 0:
+            return torch.empty(want, dtype=torch_dtype(cfg.dtype))
+        offset = len(body) - nbytes
+        return torch.frombuffer(
+            body, dtype=torch_dtype(cfg.dtype), count=math.prod(want), offset=offset
+        ).view(want)
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    async def admin_config(self, request: web.Request) -> web.Response:
+        doc = await self._json(request)
+        changes = live_changes(doc)
+        await self._run(lambda: self.engine.reconfigure(**changes))
+        if "log_level" in changes:
+            logging.getLogger("kvcache_engine").setLevel(str(self.engine.config.log_level))
+        log.info("config reloaded: %s", sorted(changes))
+        return web.json_response({"config": self.engine.config.to_file_dict(), "applied": sorted(changes)})
+
+    async def admin_persist(self, request: web.Request) -> web.Response:
+        ok = await self._run(self.persister.persist)
+        st = self.persister.stats()
+        return web.json_response({"ok": ok, "error": st["last_persist_error"], "stats": st})
+
+    async def admin_validate(self, request: web.Request) -> web.Response:
+        report = dict(await self._run(self.engine.validate_cache_integrity))
+        extra = [e for e in self.persister.integrity_errors() if e not in report.get("errors", [])]
+        if extra:
+            report["persistence_errors"] = extra
+        return web.json_response(report, dumps=_dumps)
+
+    async def admin_compact(self, request: web.Request) -> web.Response:
+        return web.json_response({"compacted": await self._run(self.engine.compact_cache)}, dumps=_dumps)
+
+    async def admin_clear(self, request: web.Request) -> web.Response:
+        await self._run(self.engine.clear_cache)
+        return web.json_response({"ok": True})
+
+    async def admin_snapshot(self, request: web.Request) -> web.StreamResponse:
+        """Stream every block as a KVS1 stream (segments of copies taken under the engine lock);
+        a block evicted meanwhile is left out, and the trailer carries the counts."""
+        hashes = await self._run(self.engine.cached_hashes)
+        segments = iter_segments(self.engine.export_blocks(hashes), SNAPSHOT_SEGMENT_BYTES)
+        resp = web.StreamResponse(
+            headers={"Content-Type": STREAM_CONTENT_TYPE, "X-Request-Id": request["request_id"]}
+        )
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(encode_stream_header(self._stream_header()))
+        blocks = count = 0
+        while True:
+            item = await self._run(next, segments, None)
+            if item is None:
+                break
+            data, metas = item
+            await resp.write(encode_stream_segment(data))
+            await resp.write(data)
+            blocks += len(metas)
+            count += 1
+        await resp.write(encode_stream_trailer({"blocks": blocks, "segments": count}))
+        await resp.write_eof()
+        return resp
+
+    def _stream_header(self) -> dict[str, Any]:
+        cfg = self.engine.config
+        return {
+            "format_version": WIRE_FORMAT_VERSION,
+            "geometry": geometry_of(cfg),
+            "codec": cfg.codec,
+            "created_unix": time.time(),
+        }
+
+    async def admin_restore(self, request: web.Request) -> web.Response:
+        """Import a KVS1 stream (a snapshot, a backup being restored, or a drain push)."""
+        reader = request.content
+        async with asyncio.timeout(self.settings.body_timeout_s):
+            hlen = decode_frame_prefix(await _read_exact(reader, PREFIX_BYTES), STREAM_MAGIC)
+            header = decode_frame_header(await _read_exact(reader, hlen))
+        try:
+            check_geometry(header.get("geometry") or {}, self.engine.config, "restore stream")
+        except GeometryMismatchError as exc:
+            raise BadRequest(str(exc), 409) from None
+        imported = segments = offered = 0
+        while True:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                (length,) = SEGMENT_LEN.unpack(await _read_exact(reader, SEGMENT_LEN.size))
+                if length == 0:
+                    (tlen,) = TRAILER_LEN.unpack(await _read_exact(reader, TRAILER_LEN.size))
+                    trailer = decode_frame_header(await _read_exact(reader, min(tlen, 1 << 20)))
+                    break
+                if length > 2 * SEGMENT_BYTES:
+                    raise BadRequest(
+                        f"segment of {length} bytes exceeds the limit of {2 * SEGMENT_BYTES}", 413
+                    )
+                data = await _read_exact(reader, length)
+            blocks = await self._run(decode_segment, data, None, f"segment {segments}")
+            offered += len(blocks)
+            imported += await self._run(self.engine.import_blocks, blocks)
+            segments += 1
+        if trailer.get("blocks") not in (None, offered):
+            raise BadRequest(
+                f"stream trailer says {trailer.get('blocks')} blocks, {offered} received (truncated?)"
+            )
+        return web.json_response(
+            {"imported_blocks": imported, "offered_blocks": offered, "segments": segments}
+        )
+
+    async def admin_drain(self, request: web.Request) -> web.Response:
+        doc = await self._json(request)
+        targets = doc.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise BadRequest("targets: expected a non-empty list of 'http://host:port' strings")
+        for t in targets:
+            node_id(t)  # ValueError (400) naming a malformed target
+        report = await self._run(self._drain, targets)
+        return web.json_response(report)
+
+    def _drain(self, targets: list[str]) -> dict[str, Any]:
+        """Push every block to the replica owning its chain (rendezvous on the chain root, the
+        client's function). Chains stay whole: export order is parents first and one chain
+        has one owner, so each push carries parents before (or with) their children."""
+        roots: dict[int, int] = {}
+        pending: dict[str, list[StoredBlock]] = {t: [] for t in targets}
+        sizes = dict.fromkeys(targets, 0)
+        result = {t: {"blocks": 0, "ok": True, "error": None} for t in targets}
+        for block in self.engine.export_blocks(None):
+            h, parent = int(block.hash), block.parent
+            root = roots.get(int(parent), h) if parent is not None else h
+            roots[h] = root
+            owner = rendezvous_owner(root, targets)
+            pending[owner].append(block)
+            sizes[owner] += sum(t.numel() * t.element_size() for t in block.payload.values())
+            if sizes[owner] >= SNAPSHOT_SEGMENT_BYTES:
+                self._push(owner, pending[owner], result[owner])
+                pending[owner], sizes[owner] = [], 0
+        for owner, blocks in pending.items():
+            if blocks:
+                self._push(owner, blocks, result[owner])
+        ok = all(r["ok"] for r in result.values())
+        return {"ok": ok, "targets": result, "drained_blocks": sum(int(r["blocks"]) for r in result.values())}  # type: ignore[call-overload]
+
+    def _push(self, target: str, blocks: list[StoredBlock], result: dict[str, Any]) -> None:
+        if not result["ok"]:
+            return  # the target failed earlier; do not hammer it
+        data, metas = next(iter_segments(blocks, max_bytes=1 << 62))
+        body = b"".join(
+            [encode_stream_header(self._stream_header()), encode_stream_segment(data), data,
+             encode_stream_trailer({"blocks": len(metas), "segments": 1})]
+        )  # fmt: skip
+        host, _, port = node_id(target).rpartition(":")
+        headers = {"Content-Type": STREAM_CONTENT_TYPE}
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.settings.drain_timeout_s)
+        try:
+            conn.request("POST", "/admin/restore", body=body, headers=headers)
+            resp = conn.getresponse()
+            answer = resp.read()
+            if resp.status != 200:
+                raise OSError(f"HTTP {resp.status}: {answer[:200].decode('utf-8', 'replace')}")
+            result["blocks"] += len(metas)
+        except (OSError, http.client.HTTPException) as exc:
+            result["ok"] = False
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            log.error("drain to %s failed: %s", target, exc)
+        finally:
+            conn.close()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def load_in_background(self) -> threading.Thread:
+        """Load the persisted cache, then mark ready and start periodic persists."""
+
+        def run() -> None:
+            try:
+                self.persister.load()
+            except GeometryMismatchError as exc:
+                self.load_error = str(exc)
+                log.error("%s", exc)
+                self.persister.set_aside(str(exc))
+            except Exception as exc:  # never leave the pod unready forever on a bad disk
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                log.exception("loading the persisted cache failed")
+            self.ready.set()
+            self.persister.start_periodic()
+
+        thread = threading.Thread(target=run, name="kvcache-load", daemon=True)
+        thread.start()
+        return thread
+
+    async def shutdown(self) -> None:
+        """Stop periodic persists, persist once (the preStop contract), close the engine."""
+        self.persister.stop()
+        if self.ready.is_set():
+            ok = await self._run(self.persister.persist)
+            log.info("final persist on shutdown: %s", "ok" if ok else "FAILED")
+        self.executor.shutdown(wait=True)
+        self.engine.close()
+
+
+async def _read_exact(reader: Any, n: int) -> bytes:
+    try:
+        return bytes(await reader.readexactly(n))
+    except asyncio.IncompleteReadError:
+        raise BadRequest(f"body truncated: expected {n} more bytes") from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing field {exc.args[0]!r}"
+    return str(exc) or type(exc).__name__
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)
+
+
+def live_changes(doc: dict[str, Any]) -> dict[str, Any]:
+    """snake_case live-field changes from a camelCase/snake_case body; 400 naming a bad field."""
+    aliases = {f.alias or n: n for n, f in KVCacheConfig.model_fields.items()}
+    changes: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = key if key in KVCacheConfig.model_fields else aliases.get(key)
+        if name is None:
+            raise BadRequest(f"unknown config field {key!r}")
+        if name not in LIVE_FIELDS:
+            raise BadRequest(
+                f"field {key!r} cannot change live (needs a restart); live fields: {', '.join(sorted(LIVE_FIELDS))}"
+            )
+        changes[name] = value
+    if not changes:
+        raise BadRequest("no config fields given")
+    return changes
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+
+def serve(config_path: str | None, settings: ServerSettings, environ: dict[str, str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; then persist and exit 0."""
+    config = load_config(config_path, environ)
+    logging.basicConfig(
+        level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from kvcache_engine.engine import KVCacheEngine
+
+    engine = KVCacheEngine(config, load_on_start=False)
+    server = EngineServer(engine, settings)
+    if settings.token is None:
+        log.warning(
+            "no API token configured (--token-file / KVCACHE_TOKEN_FILE / KVCACHE_TOKEN): auth is OFF"
+        )
+    asyncio.run(_serve_forever(server))
+    return 0
+
+
+async def _serve_forever(server: EngineServer) -> None:
+    runner = web.AppRunner(server.app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, server.settings.host, server.settings.port, backlog=1024)
+    await site.start()
+    sockets = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    port = sockets[0][1] if sockets else server.settings.port
+    print(f"kvcache-engine: listening on http://{server.settings.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server.load_in_background()
+    await stop.wait()
+    log.info("shutting down: draining requests, then persisting")
+    await runner.cleanup()
+    await server.shutdown()
+
+
+def settings_from_args(args: Any, environ: dict[str, str] | None = None) -> ServerSettings:
+    token, token_file = resolve_token(args.token_file, environ)
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        token=token,
+        token_file=token_file,
+        open_probes=not args.auth_probes,
+        max_body_bytes=args.max_body_mb * 1024 * 1024,
+        max_blocks_per_request=args.max_blocks,
+        body_timeout_s=args.body_timeout_s,
+    )
+
+
+def cmd_serve(args: Any) -> int:
+    """Handler of ``kvcache-engine serve``."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return serve(args.config, settings)

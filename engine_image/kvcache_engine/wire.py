@@ -1,0 +1,278 @@
+"""Wire formats shared by the server, the client, persistence and backups (torch-free).
+
+Two binary formats, no pickle and no JSON tensors:
+
+* **Frame** (data plane, ``application/x-kvcache-frame``)::
+
+      b"KVC1" | u32 little-endian header length | UTF-8 JSON header | raw tensor bytes
+
+  The header names the tensor's ``dtype`` and ``shape`` and ``nbytes`` (= the byte count that
+  follows); the bytes are the tensor in C order. A put sends one, a get answers with one.
+
+* **Stream** (snapshots, restores, drains, ``application/x-kvcache-stream``)::
+
+      b"KVS1" | u32 header length | JSON header (format version, geometry, codec)
+      then per segment: u64 little-endian length | safetensors bytes   (a "segment")
+      then u64 0 | u32 trailer length | JSON trailer {"blocks": n, "segments": m}
+
+  A segment is a safetensors file holding whole blocks: tensor ``"<hash:016x>.<key>"`` per
+  payload key, metadata ``{"kvcache": JSON}`` listing each block's hash, parent, codec,
+  checksum and payload keys. The same segments are the files of the persisted cache, so one
+  decoder serves load, restore, backup validation and drain.
+
+Shard placement (:func:`rendezvous_order`) lives here too because the client and the
+server's drain must agree on it byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "FRAME_CONTENT_TYPE",
+    "FRAME_MAGIC",
+    "MAX_HASH",
+    "STREAM_CONTENT_TYPE",
+    "STREAM_MAGIC",
+    "WIRE_FORMAT_VERSION",
+    "WireError",
+    "decode_frame_header",
+    "encode_frame_header",
+    "node_id",
+    "parse_hashes",
+    "parse_tokens",
+    "rendezvous_order",
+    "rendezvous_owner",
+]
+
+FRAME_MAGIC = b"KVC1"
+STREAM_MAGIC = b"KVS1"
+FRAME_CONTENT_TYPE = "application/x-kvcache-frame"
+STREAM_CONTENT_TYPE = "application/x-kvcache-stream"
+WIRE_FORMAT_VERSION = 1
+MAX_HASH = 2**64 - 1
+# A frame or stream header is small JSON (hashes/tokens lists at most); bound it so a garbage
+# length field can never make anyone allocate gigabytes.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+_PREFIX = struct.Struct("<4sI")
+PREFIX_BYTES = _PREFIX.size
+SEGMENT_LEN = struct.Struct("<Q")
+TRAILER_LEN = struct.Struct("<I")
+
+
+class WireError(ValueError):
+    """Malformed wire data; the message names the field and what was expected."""
+
+
+def encode_frame_header(header: Mapping[str, Any]) -> bytes:
+    """Magic + length + JSON header; the raw payload (``header["nbytes"]`` bytes) follows it."""
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return _PREFIX.pack(FRAME_MAGIC, len(body)) + body
+
+
+def decode_frame_prefix(prefix: bytes, magic: bytes = FRAME_MAGIC) -> int:
+    """Header length from the 8-byte prefix; WireError on a wrong magic or a huge header."""
+    if len(prefix) != PREFIX_BYTES:
+        raise WireError(f"frame: truncated prefix ({len(prefix)} of {PREFIX_BYTES} bytes)")
+    got, length = _PREFIX.unpack(prefix)
+    if got != magic:
+        raise WireError(f"frame: bad magic {got!r}, expected {magic!r}")
+    if length > MAX_HEADER_BYTES:
+        raise WireError(f"frame: header length {length} exceeds {MAX_HEADER_BYTES}")
+    return int(length)
+
+
+def decode_frame_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Parse a JSON frame header (a JSON object), WireError naming the problem otherwise."""
+    try:
+        header = json.loads(bytes(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"frame: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise WireError(f"frame: header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+def split_frame(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
+    """(header, payload view) of a whole frame held in memory."""
+    view = memoryview(body)
+    length = decode_frame_prefix(bytes(view[:PREFIX_BYTES]))
+    end = PREFIX_BYTES + length
+    if len(view) < end:
+        raise WireError(f"frame: truncated header ({len(view) - PREFIX_BYTES} of {length} bytes)")
+    return decode_frame_header(view[PREFIX_BYTES:end]), view[end:]
+
+
+def _int_list(value: Any, field: str, *, low: int, high: int, max_len: int) -> list[int]:
+    if not isinstance(value, list):
+        raise WireError(f"{field}: expected a list of integers, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise WireError(f"{field}: {len(value)} entries exceed the limit of {max_len}")
+    for i, item in enumerate(value):
+        # bool is an int subclass; True as a token id is certainly a client bug.
+        if type(item) is not int or not low <= item <= high:
+            raise WireError(f"{field}[{i}]: expected an integer in [{low}, {high}], got {item!r}")
+    return value
+
+
+def parse_tokens(value: Any, *, max_len: int) -> list[int]:
+    """Token ids: non-negative integers below 2**31."""
+    return _int_list(value, "tokens", low=0, high=2**31 - 1, max_len=max_len)
+
+
+def parse_hashes(value: Any, *, max_len: int) -> list[int]:
+    """Block hashes: unsigned 64-bit integers (JSON numbers)."""
+    return _int_list(value, "hashes", low=0, high=MAX_HASH, max_len=max_len)
+
+
+# --- shard placement -------------------------------------------------------------------------
+
+
+def node_id(endpoint: str) -> str:
+    """Canonical identity of a replica for placement: ``host:port`` of its URL (lower-cased).
+
+    ``http://10.0.0.5:8080/`` and ``10.0.0.5:8080`` are the same node; the client's endpoints and
+    the drain's targets must use the same host spelling (both use what the operator publishes).
+    """
+    text = endpoint.strip()
+    if "//" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if not parts.hostname:
+        raise ValueError(f"endpoint {endpoint!r}: expected http://host:port")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def _score(node: str, root: int) -> int:
+    digest = hashlib.blake2b(f"{node}|{root:016x}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def rendezvous_order(root: int, endpoints: Sequence[str]) -> list[str]:
+    """Endpoints by descending rendezvous score for a chain root (highest random weight).
+
+    Invariant: adding a replica moves only the chains whose new top scorer is that replica
+    (about 1/N of them); removing one moves only its own chains. Ties (never in practice) break
+    by node id so every process computes the same order.
+    """
+    return sorted(endpoints, key=lambda e: (_score(node_id(e), root), node_id(e)), reverse=True)
+
+
+def rendezvous_owner(root: int, endpoints: Sequence[str]) -> str:
+    """The replica that owns the chain whose first block hash is ``root``."""
+    if not endpoints:
+        raise ValueError("rendezvous_owner: no endpoints")
+    return rendezvous_order(root, endpoints)[0]
+
+
+# --- segments (safetensors blobs of whole blocks) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockMeta:
+    """What a segment records about one block (the payload tensors are stored beside it)."""
+
+    hash: int
+    parent: int | None
+    codec: str
+    checksum: str
+    keys: tuple[str, ...]
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hash": f"{self.hash:016x}",
+            "parent": None if self.parent is None else f"{self.parent:016x}",
+            "codec": self.codec,
+            "checksum": self.checksum,
+            "keys": list(self.keys),
+            "nbytes": self.nbytes,
+        }
+
+    @classmethod
+    def from_json(cls, item: Any) -> BlockMeta:
+        if not isinstance(item, dict):
+            raise WireError("segment metadata: each block must be an object")
+        try:
+            parent = item["parent"]
+            keys = item["keys"]
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise WireError("segment metadata: keys must be a list of strings")
+            return cls(
+                hash=_hex64(item["hash"], "hash"),
+                parent=None if parent is None else _hex64(parent, "parent"),
+                codec=str(item["codec"]),
+                checksum=str(item["checksum"]),
+                keys=tuple(keys),
+                nbytes=int(item["nbytes"]),
+            )
+        except KeyError as exc:
+            raise WireError(f"segment metadata: block is missing {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise WireError(f"segment metadata: {exc}") from None
+
+
+def _hex64(value: Any, field: str) -> int:
+    if not isinstance(value, str) or len(value) != 16:
+        raise WireError(f"segment metadata: {field} must be 16 hex digits, got {value!r}")
+    try:
+        return int(value, 16)
+    except ValueError:
+        raise WireError(f"segment metadata: {field} must be 16 hex digits, got {value!r}") from None
+
+
+def tensor_key(block_hash: int, key: str) -> str:
+    """Name of one payload tensor of a block inside a segment."""
+    return f"{block_hash:016x}.{key}"
+
+
+def segment_metadata(blocks: Iterable[BlockMeta]) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of a segment."""
+    doc = {"format_version": WIRE_FORMAT_VERSION, "blocks": [b.to_json() for b in blocks]}
+    return {"kvcache": json.dumps(doc, separators=(",", ":"))}
+
+
+def parse_segment_metadata(metadata: Mapping[str, str] | None) -> list[BlockMeta]:
+    """Block list of a segment from its safetensors metadata (WireError when absent/garbled)."""
+    if not metadata or "kvcache" not in metadata:
+        raise WireError("segment: no kvcache metadata (not a kvcache segment)")
+    try:
+        doc = json.loads(metadata["kvcache"])
+    except json.JSONDecodeError as exc:
+        raise WireError(f"segment: metadata is not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format_version") != WIRE_FORMAT_VERSION:
+        got = doc.get("format_version") if isinstance(doc, dict) else None
+        raise WireError(f"segment: format_version {got!r}, expected {WIRE_FORMAT_VERSION}")
+    blocks = doc.get("blocks")
+    if not isinstance(blocks, list):
+        raise WireError("segment: metadata has no block list")
+    return [BlockMeta.from_json(b) for b in blocks]
+
+
+def encode_stream_header(header: Mapping[str, Any]) -> bytes:
+    """Opening of a stream (snapshot/restore/drain body)."""
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return _PREFIX.pack(STREAM_MAGIC, len(body)) + body
+
+
+def encode_stream_segment(segment: bytes) -> bytes:
+    """Length prefix of one segment in a stream (the segment bytes follow it)."""
+    if not segment:
+        raise ValueError("a stream segment cannot be empty (length 0 ends the stream)")
+    return SEGMENT_LEN.pack(len(segment))
+
+
+def encode_stream_trailer(trailer: Mapping[str, Any]) -> bytes:
+    """End of a stream: a zero length then the JSON trailer (counts to cross-check)."""
+    body = json.dumps(trailer, separators=(",", ":")).encode()
+    return SEGMENT_LEN.pack(0) + TRAILER_LEN.pack(len(body)) + body

@@ -1,0 +1,302 @@
+"""``kubectl-kvcache``: a kubectl plugin for KVCaches (``kubectl kvcache status NAME``).
+
+Subcommands: ``status`` (replicas, hit rate, memory pressure, conditions, last decisions),
+``render`` (the children the operator builds, from the live object or a file), ``backup-now``
+(a Job from the cache's backup CronJob, as ``kubectl create job --from=cronjob/...`` does),
+``pause`` / ``resume`` (the ``kvcache.dev/reconcile: paused`` annotation the operator honours).
+
+The formatting and manifest-building functions are pure; ``Cluster`` is the only part that talks
+to the API server (through the ``kubernetes`` client and the user's kubeconfig, like kubectl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from kvcache_operator import api
+from kvcache_operator.reconcile import PAUSE_ANNOTATION, PAUSE_VALUE
+
+Manifest = dict[str, Any]
+
+DECISIONS_SHOWN = 5
+# Kubernetes object names are at most 63 characters for Jobs (the Job controller labels pods with it).
+JOB_NAME_MAX = 63
+
+
+# --- pure helpers ------------------------------------------------------------------------------------
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None else f"{float(value) * 100:.1f}%"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces, like kubectl's tables."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def format_status(obj: Mapping[str, Any]) -> str:
+    """The human view of one KVCache: a summary table, its conditions and the last decisions."""
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    status = obj.get("status") or {}
+    generation, observed = meta.get("generation"), status.get("observedGeneration")
+    paused = (meta.get("annotations") or {}).get(PAUSE_ANNOTATION) == PAUSE_VALUE
+    summary = [
+        ["NAME", "PHASE", "REPLICAS", "READY", "HIT RATE", "PRESSURE", "CODEC", "GENERATION", "PAUSED"],
+        [
+            str(meta.get("name", "?")),
+            str(status.get("phase") or "-"),
+            f"{status.get('replicas', '-')}/{spec.get('replicas', '-')}",
+            str(status.get("readyReplicas", "-")),
+            _percent(status.get("hitRate")),
+            _percent(status.get("memoryPressure")),
+            str(status.get("codec") or "-"),
+            f"{observed if observed is not None else '-'}/{generation if generation is not None else '-'}",
+            "yes" if paused else "no",
+        ],
+    ]
+    parts = [_table(summary)]
+    conditions = status.get("conditions") or []
+    if conditions:
+        rows = [["CONDITION", "STATUS", "REASON", "MESSAGE"]]
+        rows += [
+            [
+                str(c.get("type", "")),
+                str(c.get("status", "")),
+                str(c.get("reason", "")),
+                str(c.get("message", "")),
+            ]
+            for c in conditions
+        ]
+        parts.append(_table(rows))
+    decisions = (status.get("decisions") or [])[-DECISIONS_SHOWN:]
+    if decisions:
+        rows = [["TIME", "KIND", "MODE", "APPLIED", "ACTION", "REASON"]]
+        rows += [
+            [
+                str(d.get("time") or "-"),
+                str(d.get("kind", "")),
+                str(d.get("mode", "")),
+                "yes" if d.get("applied") else "no",
+                str(d.get("action", "")),
+                str(d.get("reason", "")),
+            ]
+            for d in reversed(decisions)
+        ]
+        parts.append("Last decisions (newest first):\n" + _table(rows))
+    else:
+        parts.append("No scaling or tuning decisions yet.")
+    return "\n\n".join(parts) + "\n"
+
+
+def pause_patch(paused: bool) -> Manifest:
+    """Merge patch that sets (or removes, with null) the pause annotation."""
+    return {"metadata": {"annotations": {PAUSE_ANNOTATION: PAUSE_VALUE if paused else None}}}
+
+
+def backup_cronjob_name(name: str) -> str:
+    return f"{name}-backup"
+
+
+def manual_job(cronjob: Mapping[str, Any], now: datetime.datetime) -> Manifest:
+    """A Job from ``cronjob``'s template, owned by it, named ``<cronjob>-manual-<unix time>``."""
+    meta = cronjob["metadata"]
+    template = cronjob["spec"]["jobTemplate"]
+    suffix = f"-manual-{int(now.timestamp())}"
+    name = meta["name"][: JOB_NAME_MAX - len(suffix)] + suffix
+    job_meta: Manifest = {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": dict((template.get("metadata") or {}).get("labels") or {}),
+        "annotations": {
+            **((template.get("metadata") or {}).get("annotations") or {}),
+            "cronjob.kubernetes.io/instantiate": "manual",
+        },
+        "ownerReferences": [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "CronJob",
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "controller": True,
+            }
+        ],
+    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": template["spec"]}
+
+
+def render_object(obj: Mapping[str, Any]) -> str:
+    """The children the operator builds for a live KVCache (server-side fields dropped)."""
+    from kvcache_operator.render import PLACEHOLDER_TOKEN, _Dumper
+    from kvcache_operator.resources import build_children
+
+    meta = obj["metadata"]
+    clean = {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            if k in meta
+        },
+        "spec": obj.get("spec") or {},
+    }
+    children = build_children(clean, token=PLACEHOLDER_TOKEN)
+    return "".join("---\n" + yaml.dump(c, Dumper=_Dumper, sort_keys=False, width=100) for c in children)
+
+
+# --- the API ---------------------------------------------------------------------------------------------
+
+
+class Cluster:
+    """The API calls the plugin makes, through the ``kubernetes`` client and a kubeconfig."""
+
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None) -> None:
+        from kubernetes import client, config
+
+        # Raw dicts in and out (no model classes): the client's generated types add nothing here.
+        loader: Any = config
+        api_client = loader.new_client_from_config(config_file=kubeconfig, context=context)
+        self._custom: Any = client.CustomObjectsApi(api_client)
+        self._batch: Any = client.BatchV1Api(api_client)
+        self._api_exception = client.ApiException
+        _, active = loader.list_kube_config_contexts(config_file=kubeconfig)
+        self.default_namespace: str = (active.get("context") or {}).get("namespace") or "default"
+
+    def _not_found(self, exc: Exception) -> bool:
+        return isinstance(exc, self._api_exception) and getattr(exc, "status", None) == 404
+
+    def get_kvcache(self, namespace: str, name: str) -> Manifest:
+        try:
+            obj: Manifest = self._custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            )
+        except Exception as exc:
+            if self._not_found(exc):
+                raise ValueError(f"KVCache {namespace}/{name} not found") from exc
+            raise
+        return obj
+
+    def patch_kvcache(self, namespace: str, name: str, patch: Manifest) -> Manifest:
+        obj: Manifest = self._custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
+        )
+        return obj
+
+    def get_cronjob(self, namespace: str, name: str) -> Manifest | None:
+        try:
+            response = self._batch.read_namespaced_cron_job(name, namespace, _preload_content=False)
+        except Exception as exc:
+            if self._not_found(exc):
+                return None
+            raise
+        cronjob: Manifest = json.loads(response.data)
+        return cronjob
+
+    def create_job(self, namespace: str, job: Manifest) -> str:
+        response = self._batch.create_namespaced_job(namespace, job, _preload_content=False)
+        return str(json.loads(response.data)["metadata"]["name"])
+
+
+# --- commands -------------------------------------------------------------------------------------------
+
+
+def cmd_status(cluster: Cluster, args: argparse.Namespace) -> str:
+    obj = cluster.get_kvcache(args.namespace, args.name)
+    if args.output == "json":
+        return json.dumps(obj.get("status") or {}, indent=2, sort_keys=True) + "\n"
+    return format_status(obj)
+
+
+def cmd_render(cluster: Cluster | None, args: argparse.Namespace) -> str:
+    if args.filename:
+        from kvcache_operator.render import render_file
+
+        return render_file(args.filename, args.namespace)
+    assert cluster is not None
+    return render_object(cluster.get_kvcache(args.namespace, args.name))
+
+
+def cmd_backup_now(cluster: Cluster, args: argparse.Namespace) -> str:
+    cluster.get_kvcache(args.namespace, args.name)  # a clear error when the cache does not exist
+    cronjob = cluster.get_cronjob(args.namespace, backup_cronjob_name(args.name))
+    if cronjob is None:
+        raise ValueError(
+            f"KVCache {args.namespace}/{args.name} has no backup CronJob: "
+            "set spec.backup.enabled (with spec.persistence.enabled) first"
+        )
+    job = manual_job(cronjob, datetime.datetime.now(datetime.UTC))
+    return f"job.batch/{cluster.create_job(args.namespace, job)} created\n"
+
+
+def cmd_pause(cluster: Cluster, args: argparse.Namespace) -> str:
+    cluster.get_kvcache(args.namespace, args.name)
+    cluster.patch_kvcache(args.namespace, args.name, pause_patch(True))
+    return f"kvcache.kvcache.dev/{args.name} paused (the operator stops changing its children)\n"
+
+
+def cmd_resume(cluster: Cluster, args: argparse.Namespace) -> str:
+    cluster.get_kvcache(args.namespace, args.name)
+    cluster.patch_kvcache(args.namespace, args.name, pause_patch(False))
+    return f"kvcache.kvcache.dev/{args.name} resumed\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubectl kvcache", description="Inspect and operate KVCaches.")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = sub.add_parser("status", help="replicas, hit rate, memory pressure, conditions, last decisions")
+    status.add_argument("name")
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    render = sub.add_parser("render", help="the children the operator builds for a KVCache (YAML)")
+    render.add_argument("name", nargs="?", help="a live KVCache")
+    render.add_argument("-f", "--filename", help="a KVCache manifest instead of a live object ('-': stdin)")
+    for name, text in (
+        ("backup-now", "run the backup CronJob now (a manual Job)"),
+        ("pause", "stop the operator from changing the cache's children"),
+        ("resume", "let the operator reconcile again"),
+    ):
+        sub.add_parser(name, help=text).add_argument("name")
+    return parser
+
+
+COMMANDS = {"status": cmd_status, "backup-now": cmd_backup_now, "pause": cmd_pause, "resume": cmd_resume}
+
+
+def run(args: argparse.Namespace, cluster: Cluster | None = None) -> str:
+    """Execute one parsed command; ``cluster`` is created from the kubeconfig when not given."""
+    if args.command == "render" and args.filename:
+        return cmd_render(None, args)
+    if args.command == "render" and not args.name:
+        raise ValueError("render: give a KVCache NAME or -f FILE")
+    cluster = cluster or Cluster(args.kubeconfig, args.context)
+    args.namespace = args.namespace or cluster.default_namespace
+    if args.command == "render":
+        return cmd_render(cluster, args)
+    return COMMANDS[args.command](cluster, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.stdout.write(run(args))
+    except ValueError as exc:
+        print(f"kubectl kvcache {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``kvcache-operator run``: start the Kopf operator with our handlers.
+
+Credentials come from KUBECONFIG or the in-cluster service account (Kopf's login). By default the
+replicas of one installation peer through a KopfPeering named ``kvcache-operator`` so that only one
+is active (HA); ``--standalone`` skips peering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import kopf
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("run", help="run the operator (KUBECONFIG or in-cluster config)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; globs allowed)",
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    parser.add_argument(
+        "--peering",
+        default="kvcache-operator",
+        help="KopfPeering name shared by the replicas of one installation",
+    )
+    parser.add_argument("--priority", type=int, default=0, help="peering priority (highest is active)")
+    parser.add_argument("--standalone", action="store_true", help="no peering (single replica)")
+    parser.add_argument(
+        "--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL ('' to disable)"
+    )
+    parser.add_argument("--metrics-port", type=int, default=8082, help="operator metrics port (0: off)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.set_defaults(handler=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.namespace and not args.all_namespaces:
+        raise ValueError("run: pass --namespace NS (repeatable) or --all-namespaces")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from kvcache_operator import handlers  # registers the handlers with Kopf's default registry
+
+    del handlers
+    kopf.run(
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace,
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo(metrics_port=args.metrics_port or None),
+    )
+    return 0

@@ -1,0 +1,182 @@
+"""Tiny worlds for the API tests: samples, the CRD as the API server sees it, Kubernetes validation."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import yaml
+
+from kvcache_operator import crd
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "crds" / "samples"
+KVCACHE_SAMPLES = ("minimal.yaml", "gpu-production.yaml", "cpu-only.yaml")
+INVALID = Path(__file__).resolve().parent / "invalid"
+KUBE_VERSIONS = ("1.29", "1.35")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    doc = yaml.safe_load(path.read_text())
+    assert isinstance(doc, dict), path
+    return doc
+
+
+def load_sample(name: str) -> dict[str, Any]:
+    return load_yaml(SAMPLES / name)
+
+
+def make_kvcache(
+    spec: dict[str, Any] | None = None, name: str = "kvc", namespace: str = "ns"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "kvcache.dev/v1alpha1",
+        "kind": "KVCache",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec or {},
+    }
+
+
+# The one prometheus-operator CRD we emit is not in kubernetes-validate's schemas; this is the subset of
+# monitoring.coreos.com/v1 ServiceMonitor we use (field names and types as in the upstream CRD).
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}
+                    },
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {
+                                "type": "string",
+                                "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                            },
+                            "authorization": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "credentials": {
+                                        "type": "object",
+                                        "required": ["key"],
+                                        "additionalProperties": False,
+                                        "properties": {"name": {"type": "string"}, "key": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def kube_validate(manifest: dict[str, Any]) -> None:
+    """Strict validation against Kubernetes 1.29 and 1.35 (kubernetes-validate's API); the
+    ServiceMonitor (a CRD) against the embedded schema above."""
+    if manifest["kind"] == "ServiceMonitor":
+        jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA).validate(manifest)
+        return
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+# --- the KVCache as the API server sees it --------------------------------------------------------
+
+
+@functools.cache
+def open_api() -> dict[str, Any]:
+    return crd.open_api_schema()
+
+
+@functools.cache
+def json_validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(crd.to_json_schema(open_api()))
+
+
+def cel_rules() -> list[tuple[tuple[str, ...], str, str]]:
+    """(path under the root, rule, message) of every x-kubernetes-validations entry in the CRD."""
+    found: list[tuple[tuple[str, ...], str, str]] = []
+
+    def walk(node: dict[str, Any], path: tuple[str, ...]) -> None:
+        for entry in node.get("x-kubernetes-validations", []):
+            found.append((path, entry["rule"], entry["message"]))
+        for name, sub in node.get("properties", {}).items():
+            walk(sub, (*path, name))
+
+    walk(open_api(), ())
+    return found
+
+
+_CEL = celpy.Environment()
+# cel-python raises the recursion limit on its first compile; do it at import, not inside a hypothesis
+# test (hypothesis warns, and warnings are errors, when the limit changes during an example).
+_CEL.compile("1 == 1")
+
+
+@functools.cache
+def _program(rule: str) -> Any:
+    return _CEL.program(_CEL.compile(rule))
+
+
+def _at(obj: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for part in path:
+        obj = obj.get(part) if isinstance(obj, dict) else None  # type: ignore[assignment]
+    return obj
+
+
+def _describe(err: jsonschema.ValidationError) -> list[str]:
+    """A schema error in the API server's words: ``unknown field "spec.x"`` for fields the schema does
+    not know (kubectl's strict field validation), else ``<field path>: <message>``."""
+    path = ".".join(str(p) for p in err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        known = set(err.schema.get("properties", {}))
+        return [f'unknown field "{path}.{name}"' for name in sorted(set(err.instance) - known)]
+    return [f"{path}: {err.message}"]
+
+
+def server_errors(obj: dict[str, Any]) -> list[str]:
+    """What the API server would answer for ``obj``: schema errors (``<field path>: <message>``), then,
+    if the schema passes, the messages of failing CEL rules (evaluated on the defaulted object)."""
+    schema_errors = [line for err in json_validator().iter_errors(obj) for line in _describe(err)]
+    if schema_errors:
+        return schema_errors
+    defaulted = crd.apply_defaults(obj, open_api())
+    failed = []
+    for path, rule, message in cel_rules():
+        target = _at(defaulted, path)
+        if target is not None and not bool(_program(rule).evaluate({"self": celpy.json_to_cel(target)})):
+            failed.append(message)
+    return failed

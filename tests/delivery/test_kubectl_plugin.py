@@ -1,0 +1,195 @@
+"""kubectl-kvcache: pure formatting/manifest helpers, then every command against the API emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import yaml
+
+from kvcache_operator import kubectl_plugin as plugin
+from kvcache_operator.reconcile import PAUSE_ANNOTATION, PAUSE_VALUE
+from tests.kube_emulator import KubeEmulator, write_kubeconfig
+
+KVCACHES = "kvcache.dev/v1alpha1/kvcaches"
+CRONJOBS = "batch/v1/cronjobs"
+JOBS = "batch/v1/jobs"
+NS = "inference"
+
+
+def make_status(**overrides: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "phase": "Ready",
+        "observedGeneration": 2,
+        "replicas": 3,
+        "readyReplicas": 3,
+        "hitRate": 0.8125,
+        "memoryPressure": 0.5,
+        "codec": "int8",
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "AllReplicasReady", "message": "3/3 ready"}
+        ],
+        "decisions": [
+            {
+                "time": f"2026-01-01T00:0{i}:00Z",
+                "kind": "Scale",
+                "mode": "Auto",
+                "applied": True,
+                "action": f"replicas {i} -> {i + 1}",
+                "reason": "memory pressure 0.95 > 0.85",
+            }
+            for i in range(7)
+        ],
+    }
+    status.update(overrides)
+    return status
+
+
+def make_kvcache(name: str = "llama", **status: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kvcache.dev/v1alpha1",
+        "kind": "KVCache",
+        "metadata": {"name": name, "namespace": NS, "generation": 2},
+        "spec": {"replicas": 3, "cache": {"maxTokens": 8192}},
+        "status": make_status(**status),
+    }
+
+
+def test_status_table_shows_the_numbers_and_newest_decisions() -> None:
+    text = plugin.format_status(make_kvcache())
+    header, row = text.splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "PHASE", "REPLICAS", "READY"]
+    assert row.split() == ["llama", "Ready", "3/3", "3", "81.2%", "50.0%", "int8", "2/2", "no"]
+    assert "AllReplicasReady" in text
+    decisions = text.split("Last decisions (newest first):\n", 1)[1].splitlines()
+    assert len(decisions) == 1 + plugin.DECISIONS_SHOWN
+    assert "replicas 6 -> 7" in decisions[1] and "replicas 2 -> 3" in decisions[-1]
+
+
+def test_status_of_a_new_cache_has_dashes() -> None:
+    obj = {"metadata": {"name": "new", "generation": 1}, "spec": {"replicas": 1}}
+    text = plugin.format_status(obj)
+    assert text.splitlines()[1].split() == ["new", "-", "-/1", "-", "-", "-", "-", "-/1", "no"]
+    assert "No scaling or tuning decisions yet." in text
+
+
+def test_pause_patch_sets_and_removes_the_operator_annotation() -> None:
+    assert plugin.pause_patch(True) == {"metadata": {"annotations": {PAUSE_ANNOTATION: PAUSE_VALUE}}}
+    assert plugin.pause_patch(False) == {"metadata": {"annotations": {PAUSE_ANNOTATION: None}}}
+
+
+def make_cronjob(name: str = "llama-backup") -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {"name": name, "namespace": NS, "uid": "u-1"},
+        "spec": {
+            "schedule": "0 */6 * * *",
+            "jobTemplate": {
+                "metadata": {"labels": {"app.kubernetes.io/instance": "llama"}},
+                "spec": {
+                    "backoffLimit": 2,
+                    "template": {
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "containers": [{"name": "backup", "image": "engine:1"}],
+                        }
+                    },
+                },
+            },
+        },
+    }
+
+
+def test_manual_job_is_owned_by_the_cronjob_and_fits_a_name() -> None:
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    job = plugin.manual_job(make_cronjob("x" * 70), now)
+    assert len(job["metadata"]["name"]) == plugin.JOB_NAME_MAX
+    assert job["metadata"]["name"].endswith(f"-manual-{int(now.timestamp())}")
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert job["metadata"]["annotations"]["cronjob.kubernetes.io/instantiate"] == "manual"
+    assert job["spec"]["template"]["spec"]["containers"][0]["name"] == "backup"
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[KubeEmulator, Path]]:
+    async with KubeEmulator() as emu, kmock.Server(emu) as server:
+        yield emu, write_kubeconfig(tmp_path, server.url, namespace=NS)
+
+
+async def kubectl_kvcache(kubeconfig: Path, *argv: str) -> tuple[int, str]:
+    """Run the plugin's main() in a thread (the kubernetes client blocks) and capture its stdout."""
+    args = plugin.build_parser().parse_args(["--kubeconfig", str(kubeconfig), *argv])
+
+    def call() -> tuple[int, str]:
+        try:
+            return 0, plugin.run(args)
+        except ValueError as exc:
+            return 1, str(exc)
+
+    return await asyncio.to_thread(call)
+
+
+def seed(emu: KubeEmulator, obj: dict[str, Any]) -> None:
+    status = obj.pop("status", None)
+    emu.create(KVCACHES, obj, namespace=NS)
+    if status is not None:
+        emu.patch(KVCACHES, obj["metadata"]["name"], {"status": status}, NS, subresource="status")
+
+
+async def test_status_reads_the_live_object(cluster: tuple[KubeEmulator, Path]) -> None:
+    emu, kubeconfig = cluster
+    seed(emu, make_kvcache())
+    code, out = await kubectl_kvcache(kubeconfig, "status", "llama")
+    assert code == 0
+    assert out.splitlines()[1].split()[:6] == ["llama", "Ready", "3/3", "3", "81.2%", "50.0%"]
+    code, out = await kubectl_kvcache(kubeconfig, "status", "missing")
+    assert code == 1 and "KVCache inference/missing not found" in out
+
+
+async def test_pause_and_resume_toggle_the_annotation(cluster: tuple[KubeEmulator, Path]) -> None:
+    emu, kubeconfig = cluster
+    seed(emu, make_kvcache())
+    assert (await kubectl_kvcache(kubeconfig, "pause", "llama"))[0] == 0
+    annotations = emu.get(KVCACHES, "llama", NS)["metadata"]["annotations"]
+    assert annotations == {PAUSE_ANNOTATION: PAUSE_VALUE}
+    assert "yes" in (await kubectl_kvcache(kubeconfig, "status", "llama"))[1].splitlines()[1].split()
+    assert (await kubectl_kvcache(kubeconfig, "resume", "llama"))[0] == 0
+    assert PAUSE_ANNOTATION not in (emu.get(KVCACHES, "llama", NS)["metadata"].get("annotations") or {})
+
+
+async def test_backup_now_creates_a_job_from_the_cronjob(cluster: tuple[KubeEmulator, Path]) -> None:
+    emu, kubeconfig = cluster
+    seed(emu, make_kvcache())
+    code, out = await kubectl_kvcache(kubeconfig, "backup-now", "llama")
+    assert code == 1 and "spec.backup.enabled" in out
+    cronjob = emu.create(CRONJOBS, make_cronjob(), namespace=NS)
+    code, out = await kubectl_kvcache(kubeconfig, "backup-now", "llama")
+    assert code == 0, out
+    (job,) = emu.list(JOBS, NS)
+    assert out == f"job.batch/{job['metadata']['name']} created\n"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == cronjob["metadata"]["uid"]
+
+
+async def test_render_live_object_matches_render_of_its_manifest(
+    cluster: tuple[KubeEmulator, Path], tmp_path: Path
+) -> None:
+    emu, kubeconfig = cluster
+    manifest = make_kvcache()
+    manifest.pop("status")
+    seed(emu, dict(manifest))
+    code, live = await kubectl_kvcache(kubeconfig, "render", "llama")
+    assert code == 0, live
+    path = tmp_path / "llama.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    code, from_file = await kubectl_kvcache(kubeconfig, "render", "-f", str(path))
+    assert code == 0, from_file
+    live_children = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(live) if d]
+    file_children = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(from_file) if d]
+    assert ("StatefulSet", "llama") in live_children
+    assert live_children == file_children
