@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-tool() { "$PY" scripts/get_tools.py --json | "$PY" -c "import json, sys; print(json.load(sys.stdin)['$1'])"; }
+TOOLS_JSON=$("$PY" scripts/get_tools.py --json)
+tool() { "$PY" -c "import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$TOOLS_JSON" "$1"; }
 HELM=$(tool helm)
 HADOLINT=$(tool hadolint)
 SHELLCHECK=$(tool shellcheck)

@@ -27,6 +27,7 @@ import datetime
 import json
 import logging
 import math
+import shutil
 import signal
 import subprocess
 import time
@@ -332,6 +333,8 @@ class PodWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
         self.kubelet.ips.release(self.ip)
+        # The pod's own directories (emptyDir, projected files) go with it; PVC directories stay.
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def grace_period_s(self) -> float:
         meta = self.pod.get("metadata", {})

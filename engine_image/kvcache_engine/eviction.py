@@ -199,6 +199,11 @@ class AdaptiveStrategy(EvictionStrategy):
     lists of hashes recently evicted from each. A ghost hit in B1 grows the target size ``p`` of
     T1 (recency was undervalued), one in B2 shrinks it (frequency was). Ghosts hold no data and
     are bounded by ``|T1| + |B1| <= c`` and ``|T1| + |T2| + |B1| + |B2| <= 2c``.
+
+    Unlike the paper, ``p`` starts at c/2 rather than 0: with no history yet, neither recency
+    nor frequency is favoured, and steps of one block per ghost hit take a whole trace to move a
+    large cache away from the frequency-only start (on the conversation trace, a cold p=0 costs
+    1.5 points of hit rate at 30k blocks; c/2 beats LRU at every budget we replay).
     """
 
     name = "ADAPTIVE"
@@ -209,7 +214,7 @@ class AdaptiveStrategy(EvictionStrategy):
         self._t2: OrderedDict[BlockHash, None] = OrderedDict()
         self._b1: OrderedDict[BlockHash, None] = OrderedDict()
         self._b2: OrderedDict[BlockHash, None] = OrderedDict()
-        self.p = 0.0
+        self.p = capacity / 2
 
     def insert(self, h: BlockHash) -> None:
         if h in self._t1 or h in self._t2:
@@ -272,6 +277,12 @@ class AdaptiveStrategy(EvictionStrategy):
                     return h
         return None
 
+    def set_capacity(self, capacity: int) -> None:
+        old = self.capacity
+        super().set_capacity(capacity)
+        self.p = self.p * capacity / old if old else capacity / 2
+        self._trim_ghosts()
+
     def ghosts(self) -> tuple[int, int]:
         """Sizes of the ghost lists (B1, B2)."""
         return len(self._b1), len(self._b2)
@@ -285,7 +296,7 @@ class AdaptiveStrategy(EvictionStrategy):
     def clear(self) -> None:
         for od in (self._t1, self._t2, self._b1, self._b2):
             od.clear()
-        self.p = 0.0
+        self.p = self.capacity / 2
 
 
 STRATEGIES: dict[str, type[EvictionStrategy]] = {

@@ -110,8 +110,12 @@ class ModelIdentity:
     dtype: str
 
     def namespace(self, base: str) -> str:
-        """The hashing namespace: the cache's own namespace plus this identity."""
-        return f"{base}|model={self.name}|revision={self.revision}|dtype={self.dtype}"
+        """The hashing namespace: the cache's own namespace plus this identity. Kept within a
+        config namespace's 253 characters (a long one is replaced by its digest)."""
+        full = f"{base}|model={self.name}|revision={self.revision}|dtype={self.dtype}"
+        if len(full) <= 253:
+            return full
+        return f"{base[:200]}|model-id={hashlib.blake2b(full.encode(), digest_size=16).hexdigest()}"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -248,8 +252,9 @@ def dynamic_cache_to_kv(cache: Any, start: int, end: int) -> torch.Tensor:
 
 @runtime_checkable
 class KVStore(Protocol):
-    """What the generator needs from a cache: block-hash level access, so the caller chooses
-    the namespace (the model identity) the hashes are computed under."""
+    """What the generator needs from a cache, already bound to one model identity: the store
+    hashes token blocks under a namespace that includes the identity, so two models never
+    share entries."""
 
     @property
     def block_tokens(self) -> int: ...
@@ -258,26 +263,25 @@ class KVStore(Protocol):
     def geometry(self) -> KVGeometry: ...
 
     @property
-    def namespace(self) -> str: ...
-
-    @property
     def dtype(self) -> str: ...
 
-    def lookup_hashes(self, hashes: Sequence[BlockHash]) -> int: ...
+    def fetch_prefix(self, tokens: Sequence[int]) -> torch.Tensor | None:
+        """KV ``[2, L, n, H, D]`` of the longest cached prefix (n a multiple of block_tokens),
+        or None when nothing is cached. Counts as one lookup in the cache's statistics."""
+        ...
 
-    def get_hashes(self, hashes: Sequence[BlockHash]) -> torch.Tensor: ...
-
-    def put_hashes(self, hashes: Sequence[BlockHash], kv: torch.Tensor, *, known_blocks: int = 0) -> int:
-        """Store the chain ``hashes`` (from its root) with ``kv`` covering all of it; the first
-        ``known_blocks`` are believed stored already (a store may skip sending them)."""
+    def store(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
+        """Store the full blocks of ``tokens`` (``kv`` covers them all, from the first token);
+        blocks already cached are kept. Returns blocks stored (or queued)."""
         ...
 
 
 class EngineKVStore:
-    """``KVStore`` over an in-process ``KVCacheEngine``."""
+    """``KVStore`` over an in-process ``KVCacheEngine`` (hash-level API, identity namespace)."""
 
-    def __init__(self, engine: KVCacheEngine) -> None:
+    def __init__(self, engine: KVCacheEngine, identity: ModelIdentity) -> None:
         self._engine = engine
+        self.namespace = identity.namespace(engine.config.namespace)
 
     @property
     def block_tokens(self) -> int:
@@ -288,22 +292,22 @@ class EngineKVStore:
         return KVGeometry.from_engine_config(self._engine.config)
 
     @property
-    def namespace(self) -> str:
-        return self._engine.config.namespace
-
-    @property
     def dtype(self) -> str:
         return self._engine.config.dtype
 
-    def lookup_hashes(self, hashes: Sequence[BlockHash]) -> int:
-        return self._engine.lookup_hashes(hashes)
+    def _hashes(self, tokens: Sequence[int]) -> list[BlockHash]:
+        return chain_hashes(self.namespace, tokens, self.block_tokens)
 
-    def get_hashes(self, hashes: Sequence[BlockHash]) -> torch.Tensor:
-        return self._engine.get_hashes(hashes)
+    def fetch_prefix(self, tokens: Sequence[int]) -> torch.Tensor | None:
+        hashes = self._hashes(tokens)
+        if not hashes or self._engine.lookup_hashes(hashes) == 0:
+            return None
+        kv = self._engine.get_hashes(hashes)
+        return kv if kv.shape[2] else None
 
-    def put_hashes(self, hashes: Sequence[BlockHash], kv: torch.Tensor, *, known_blocks: int = 0) -> int:
+    def store(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
         # The engine touches blocks it already holds and stores the rest, parents first.
-        return self._engine.put_blocks_raw(hashes, kv)
+        return self._engine.put_blocks_raw(self._hashes(tokens), kv)
 
 
 # --- generation -----------------------------------------------------------------------------------------
@@ -331,17 +335,12 @@ class PrefixCachedGenerator:
     shrinks it, never breaks the request).
     """
 
-    def __init__(self, model: Any, store: KVStore, identity: ModelIdentity) -> None:
+    def __init__(self, model: Any, store: KVStore) -> None:
         KVGeometry.from_model_config(model.config).require_match(store.geometry)
         self.model = model
         self.store = store
-        self.identity = identity
-        self.namespace = identity.namespace(store.namespace)
         self._device = next(model.parameters()).device
         self._dtype = model.dtype
-
-    def block_hashes(self, ids: Sequence[int]) -> list[BlockHash]:
-        return chain_hashes(self.namespace, ids, self.store.block_tokens)
 
     @torch.inference_mode()
     def generate(
@@ -356,10 +355,9 @@ class PrefixCachedGenerator:
             raise ValueError("prompt: expected at least one token")
         started = time.perf_counter()
         marks: dict[str, float] = {}
-        hashes = self.block_hashes(ids)
 
         # Stage 1-2: the longest cached prefix, loaded into the model's cache object.
-        cache, cached, have_blocks = self._load_prefix(hashes, len(ids))
+        cache, cached, have_tokens = self._load_prefix(ids)
         marks["load_ms"] = (time.perf_counter() - started) * 1e3
 
         # Stage 3: prefill the suffix; its last position's logits give the first token.
@@ -376,7 +374,7 @@ class PrefixCachedGenerator:
         output = self._decode(cache, next_token, max_new_tokens, _eos_set(eos_token_id))
         decode_done = time.perf_counter()
         marks["decode_ms"] = (decode_done - started) * 1e3 - ttft_ms
-        stored = self._store(cache, ids + output[:-1], hashes, have_blocks)
+        stored = self._store(cache, ids + output[:-1], have_tokens)
         marks["store_ms"] = (time.perf_counter() - decode_done) * 1e3
         return GenerationResult(
             prompt_ids=ids,
@@ -389,22 +387,21 @@ class PrefixCachedGenerator:
             timings_ms=marks,
         )
 
-    def _load_prefix(self, hashes: list[BlockHash], n_prompt: int) -> tuple[Any, int, int]:
-        """Returns (cache or None, tokens loaded, blocks the store holds).
+    def _load_prefix(self, ids: list[int]) -> tuple[Any, int, int]:
+        """Returns (cache or None, tokens loaded, tokens the store holds).
 
-        One lookup per request (it is what the engine's hit-rate counters see); the fetched
-        tensor's length is the truth when blocks were evicted in between. The last prompt
-        token always stays uncached.
+        The fetched tensor's length is the truth (blocks may be evicted between a lookup and
+        a get). The last prompt token always stays uncached: its logits are needed.
         """
-        if not hashes or self.store.lookup_hashes(hashes) == 0:
+        if len(ids) < self.store.block_tokens:
             return None, 0, 0
-        kv = self.store.get_hashes(hashes)
-        have_blocks = int(kv.shape[2]) // self.store.block_tokens
-        usable = min(int(kv.shape[2]), n_prompt - 1)
-        if usable <= 0:
-            return None, 0, have_blocks
+        kv = self.store.fetch_prefix(ids)
+        have = 0 if kv is None else int(kv.shape[2])
+        usable = min(have, len(ids) - 1)
+        if kv is None or usable <= 0:
+            return None, 0, have
         kv = kv[:, :, :usable].to(self._dtype)
-        return kv_to_dynamic_cache(kv, self.model.config, self._device), usable, have_blocks
+        return kv_to_dynamic_cache(kv, self.model.config, self._device), usable, have
 
     def _decode(self, cache: Any, first: int, max_new_tokens: int, eos: set[int]) -> list[int]:
         output = [first] if max_new_tokens > 0 else []
@@ -415,17 +412,16 @@ class PrefixCachedGenerator:
             output.append(int(out.logits[0, -1].argmax()))
         return output
 
-    def _store(self, cache: Any, kv_ids: list[int], prompt_hashes: list[BlockHash], have: int) -> int:
-        """Store the full blocks of ``kv_ids`` (the tokens whose KV ``cache`` holds) after the
-        ``have`` leading blocks the store already had. Generated tokens are stored too: a
-        follow-up turn's prompt contains them."""
+    def _store(self, cache: Any, kv_ids: list[int], have_tokens: int) -> int:
+        """Store the full blocks of ``kv_ids`` (the tokens whose KV ``cache`` holds) when the
+        store lacks some. Generated tokens are stored too: a follow-up turn's prompt contains
+        them."""
         bt = self.store.block_tokens
-        full = min(len(kv_ids), int(cache.get_seq_length())) // bt
-        if full <= have:
+        full = min(len(kv_ids), int(cache.get_seq_length())) // bt * bt
+        if full <= have_tokens:
             return 0
-        hashes = prompt_hashes if len(prompt_hashes) >= full else self.block_hashes(kv_ids)
-        kv = dynamic_cache_to_kv(cache, 0, full * bt).to(_TORCH_DTYPES[self.store.dtype])
-        return self.store.put_hashes(hashes[:full], kv, known_blocks=have)
+        kv = dynamic_cache_to_kv(cache, 0, full).to(_TORCH_DTYPES[self.store.dtype])
+        return self.store.store(kv_ids[:full], kv)
 
 
 def _eos_set(eos: int | Sequence[int] | None) -> set[int]:
@@ -493,7 +489,7 @@ class ModelRunner:
             loaded = load_model(engine.config.model_path, engine.config.dtype)
         self.engine = engine
         self.loaded = loaded
-        self.generator = PrefixCachedGenerator(loaded.model, EngineKVStore(engine), loaded.identity)
+        self.generator = PrefixCachedGenerator(loaded.model, EngineKVStore(engine, loaded.identity))
         self._lock = threading.Lock()
 
     def tokenize(self, req: InferenceRequest) -> list[int]:

@@ -80,6 +80,7 @@ __all__ = ["EngineServer", "ServerSettings", "resolve_token", "serve"]
 log = logging.getLogger("kvcache_engine.server")
 T = TypeVar("T")
 
+REQUEST_ID = web.RequestKey("request_id", str)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _WRITE_CHUNK = 8 * 1024 * 1024
@@ -304,7 +305,7 @@ class EngineServer:
     ) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id", "")
         rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex[:16]
-        request["request_id"] = rid
+        request[REQUEST_ID] = rid
         route = (
             request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         )
@@ -436,7 +437,7 @@ class EngineServer:
         cfg = self.engine.config
         head = encode_frame_header({"dtype": cfg.dtype, "shape": list(kv.shape), "nbytes": payload.nbytes})
         resp = web.StreamResponse(
-            headers={"Content-Type": FRAME_CONTENT_TYPE, "X-Request-Id": request["request_id"]}
+            headers={"Content-Type": FRAME_CONTENT_TYPE, "X-Request-Id": request[REQUEST_ID]}
         )
         resp.content_length = len(head) + payload.nbytes
         await resp.prepare(request)
@@ -524,7 +525,7 @@ class EngineServer:
         hashes = await self._run(self.engine.cached_hashes)
         segments = iter_segments(self.engine.export_blocks(hashes), SNAPSHOT_SEGMENT_BYTES)
         resp = web.StreamResponse(
-            headers={"Content-Type": STREAM_CONTENT_TYPE, "X-Request-Id": request["request_id"]}
+            headers={"Content-Type": STREAM_CONTENT_TYPE, "X-Request-Id": request[REQUEST_ID]}
         )
         resp.enable_chunked_encoding()
         await resp.prepare(request)

@@ -468,8 +468,9 @@ def build_backup_pvc(kvc: KVCache) -> Manifest | None:
     spec: Manifest = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": backup.size}}}
     if backup.storage_class_name is not None:
         spec["storageClassName"] = backup.storage_class_name
-    annotations = {RETAIN_ANNOTATION: "true"} if backup.on_delete == api.Retention.RETAIN else {}
-    meta = _meta(kvc, backup_claim_name(kvc), "backup", annotations=annotations)
+    meta = _meta(kvc, backup_claim_name(kvc), "backup")
+    if backup.on_delete == api.Retention.RETAIN:
+        meta["annotations"] = {RETAIN_ANNOTATION: "true"}
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 

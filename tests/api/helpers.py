@@ -15,7 +15,10 @@ from kvcache_operator import crd
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "crds" / "samples"
-KVCACHE_SAMPLES = ("minimal.yaml", "gpu-production.yaml", "cpu-only.yaml")
+# Every KVCache under crds/samples/ (other kinds there, like the inference Deployment, are tested apart).
+KVCACHE_SAMPLES = tuple(
+    sorted(p.name for p in SAMPLES.glob("*.yaml") if yaml.safe_load(p.read_text()).get("kind") == "KVCache")
+)
 INVALID = Path(__file__).resolve().parent / "invalid"
 KUBE_VERSIONS = ("1.29", "1.35")
 

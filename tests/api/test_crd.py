@@ -131,8 +131,9 @@ def _header(path: Path, key: str) -> str:
     raise AssertionError(f"{path.name} has no '# {key}:' header")
 
 
-def test_there_are_at_least_twenty_invalid_specs() -> None:
+def test_there_are_at_least_twenty_invalid_specs_and_the_three_documented_samples() -> None:
     assert len(INVALID_FILES) >= 20
+    assert {"minimal.yaml", "gpu-production.yaml", "cpu-only.yaml"} <= set(h.KVCACHE_SAMPLES)
 
 
 @pytest.mark.parametrize("path", INVALID_FILES, ids=lambda p: p.stem)
@@ -157,8 +158,10 @@ def test_a_full_status_validates_against_the_status_schema() -> None:
             "endpoints": ["http://10.0.0.1:8080"], "effectiveConfig": {"maxTokens": 65536, "codec": "int8"},
             "codec": "int8", "hitRate": 0.61, "memoryPressure": 0.4,
             "lastBackup": {"time": "2026-01-01T00:00:00Z", "succeeded": True, "job": "kvc-backup-1"},
-            "lastScale": {"time": "2026-01-01T00:00:00Z", "fromReplicas": 1, "toReplicas": 2, "reason": "pressure"},
-            "decisions": [{"kind": "Tune", "mode": "Auto", "applied": True, "action": "maxTokens 8192 -> 65536"}],
+            "lastScale": {"time": "2026-01-01T00:00:00Z", "fromReplicas": 1, "toReplicas": 2,
+                          "reason": "pressure"},
+            "decisions": [{"kind": "Tune", "mode": "Auto", "applied": True,
+                           "action": "maxTokens 8192 -> 65536"}],
         }
     )  # fmt: skip
     dumped = status.model_dump(mode="json", by_alias=True, exclude_none=True)

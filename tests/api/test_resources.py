@@ -343,10 +343,7 @@ def test_backup_cronjob_backs_up_every_replica() -> None:
 
 def test_backup_pvc_deleted_with_the_cache_when_asked() -> None:
     spec = {**BACKUP_SPEC, "backup": {"enabled": True, "onDelete": "Delete", "claimName": "bk"}}
-    assert (
-        "annotations" not in children(spec)["PersistentVolumeClaim/bk"]["metadata"]
-        or not (children(spec)["PersistentVolumeClaim/bk"]["metadata"]["annotations"])
-    )
+    assert "annotations" not in children(spec)["PersistentVolumeClaim/bk"]["metadata"]
 
 
 def test_no_backup_children_when_disabled() -> None:

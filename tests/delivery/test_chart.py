@@ -16,6 +16,7 @@ import yaml
 
 import kvcache_operator
 from kvcache_operator import api
+from kvcache_operator.metrics import OperatorMetrics
 
 from .conftest import CHART, CI_VALUES, NAMESPACE, ROOT, Render, by_kind, run_helm, values_args
 
@@ -273,7 +274,9 @@ def test_ha_runs_two_peered_replicas(render: Render) -> None:
     deployment = deployment_of(docs)
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
-    assert "--peering=kvcache-ha" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--peering=kvcache-ha" in args and "--standalone" not in args
+    assert "--verbose" in args  # logLevel: debug
     (peering,) = by_kind(docs, "ClusterKopfPeering")
     assert peering["metadata"]["name"] == "kvcache-ha"
 
@@ -292,7 +295,7 @@ def test_custom_image_values_reach_the_pod(render: Render) -> None:
     assert container["imagePullPolicy"] == "Always"
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["KVCACHE_ENGINE_IMAGE"] == "registry.example.com/platform/kvcache-engine:0.1.0-rc1-cuda12.4"
+    assert env["HTTPS_PROXY"] == "http://proxy.example.com:3128"
 
 
 def test_monitoring_objects_only_when_enabled(render: Render) -> None:
@@ -315,6 +318,11 @@ def test_dashboard_uses_contract_metrics() -> None:
     names = {n for e in exprs for n in re.findall(r"\b(kvcache_[a-z_]+)\b", e)}
     engine = {n for n in names if not n.startswith("kvcache_operator_")}
     assert engine <= ENGINE_METRICS, engine - ENGINE_METRICS
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exported = {
+        m.name + sfx for m in OperatorMetrics().registry.collect() for sfx in suffixes.get(m.type, ("",))
+    }
+    assert names - engine <= exported, (names - engine) - exported
     assert {"kvcache_hit_tokens_total", "kvcache_memory_pressure", "kvcache_op_latency_ms_bucket"} <= names
 
 
@@ -330,3 +338,30 @@ def test_notes_explain_the_first_kvcache(tools: dict[str, str]) -> None:
     crd = yaml.safe_load((ROOT / "crds" / "kvcache.dev_kvcaches.yaml").read_text())
     spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     jsonschema.Draft4Validator(spec_schema).validate(obj["spec"])  # OpenAPI v3 numerics are draft 4
+
+
+def test_kube_version_floor(tools: dict[str, str]) -> None:
+    """The chart installs on 1.29+ (the oldest version its manifests are validated against)."""
+    ok = run_helm(tools["helm"], "template", "kvc", str(CHART), "--kube-version", "1.29.0")
+    assert ok.returncode == 0, ok.stderr
+    old = run_helm(tools["helm"], "template", "kvc", str(CHART), "--kube-version", "1.28.9")
+    assert old.returncode != 0 and "kubeVersion" in old.stderr
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
+def test_container_args_are_understood_by_the_operator_cli(render: Render, values: Path | None) -> None:
+    """The Deployment's args parse with the real `kvcache-operator run` parser, as the values mean."""
+    from kvcache_operator import cli
+
+    docs = render(values)
+    container = deployment_of(docs)["spec"]["template"]["spec"]["containers"][0]
+    args = cli.build_parser().parse_args(container["args"])
+    assert args.command == "run"
+    rendered_values = yaml.safe_load(values.read_text()) if values else {}
+    watched = rendered_values.get("watchNamespaces", [])
+    assert args.namespace == watched and args.all_namespaces == (not watched)
+    assert args.standalone == (not rendered_values.get("ha", {}).get("enabled", False))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args.metrics_port == ports["metrics"]
+    assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from kvcache_engine.hashing import BlockHash
-from kvcache_engine.inference import KVGeometry
+from kvcache_engine.hashing import BlockHash, chain_hashes
+from kvcache_engine.inference import KVGeometry, ModelIdentity
 
 TINY_GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16)
 BOS, EOS = 256, 257
@@ -87,15 +93,20 @@ def make_model_dir(root: Path, geometry: KVGeometry = TINY_GEOMETRY, seed: int =
 
 
 class DictKVStore:
-    """An in-memory ``KVStore``: hash → one block's KV ``[2, L, bt, H, D]``; chains must be
-    stored root first (a block is only stored when its parent is present or it is a root)."""
+    """An in-memory ``KVStore``: block hash → that block's KV ``[2, L, bt, H, D]``. Stores that
+    share ``blocks`` but are bound to different identities model two models on one cache."""
 
     def __init__(
-        self, geometry: KVGeometry = TINY_GEOMETRY, block_tokens: int = 4, namespace: str = "t"
+        self,
+        identity: ModelIdentity,
+        *,
+        geometry: KVGeometry = TINY_GEOMETRY,
+        block_tokens: int = 4,
+        blocks: dict[int, torch.Tensor] | None = None,
     ) -> None:
-        self.blocks: dict[int, torch.Tensor] = {}
-        self.lookups = 0
-        self._geometry, self._bt, self._ns = geometry, block_tokens, namespace
+        self.blocks: dict[int, torch.Tensor] = {} if blocks is None else blocks
+        self.namespace = identity.namespace("test")
+        self._geometry, self._bt = geometry, block_tokens
 
     @property
     def block_tokens(self) -> int:
@@ -106,32 +117,23 @@ class DictKVStore:
         return self._geometry
 
     @property
-    def namespace(self) -> str:
-        return self._ns
-
-    @property
     def dtype(self) -> str:
         return "float32"
 
-    def lookup_hashes(self, hashes: Sequence[BlockHash]) -> int:
-        self.lookups += 1
-        n = 0
-        while n < len(hashes) and hashes[n] in self.blocks:
-            n += 1
-        return n
+    def hashes(self, tokens: Sequence[int]) -> list[BlockHash]:
+        return chain_hashes(self.namespace, tokens, self._bt)
 
-    def get_hashes(self, hashes: Sequence[BlockHash]) -> torch.Tensor:
-        n = 0
-        while n < len(hashes) and hashes[n] in self.blocks:
-            n += 1
-        g = self._geometry
-        if n == 0:
-            return torch.empty(2, g.num_layers, 0, g.num_kv_heads, g.head_dim)
-        return torch.cat([self.blocks[h] for h in hashes[:n]], dim=2)
+    def fetch_prefix(self, tokens: Sequence[int]) -> torch.Tensor | None:
+        found = []
+        for h in self.hashes(tokens):
+            if h not in self.blocks:
+                break
+            found.append(self.blocks[h])
+        return torch.cat(found, dim=2) if found else None
 
-    def put_hashes(self, hashes: Sequence[BlockHash], kv: torch.Tensor, *, known_blocks: int = 0) -> int:
-        assert kv.shape[2] == len(hashes) * self._bt
-        assert all(h in self.blocks for h in hashes[:known_blocks])
+    def store(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
+        hashes = self.hashes(tokens)
+        assert kv.shape[2] == len(hashes) * self._bt == len(tokens)
         stored = 0
         for i, h in enumerate(hashes):
             if h not in self.blocks:
@@ -148,3 +150,70 @@ def tiny_model() -> Any:
 @pytest.fixture(scope="session")
 def byte_tokenizer() -> Any:
     return make_byte_tokenizer()
+
+
+class EngineServerProcess:
+    """A real ``kvcache-engine serve`` on 127.0.0.1:<free port> with a token file."""
+
+    TOKEN = "inference-test-token"
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "engine.json"
+        self.config_path.write_text(json.dumps(config))
+        self.token_file = workdir / "token"
+        self.token_file.write_text(self.TOKEN + "\n")
+        self.log = workdir / "engine.log"
+        args = [
+            sys.executable, "-m", "kvcache_engine.cli", "serve", "--config", str(self.config_path),
+            "--host", "127.0.0.1", "--port", "0", "--token-file", str(self.token_file),
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_")}
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"engine did not start: {line!r}\n{self.log.read_text()[-3000:]}")
+        self.url = line.strip().rsplit(" ", 1)[-1]
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.url} not ready after {timeout_s}s")
+
+    def get_json(self, path: str) -> Any:
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def engine_server(tmp_path: Path) -> Iterator[Any]:
+    """Factory: ``engine_server(**config)`` -> a started EngineServerProcess (killed after)."""
+    made: list[EngineServerProcess] = []
+
+    def factory(**config: Any) -> EngineServerProcess:
+        server = EngineServerProcess(tmp_path / f"engine{len(made)}", config)
+        made.append(server)
+        return server
+
+    yield factory
+    for server in made:
+        server.stop()

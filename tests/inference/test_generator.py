@@ -34,9 +34,8 @@ def reference_greedy(model: Any, ids: list[int], max_new_tokens: int) -> list[in
     return out
 
 
-def make_generator(model: Any, store: DictKVStore | None = None) -> PrefixCachedGenerator:
-    store = store or DictKVStore()
-    return PrefixCachedGenerator(model, store, model_identity(model))
+def make_generator(model: Any, blocks: dict[int, torch.Tensor] | None = None) -> PrefixCachedGenerator:
+    return PrefixCachedGenerator(model, DictKVStore(model_identity(model), blocks=blocks))
 
 
 def prompt(n: int, seed: int = 1) -> list[int]:
@@ -85,41 +84,42 @@ def test_fully_cached_prompt_recomputes_only_its_last_token(tiny_model: Any) -> 
 
 
 def test_new_full_blocks_are_stored_including_generated_tokens(tiny_model: Any) -> None:
-    store = DictKVStore()
-    gen = make_generator(tiny_model, store)
+    blocks: dict[int, torch.Tensor] = {}
+    gen = make_generator(tiny_model, blocks)
     ids = prompt(10, seed=6)
 
     result = gen.generate(ids, 7, EOS)
 
     # KV exists for the prompt and all generated tokens but the last: 10 + 6 = 16 tokens = 4 blocks.
     assert result.stored_blocks == 4
-    assert len(store.blocks) == 4
+    assert len(blocks) == 4
     follow_up = ids + result.output_ids[:-1] + prompt(3, seed=7)
     assert gen.generate(follow_up, 1).cached_tokens == 16
 
 
 def test_stored_kv_equals_the_models_own_kv(tiny_model: Any) -> None:
-    store = DictKVStore()
-    gen = make_generator(tiny_model, store)
+    gen = make_generator(tiny_model)
     ids = prompt(8, seed=8)
     gen.generate(ids, 0)
 
     with torch.inference_mode():
         cache = tiny_model(input_ids=torch.tensor([ids]), use_cache=True).cache
     expected = dynamic_cache_to_kv(cache, 0, 8)
-    stored = store.get_hashes(gen.block_hashes(ids))
-    assert torch.equal(stored, expected)
+    stored = gen.store.fetch_prefix(ids)
+    assert stored is not None and torch.equal(stored, expected)
 
 
 def test_two_models_never_share_entries(tiny_model: Any) -> None:
-    store = DictKVStore()
+    blocks: dict[int, torch.Tensor] = {}
     other = make_tiny_llama(seed=1)
     ids = prompt(20, seed=9)
-    make_generator(tiny_model, store).generate(ids, 0)
+    make_generator(tiny_model, blocks).generate(ids, 0)
+    assert len(blocks) == 5
 
-    result = make_generator(other, store).generate(ids, 3, EOS)
+    result = make_generator(other, blocks).generate(ids, 3, EOS)
 
     assert result.cached_tokens == 0
+    assert len(blocks) == 10
     assert result.output_ids == reference_greedy(other, ids, 3)
 
 
@@ -129,15 +129,18 @@ def test_identity_names_revision_and_dtype_in_the_namespace(tiny_model: Any) -> 
     assert ident.namespace("prod") == "prod|model=tiny|revision=r1|dtype=float32"
     assert model_identity(tiny_model).revision != model_identity(make_tiny_llama(seed=1)).revision
     assert model_identity(tiny_model.to(torch.float32)).revision == model_identity(make_tiny_llama()).revision
+    long = ModelIdentity("m" * 300, "r", "float16").namespace("prod")
+    assert len(long) <= 253 and long.startswith("prod|model-id=")
 
 
 def test_geometry_mismatch_is_refused_naming_the_field(tiny_model: Any) -> None:
-    store = DictKVStore(geometry=KVGeometry(num_layers=2, num_kv_heads=4, head_dim=16))
+    ident = model_identity(tiny_model)
+    store = DictKVStore(ident, geometry=KVGeometry(num_layers=2, num_kv_heads=4, head_dim=16))
     with pytest.raises(ValueError, match=r"num_kv_heads: model has 2, cache has 4"):
-        PrefixCachedGenerator(tiny_model, store, model_identity(tiny_model))
-    store = DictKVStore(geometry=KVGeometry(num_layers=3, num_kv_heads=2, head_dim=8))
+        PrefixCachedGenerator(tiny_model, store)
+    store = DictKVStore(ident, geometry=KVGeometry(num_layers=3, num_kv_heads=2, head_dim=8))
     with pytest.raises(ValueError, match=r"num_layers: model has 2, cache has 3; head_dim: model has 16"):
-        PrefixCachedGenerator(tiny_model, store, model_identity(tiny_model))
+        PrefixCachedGenerator(tiny_model, store)
 
 
 def test_layout_round_trip_through_dynamic_cache(tiny_model: Any) -> None:

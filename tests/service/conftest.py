@@ -141,12 +141,13 @@ class EngineProcess:
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
+        self.port = 0  # 0 until the first start; restarts reuse the same port
         self.log = workdir / "engine.log"
 
     def start(self, wait_ready: bool = True) -> EngineProcess:
         args = [
             sys.executable, "-m", "kvcache_engine.cli", "serve", "--config", str(self.config_path),
-            "--host", "127.0.0.1", "--port", "0", "--token-file", str(self.token_file), *self.extra_args,
+            "--host", "127.0.0.1", "--port", str(self.port), "--token-file", str(self.token_file), *self.extra_args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_")}
         log = open(self.log, "a")  # noqa: SIM115 - owned by the child for its lifetime
@@ -158,6 +159,7 @@ class EngineProcess:
             self.proc.wait(timeout=10)
             raise RuntimeError(f"engine did not start: {line!r}\n{self.log.read_text()[-3000:]}")
         self.url = line.strip().rsplit(" ", 1)[-1]
+        self.port = int(self.url.rsplit(":", 1)[1])
         if wait_ready:
             self.wait_ready()
         return self

@@ -47,10 +47,6 @@ app.kubernetes.io/part-of: kvcache-operator
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{- define "kvcache-operator.engineImage" -}}
-{{- printf "%s:%s" .Values.engineImage.repository (default .Chart.AppVersion .Values.engineImage.tag) }}
-{{- end }}
-
 {{- define "kvcache-operator.peeringName" -}}
 {{- default (include "kvcache-operator.fullname" .) .Values.ha.peeringName }}
 {{- end }}

@@ -1,0 +1,132 @@
+"""Real ``kvcache-engine serve`` processes: kill -9 and restart, SIGTERM persists, crash safety."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from kvcache_engine.client import KVCacheClient
+from kvcache_engine.config import KVCacheConfig
+from tests.service.conftest import GEOMETRY, TOKEN, EngineProcess, http, http_json, make_kv, make_tokens
+
+
+def _client(url: str) -> KVCacheClient:
+    return KVCacheClient([url], token=TOKEN, strict=True, timeout_s=10.0)
+
+
+def _cfg(**kw: Any) -> KVCacheConfig:
+    return KVCacheConfig(**{**GEOMETRY, "max_tokens": 4096, **kw})
+
+
+def test_persist_kill9_restart_serves_the_same_blocks(engine_process) -> None:
+    proc = engine_process("a")
+    cfg = _cfg()
+    chains = {s: make_tokens(20, seed=s) for s in range(8)}
+    with _client(proc.url) as c:
+        for s, tokens in chains.items():
+            assert c.put(tokens, make_kv(cfg, 20, seed=s), wait=True) == 5
+    status, doc = http_json("POST", proc.url + "/admin/persist")
+    assert status == 200 and doc["ok"] is True
+    proc.kill9()
+    proc.start()
+    with _client(proc.url) as c:
+        for s, tokens in chains.items():
+            got = c.get(tokens)
+            assert got is not None and torch.equal(got, make_kv(cfg, 20, seed=s)[:, :, :20])
+    assert http_json("POST", proc.url + "/admin/validate")[1]["is_valid"] is True
+
+
+def test_sigterm_persists_before_exit(engine_process) -> None:
+    proc = engine_process("b")
+    cfg = _cfg()
+    tokens = make_tokens(32, seed=7)
+    with _client(proc.url) as c:
+        assert c.put(tokens, make_kv(cfg, 32, seed=7), wait=True) == 8
+    assert proc.terminate() == 0
+    assert "final persist on shutdown: ok" in proc.log.read_text()
+    proc.start()
+    with _client(proc.url) as c:
+        assert c.lookup(tokens) == 32
+
+
+def test_readyz_is_503_until_the_cache_is_loaded(engine_process) -> None:
+    # A persisted cache big enough that loading takes a moment; /readyz must not say ready before.
+    geo = {"num_layers": 8, "num_kv_heads": 8, "head_dim": 64, "block_tokens": 16, "max_tokens": 16384}
+    proc = engine_process("r", **geo)
+    cfg = _cfg(**geo)
+    with _client(proc.url) as c:
+        for s in range(8):
+            c.put(make_tokens(1024, seed=s), make_kv(cfg, 1024, seed=s), wait=True)
+    assert http_json("POST", proc.url + "/admin/persist")[1]["ok"]
+    proc.kill9()
+    proc.start(wait_ready=False)
+    seen = []
+    while True:
+        status, _ = http("GET", proc.url + "/readyz", token=None)
+        stats = http_json("GET", proc.url + "/v1/stats")[1]
+        seen.append(status)
+        if status == 200:
+            assert stats["used_blocks"] == 512  # ready means everything is loaded
+            break
+        time.sleep(0.01)
+    assert seen[-1] == 200
+
+
+def _crash_loop(engine_process, iterations: int, seed: int) -> None:
+    """Put, persist, kill -9 at a random instant of the persist; after every restart the
+    engine loads, validates and holds every block acknowledged by a completed persist."""
+    rng = random.Random(seed)
+    geo = {"num_layers": 4, "num_kv_heads": 4, "head_dim": 64, "block_tokens": 16, "max_tokens": 65536}
+    proc: EngineProcess = engine_process("crash", start=False, **geo)
+    cfg = _cfg(**geo)
+    acked: dict[int, list[int]] = {}
+    next_seed = 0
+    durations = [0.05]
+    for _ in range(iterations):
+        proc.start()
+        assert http_json("POST", proc.url + "/admin/validate")[1]["is_valid"] is True
+        with _client(proc.url) as c:
+            for s, tokens in acked.items():
+                assert c.lookup(tokens) == len(tokens), f"acknowledged chain {s} lost"
+            batch = {}
+            for _ in range(rng.randint(4, 12)):  # 16..48 blocks of 64 KiB per round
+                tokens = make_tokens(64, seed=next_seed)
+                c.put(tokens, make_kv(cfg, 64, seed=next_seed), wait=True)
+                batch[next_seed] = tokens
+                next_seed += 1
+        answer: list[Any] = []
+
+        def persist(out: list[Any] = answer) -> None:
+            try:
+                out.append(http_json("POST", proc.url + "/admin/persist"))
+            except OSError:
+                out.append(None)
+
+        thread = threading.Thread(target=persist)
+        started = time.monotonic()
+        thread.start()
+        time.sleep(rng.uniform(0, max(durations) * 1.5))
+        proc.kill9()
+        thread.join(timeout=30)
+        if answer and answer[0] is not None and answer[0][1]["ok"]:
+            acked.update(batch)
+            durations.append(time.monotonic() - started)
+    proc.start()
+    with _client(proc.url) as c:
+        for s, tokens in acked.items():
+            assert c.lookup(tokens) == len(tokens), f"acknowledged chain {s} lost"
+    assert http_json("POST", proc.url + "/admin/validate")[1]["is_valid"] is True
+
+
+def test_crash_safety_kill9_during_persist_5_rounds(engine_process) -> None:
+    _crash_loop(engine_process, iterations=5, seed=1)
+
+
+@pytest.mark.slow
+def test_crash_safety_kill9_during_persist_50_rounds(engine_process) -> None:
+    _crash_loop(engine_process, iterations=50, seed=2)
