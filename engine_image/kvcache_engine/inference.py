@@ -160,7 +160,11 @@ def model_identity(model: Any, *, name: str | None = None, revision: str | None 
     """Identity of an in-memory model. ``revision`` defaults to the hub commit when known,
     else to a fingerprint of the config and weights."""
     config = model.config
-    resolved_name = name or getattr(config, "name_or_path", "") or type(model).__name__
+    source = str(getattr(config, "name_or_path", "") or "")
+    # A local checkpoint is named by its directory name, not its mount path: two pods that
+    # mount one checkpoint at different paths must share entries.
+    default_name = Path(source).name if source and Path(source).exists() else source
+    resolved_name = name or default_name or type(model).__name__
     resolved_rev = revision or getattr(config, "_commit_hash", None) or _fingerprint_parameters(model)
     return ModelIdentity(str(resolved_name), str(resolved_rev), _dtype_name(model.dtype))
 

@@ -137,7 +137,7 @@ def manual_job(cronjob: Mapping[str, Any], now: datetime.datetime) -> Manifest:
 
 def render_object(obj: Mapping[str, Any]) -> str:
     """The children the operator builds for a live KVCache (server-side fields dropped)."""
-    from kvcache_operator.render import PLACEHOLDER_TOKEN, _Dumper
+    from kvcache_operator.render import PLACEHOLDER_TOKEN, dump_manifests
     from kvcache_operator.resources import build_children
 
     meta = obj["metadata"]
@@ -152,7 +152,7 @@ def render_object(obj: Mapping[str, Any]) -> str:
         "spec": obj.get("spec") or {},
     }
     children = build_children(clean, token=PLACEHOLDER_TOKEN)
-    return "".join("---\n" + yaml.dump(c, Dumper=_Dumper, sort_keys=False, width=100) for c in children)
+    return dump_manifests(children)
 
 
 # --- the API ---------------------------------------------------------------------------------------------

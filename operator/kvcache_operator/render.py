@@ -19,6 +19,11 @@ class _Dumper(yaml.SafeDumper):
     """Multi-line strings (config files, scripts) as literal blocks: readable in reviews."""
 
 
+def dump_manifests(children: list[dict[str, Any]]) -> str:
+    """Manifests as one YAML stream, each document preceded by ``---``."""
+    return "".join("---\n" + yaml.dump(c, Dumper=_Dumper, sort_keys=False, width=100) for c in children)
+
+
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
     style = "|" if "\n" in value else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
@@ -51,6 +56,5 @@ def render_file(filename: str, namespace: str | None = None) -> str:
     for doc in load_kvcaches(text, filename):
         meta = dict(doc.get("metadata") or {})
         meta.setdefault("namespace", namespace or "default")
-        for child in build_children({**doc, "metadata": meta}, token=PLACEHOLDER_TOKEN):
-            out.append("---\n" + yaml.dump(child, Dumper=_Dumper, sort_keys=False, width=100))
+        out.append(dump_manifests(build_children({**doc, "metadata": meta}, token=PLACEHOLDER_TOKEN)))
     return "".join(out)

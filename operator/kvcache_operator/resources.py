@@ -501,6 +501,13 @@ def build_service_monitor(kvc: KVCache) -> Manifest | None:
         "path": "/metrics",
         "interval": metrics.scrape_interval,
         "authorization": {"type": "Bearer", "credentials": credentials},
+        # The `kvcache` label the Grafana dashboard groups by (same as the chart's PodMonitor).
+        "relabelings": [
+            {
+                "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+                "targetLabel": "kvcache",
+            }
+        ],
     }
     selector = {"matchLabels": {**selector_labels(kvc.name), METRICS_LABEL: "true"}}
     spec = {

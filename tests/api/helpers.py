@@ -97,6 +97,21 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
                                     },
                                 },
                             },
+                            # prometheus-operator's RelabelConfig, the fields we emit.
+                            "relabelings": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "sourceLabels": {
+                                            "type": "array",
+                                            "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"},
+                                        },
+                                        "targetLabel": {"type": "string"},
+                                    },
+                                },
+                            },
                         },
                     },
                 },

@@ -138,12 +138,14 @@ class Engines:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.token = ""
 
     async def start(self, emu: KubeEmulator, name: str, count: int) -> list[int]:
         config = emu.get("v1/configmaps", f"{name}-config", NS)["data"]["config.yaml"]
         token = base64.b64decode(emu.get("v1/secrets", f"{name}-token", NS)["data"]["token"]).decode()
         (self.tmp_path / "config.yaml").write_text(config)
         (self.tmp_path / "token").write_text(token)
+        self.token = token
         ports = [free_port() for _ in range(count)]
         for port in ports:
             log = open(self.tmp_path / f"engine-{port}.log", "wb")  # noqa: SIM115 - closed with the process

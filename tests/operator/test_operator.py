@@ -24,8 +24,9 @@ def _counts(found: dict[str, list[dict[str, object]]]) -> dict[str, int]:
     return {kind: len(objs) for kind, objs in found.items()}
 
 
-async def _engine_config(port: int) -> dict[str, object]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/v1/config") as response:
+async def _engine_config(port: int, token: str) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as http, http.get(f"http://127.0.0.1:{port}/v1/config") as response:
         config: dict[str, object] = await response.json()
         return config
 
@@ -61,7 +62,7 @@ async def test_lifecycle_with_real_engines(cluster: Cluster, operator: kopf.Memo
     await wait_for(lambda: "maxTokens: 512" in emu.get("v1/configmaps", "chat-config", NS)["data"]["config.yaml"],
                    what="ConfigMap maxTokens")
     for port in ports:
-        config = await wait_for_async_config(port, 512)
+        config = await wait_for_async_config(port, 512, engines.token)
         assert config["maxTokens"] == 512
     sts_after = emu.get("apps/v1/statefulsets", "chat", NS)
     assert sts_after["metadata"]["generation"] == sts_before["metadata"]["generation"]
@@ -82,14 +83,14 @@ async def test_lifecycle_with_real_engines(cluster: Cluster, operator: kopf.Memo
     assert emu.list("v1/pods", NS) == []
 
 
-async def wait_for_async_config(port: int, max_tokens: int) -> dict[str, object]:
+async def wait_for_async_config(port: int, max_tokens: int, token: str) -> dict[str, object]:
     """Poll one engine's effective config until maxTokens has the wanted value."""
     import asyncio
     import time
 
     deadline = time.monotonic() + 20
     while True:
-        config = await _engine_config(port)
+        config = await _engine_config(port, token)
         if config.get("maxTokens") == max_tokens or time.monotonic() > deadline:
             return config
         await asyncio.sleep(0.1)
