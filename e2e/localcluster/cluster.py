@@ -43,6 +43,7 @@ from e2e.localcluster.controllers import (
     CronJobController,
     JobController,
     StatefulSetController,
+    VolumeController,
     is_ready,
     job_from_cronjob,
 )
@@ -170,17 +171,18 @@ class LocalCluster:
                 StatefulSetController(self.api).run(),
                 JobController(self.api).run(),
                 CronJobController(self.api).run(),
+                VolumeController(self.api, self.state_dir / "volumes").run(),
                 proxy.run(),
             )]
             kubelet_task = asyncio.create_task(self.kubelet.run())
             self._ready.set()
             await self._stop.wait()
             # Controllers first (nothing new gets created), then the node, then the proxy/server.
-            for task in tasks[:3]:
+            for task in tasks[:-1]:
                 task.cancel()
             await self.kubelet.shutdown(grace_cap_s=self.shutdown_grace_s)
             kubelet_task.cancel()
-            tasks[3].cancel()
+            tasks[-1].cancel()
             await asyncio.gather(*tasks, kubelet_task, return_exceptions=True)
 
     def _pod_ip(self, namespace: str, name: str) -> str | None:
@@ -191,7 +193,9 @@ class LocalCluster:
     def start_operator(self) -> subprocess.Popen[bytes]:
         """``kvcache-operator run`` against this cluster (KUBECONFIG), logs in ``logs/operator.log``."""
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **self.operator_env}
-        argv = [str(BIN_DIR / "kvcache-operator"), "run", "--namespace", self.namespace, *self.operator_args]
+        # Standalone (no peering), no liveness or metrics port: several local clusters may run at once.
+        argv = [str(BIN_DIR / "kvcache-operator"), "run", "--namespace", self.namespace, "--standalone",
+                "--liveness", "", "--metrics-port", "0", *self.operator_args]
         self.operator = self.procs.spawn(argv, env=env, cwd=self.state_dir, log_path=self.operator_log_path)
         return self.operator
 

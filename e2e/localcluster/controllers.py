@@ -18,7 +18,9 @@ import json
 import logging
 import re
 import secrets
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from e2e.localcluster.kubeapi import ApiError, ClusterAPI, owned_by
@@ -134,14 +136,7 @@ class StatefulSetController(Controller):
                 }
                 if policy.get("whenDeleted") == "Delete":
                     pvc["metadata"]["ownerReferences"] = [owner_ref(sts, controller=False)]
-                if await self.api.create(pvc) is not None:
-                    requests = pvc["spec"].get("resources", {}).get("requests", {})
-                    await self.api.patch(
-                        "PersistentVolumeClaim", meta.get("namespace"), claim,
-                        {"status": {"phase": "Bound", "capacity": requests,
-                                    "accessModes": pvc["spec"].get("accessModes", [])}},
-                        subresource="status",
-                    )
+                await self.api.create(pvc)
 
     # -- pods
     def _pod(self, sts: Mapping[str, Any], ordinal: int, revision: str) -> dict[str, Any]:
@@ -411,3 +406,35 @@ class CronJobController(Controller):
                               key=lambda j: str((j.get("status") or {}).get("completionTime") or ""))
             for job in finished[: max(0, len(finished) - int(limit))]:
                 await self.api.delete("Job", cj["metadata"].get("namespace"), job["metadata"]["name"])
+
+
+# ------------------------------------------------------------------------------------------ volumes
+
+
+class VolumeController(Controller):
+    """The local storage provisioner: every PVC is bound to a directory ``<volumes>/<ns>/<claim>``
+    (created by the kubelet on first mount), and a deleted PVC's directory is deleted with it
+    (``reclaimPolicy: Delete``, what dynamic provisioners default to)."""
+
+    def __init__(self, api: ClusterAPI, volumes_dir: Path) -> None:
+        super().__init__(api)
+        self.volumes_dir = volumes_dir
+
+    async def sync_once(self) -> None:
+        claims = await self.api.list("PersistentVolumeClaim")
+        live = {(c["metadata"].get("namespace") or "default", c["metadata"]["name"]) for c in claims}
+        for claim in claims:
+            if (claim.get("status") or {}).get("phase") != "Bound" and not is_terminating(claim):
+                spec = claim.get("spec") or {}
+                await self.api.patch("PersistentVolumeClaim", claim["metadata"].get("namespace"),
+                                     claim["metadata"]["name"],
+                                     {"status": {"phase": "Bound", "accessModes": spec.get("accessModes", []),
+                                                 "capacity": (spec.get("resources") or {}).get("requests", {})}},
+                                     subresource="status")
+        if not self.volumes_dir.exists():
+            return
+        for ns_dir in self.volumes_dir.iterdir():
+            for claim_dir in ns_dir.iterdir():
+                if (ns_dir.name, claim_dir.name) not in live:
+                    log.info("reclaiming volume %s/%s", ns_dir.name, claim_dir.name)
+                    shutil.rmtree(claim_dir, ignore_errors=True)

@@ -83,7 +83,8 @@ class LoadStats:
 
 
 class TraceLoad:
-    """Replays the trace at ``rate_rps`` against the engines ``endpoints()`` returns.
+    """Replays the trace at ``rate_rps`` (0: as fast as it goes) against the engines ``endpoints()``
+    returns; ``puts=False`` only looks up (the caches do not change), ``loop`` repeats the trace.
 
     The endpoint list is re-read every ``refresh_s`` (scale-out and scale-in change it); a new
     client is built when it changes. Runs in a thread: ``start()``, ``stop()``; or ``run(n)``.
@@ -100,6 +101,7 @@ class TraceLoad:
         refresh_s: float = 1.0,
         timeout_s: float = 2.0,
         loop: bool = True,
+        puts: bool = True,
     ) -> None:
         self.endpoints = endpoints
         self.token = token
@@ -108,6 +110,7 @@ class TraceLoad:
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
         self.loop = loop
+        self.puts = puts
         self.trace = load_trace(limit)
         self.stats = LoadStats()
         self._stop = threading.Event()
@@ -156,12 +159,20 @@ class TraceLoad:
         tokens = request_tokens(ids, block)
         n = len(tokens) // block * block
         hit = client.lookup(tokens)
-        stored = client.put(tokens[:n], self._kv(n), wait=True)
+        stored = client.put(tokens[:n], self._kv(n), wait=True) if self.puts else 0
         self.stats.add(n, hit, stored)
 
     # -- driving
     def run(self, n_requests: int | None = None, duration_s: float | None = None) -> dict[str, float]:
         """Replay in this thread until ``n_requests``, ``duration_s`` or ``stop()``."""
+        try:
+            return self._replay(n_requests, duration_s)
+        finally:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _replay(self, n_requests: int | None, duration_s: float | None) -> dict[str, float]:
         interval = 1.0 / self.rate_rps if self.rate_rps > 0 else 0.0
         next_at = time.monotonic()
         deadline = None if duration_s is None else time.monotonic() + duration_s
@@ -198,9 +209,6 @@ class TraceLoad:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self._client is not None:
-            self._client.close()
-            self._client = None
         if self.error is not None:
             raise RuntimeError("load generator failed") from self.error
         return self.stats.snapshot()

@@ -828,7 +828,7 @@ def render_doctor(url: str, doc: dict[str, Any]) -> Any:
 
     table = Table(title=f"kvcache doctor {url} (from {doc.get('source')})", show_lines=True)
     for column in ("analyzer", "area", "severity", "finding", "evidence", "recommended change"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     sections = [
         ("performance", doc.get("bottlenecks", [])),
         ("access patterns", doc.get("access_patterns", {}).get("findings", [])),

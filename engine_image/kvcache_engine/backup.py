@@ -81,7 +81,7 @@ def _headers(token: str | None, ctype: str | None = None) -> dict[str, str]:
 
 
 def request_json(
-    url: str, method: str, path: str, token: str | None, body: Any = None, timeout: float = 300.0
+    url: str, method: str, path: str, token: str | None, *, body: Any = None, timeout: float = 300.0
 ) -> Any:
     """One JSON request; BackupError with the server's message on a non-200 answer."""
     conn = _connect(url, timeout)
@@ -126,9 +126,8 @@ def pull_backup(
         conn.request("GET", "/admin/snapshot", headers=_headers(token))
         resp = conn.getresponse()
         if resp.status != 200:
-            raise BackupError(
-                f"GET {url}/admin/snapshot: HTTP {resp.status}: {resp.read()[:300].decode('utf-8', 'replace')}"
-            )
+            detail = resp.read()[:300].decode("utf-8", "replace")
+            raise BackupError(f"GET {url}/admin/snapshot: HTTP {resp.status}: {detail}")
         header, segments, blocks = _write_stream(resp, partial)
         write_manifest(partial, header["geometry"], str(header.get("codec", "none")), segments, generation=0)
     except BaseException:
@@ -151,7 +150,7 @@ def _write_stream(resp: http.client.HTTPResponse, directory: Path) -> tuple[dict
     header = decode_frame_header(_read_exact(resp, hlen))
     if header.get("format_version") != WIRE_FORMAT_VERSION or not isinstance(header.get("geometry"), dict):
         raise BackupError(f"snapshot: unsupported stream header {header!r}")
-    segments = []
+    segments: list[Any] = []
     blocks = 0
     while True:
         (length,) = SEGMENT_LEN.unpack(_read_exact(resp, SEGMENT_LEN.size))

@@ -34,15 +34,15 @@ if TYPE_CHECKING:
 
 
 def _add_serve(sub: Sub) -> None:
-    p = sub.add_parser("serve", help="run the engine's HTTP API (loads the persisted cache, persists on SIGTERM)")
-    p.add_argument("--config", help="config file (YAML or JSON, camelCase or snake_case); env KVCACHE_<FIELD> overrides")
+    p = sub.add_parser("serve", help="run the HTTP API (loads the persisted cache, persists on SIGTERM)")
+    p.add_argument("--config", help="config file (YAML/JSON); KVCACHE_<FIELD> env vars override")
     p.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--token-file", help="API token file (default: $KVCACHE_TOKEN_FILE, then $KVCACHE_TOKEN)")
-    p.add_argument("--auth-probes", action="store_true", help="require the token on /healthz, /readyz, /metrics too")
+    p.add_argument("--auth-probes", action="store_true", help="token on /healthz, /readyz, /metrics too")
     p.add_argument("--max-body-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
     p.add_argument("--max-blocks", type=int, default=4096, help="most blocks per request (default 4096)")
-    p.add_argument("--body-timeout-s", type=float, default=60.0, help="seconds to receive a request body (default 60)")
+    p.add_argument("--body-timeout-s", type=float, default=60.0, help="body receive timeout (s)")
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -71,7 +71,7 @@ def _add_persist(sub: Sub) -> None:
 
 
 def _add_validate(sub: Sub) -> None:
-    p = sub.add_parser("validate", help="check a persisted cache or backup directory offline (exit 1 if invalid)")
+    p = sub.add_parser("validate", help="check a persisted cache or backup offline (exit 1 if invalid)")
     p.add_argument("path", help="directory holding manifest.json and segments")
     p.add_argument("--config", help="engine config whose geometry the cache must match")
     p.set_defaults(handler=_cmd_backup_module("cmd_validate"))
@@ -149,8 +149,26 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return cmd_doctor(args)
 
 
+def _add_profile(sub: Sub) -> None:
+    p = sub.add_parser("profile", help="record a running engine's next requests with torch.profiler (Chrome trace)")
+    _add_url_args(p)
+    p.add_argument("--out", default="trace.json", help="where to write the Chrome trace (default trace.json)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--requests", type=int, default=20, help="data-plane requests to record (default 20)")
+    what.add_argument("--seconds", type=float, help="record for this many seconds instead")
+    p.add_argument("--timeout", type=float, default=300.0, help="stop after this many seconds anyway (default 300)")
+    p.set_defaults(handler=_cmd_profile)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from kvcache_engine.debug import cmd_profile
+
+    return cmd_profile(args)
+
+
 _SUBCOMMANDS: list[Callable[[Sub], None]] = [
     _add_serve, _add_stats, _add_persist, _add_validate, _add_backup, _add_restore, _add_replay, _add_doctor,
+    _add_profile,
 ]  # fmt: skip
 
 

@@ -22,11 +22,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -52,8 +53,8 @@ __all__ = [
     "AsyncKVCacheClient",
     "CacheProtocolError",
     "CacheServerError",
-    "CacheTimeout",
-    "CacheUnavailable",
+    "CacheTimeoutError",
+    "CacheUnavailableError",
     "CircuitBreaker",
     "ClientGeometry",
     "KVCacheClient",
@@ -92,13 +93,13 @@ class KVCacheClientError(Exception):
     kind = "error"
 
 
-class CacheUnavailable(KVCacheClientError):
+class CacheUnavailableError(KVCacheClientError):
     """No endpoint could be reached (connection refused/reset, breaker open, none configured)."""
 
     kind = "unavailable"
 
 
-class CacheTimeout(KVCacheClientError):
+class CacheTimeoutError(KVCacheClientError):
     """The call's deadline passed."""
 
     kind = "timeout"
@@ -120,7 +121,7 @@ class CacheServerError(KVCacheClientError):
         self.status = status
 
 
-class _RetryableConnError(CacheUnavailable):
+class _RetryableConnError(CacheUnavailableError):
     """A connection failed before any response byte arrived (safe to retry on a new socket)."""
 
 
@@ -267,17 +268,28 @@ def _parse_head(raw: bytes) -> _Head:
     return _Head(code, headers, length, keep)
 
 
-def _request_head(
-    method: str, path: str, host: str, token: str | None, content_type: str, length: int
-) -> bytes:
+@dataclass
+class _Req:
+    """One HTTP request: method, path, content type and body parts (sent without joining)."""
+
+    method: str
+    path: str
+    ctype: str = ""
+    parts: list[bytes | memoryview] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.parts)
+
+
+def _request_head(req: _Req, host: str, token: str | None, length: int) -> bytes:
     lines = [
-        f"{method} {path} HTTP/1.1",
+        f"{req.method} {req.path} HTTP/1.1",
         f"Host: {host}",
         f"Content-Length: {length}",
         "Connection: keep-alive",
     ]
     if length:
-        lines.append(f"Content-Type: {content_type}")
+        lines.append(f"Content-Type: {req.ctype}")
     if token:
         lines.append(f"Authorization: Bearer {token}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -328,12 +340,21 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+def _reusable(out: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
+    return out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous() and out.numel() >= numel
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (writable: gets receive into it)."""
+    import torch
+
+    return t.view(-1).view(torch.uint8).numpy().data
+
+
 def _tokens_list(tokens: Any) -> list[int]:
     if hasattr(tokens, "tolist"):
         tokens = tokens.tolist()
-    if not isinstance(tokens, list):
-        tokens = list(tokens)
-    return tokens
+    return [int(t) for t in tokens] if not isinstance(tokens, list) else tokens
 
 
 # --- the core shared by both clients --------------------------------------------------------
@@ -346,6 +367,7 @@ class _ClientCore:
         self,
         endpoints: Sequence[str] | None,
         service: str | None,
+        *,
         token: str | None,
         token_file: str | None,
         config: KVCacheConfig | None,
@@ -482,7 +504,7 @@ class _ClientCore:
                 f"[2, {geometry.num_layers}, >={n}, {geometry.num_kv_heads}, {geometry.head_dim}]"
             )
         kv = kv.detach()[:, :, :n].to(device="cpu", dtype=torch_dtype(geometry.dtype)).contiguous()
-        payload = memoryview(kv.view(-1).view(torch.uint8).numpy())
+        payload = byte_view(kv)
         header = {
             "hashes": hashes,
             "dtype": geometry.dtype,
@@ -492,9 +514,15 @@ class _ClientCore:
         return encode_frame_header(header), payload
 
     def get_tensor_for(
-        self, geometry: ClientGeometry, header: dict[str, Any], asked_blocks: int, body_len: int
+        self,
+        geometry: ClientGeometry,
+        header: dict[str, Any],
+        asked_blocks: int,
+        body_len: int,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Validate a get response header and allocate the tensor its payload lands in."""
+        """Validate a get response header; the tensor its payload lands in (a view of the front
+        of ``out`` when given and large enough, else a new one)."""
         import torch
 
         shape = header.get("shape")
@@ -515,7 +543,10 @@ class _ClientCore:
             raise CacheProtocolError(
                 f"get: payload is {body_len} bytes, header says {header.get('nbytes')}, expected {nbytes}"
             )
-        return torch.empty(want, dtype=torch_dtype(geometry.dtype))
+        dtype = torch_dtype(geometry.dtype)
+        if out is not None and _reusable(out, dtype, math.prod(want)):
+            return out.view(-1)[: math.prod(want)].view(want)
+        return torch.empty(want, dtype=dtype)
 
     # -- outcomes ----------------------------------------------------------------
 
@@ -527,7 +558,7 @@ class _ClientCore:
         kind = err.kind
         M_REQUESTS.labels(op, kind).inc()
         M_ERRORS.labels(op, kind).inc()
-        if isinstance(err, CacheTimeout):
+        if isinstance(err, CacheTimeoutError):
             M_TIMEOUTS.labels(op).inc()
         M_LATENCY.labels(op).observe(time.perf_counter() - started)
         self._warn(f"{op}:{kind}", f"{op} failed ({kind}): {err}")
@@ -551,7 +582,7 @@ class _ClientCore:
 def _remaining(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise CacheTimeout("deadline exceeded")
+        raise CacheTimeoutError("deadline exceeded")
     return left
 
 
@@ -559,10 +590,10 @@ def _wire_exc(exc: BaseException) -> KVCacheClientError:
     if isinstance(exc, KVCacheClientError):
         return exc
     if isinstance(exc, TimeoutError | socket.timeout):
-        return CacheTimeout("deadline exceeded")
+        return CacheTimeoutError("deadline exceeded")
     if isinstance(exc, WireError):
         return CacheProtocolError(str(exc))
-    return CacheUnavailable(f"{type(exc).__name__}: {exc}")
+    return CacheUnavailableError(f"{type(exc).__name__}: {exc}")
 
 
 # --- the synchronous client -------------------------------------------------------------------
@@ -577,8 +608,8 @@ class _SyncConn:
             self.sock = socket.create_connection((host, port), timeout=_remaining(deadline))
         except OSError as exc:
             if isinstance(exc, TimeoutError | socket.timeout):
-                raise CacheTimeout(f"connect to {self.host} timed out") from None
-            raise CacheUnavailable(f"cannot connect to {self.host}: {exc}") from None
+                raise CacheTimeoutError(f"connect to {self.host} timed out") from None
+            raise CacheUnavailableError(f"cannot connect to {self.host}: {exc}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.reused = False
@@ -662,8 +693,10 @@ class KVCacheClient:
         dns_refresh_s: float = 30.0,
     ) -> None:
         self._core = _ClientCore(
-            endpoints, service, token, token_file, config, timeout_s, min_bandwidth_mib_s, max_retries,
-            retry_backoff_s, failure_threshold, reset_timeout_s, put_queue_size, strict, port, dns_refresh_s,
+            endpoints, service, token=token, token_file=token_file, config=config, timeout_s=timeout_s,
+            min_bandwidth_mib_s=min_bandwidth_mib_s, max_retries=max_retries, retry_backoff_s=retry_backoff_s,
+            failure_threshold=failure_threshold, reset_timeout_s=reset_timeout_s,
+            put_queue_size=put_queue_size, strict=strict, port=port, dns_refresh_s=dns_refresh_s,
         )  # fmt: skip
         self._pool: dict[str, list[_SyncConn]] = {}
         self._pool_size = pool_size
@@ -700,8 +733,12 @@ class KVCacheClient:
         self._core.ok("lookup", started)
         return hit
 
-    def get(self, tokens: Any) -> torch.Tensor | None:
-        """KV ``[2, L, n, H, D]`` of the cached prefix, or None when nothing is cached or on failure."""
+    def get(self, tokens: Any, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """KV ``[2, L, n, H, D]`` of the cached prefix, or None when nothing is cached or on failure.
+
+        ``out``: an optional preallocated contiguous CPU buffer of the config dtype (any shape);
+        when it holds enough elements the result is received straight into its front and
+        returned as a view of it (no allocation: the inference server's own staging memory)."""
         started = time.perf_counter()
         try:
             geo = self._geometry(time.monotonic() + self._core.timeout_s)
@@ -709,7 +746,7 @@ class KVCacheClient:
             if not hashes:
                 return None
             budget = self._core.deadline_for(len(hashes) * geo.block_bytes())
-            kv = self._call_get(geo, hashes, budget)
+            kv = self._call_get(geo, hashes, budget, out)
         except Exception as exc:
             self._core.fail("get", exc, started)
             self._core.count_lookup(0, 0)
@@ -788,7 +825,9 @@ class KVCacheClient:
                 return 0
             head, payload = self._core.put_frame(geo, hashes, kv)
             budget = self._core.deadline_for(payload.nbytes)
-            doc = self._call(hashes[0], "POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload], budget, None)
+            doc = self._call(
+                hashes[0], _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]), budget, None
+            )
             stored = _int_field(_json_body(doc), "stored_blocks", high=len(hashes))
         except Exception as exc:
             self._core.fail("put", exc, started)
@@ -824,15 +863,15 @@ class KVCacheClient:
         geo = self._core._geometry
         if geo is not None:
             return geo
-        last: BaseException = CacheUnavailable("no endpoints configured")
+        last: BaseException = CacheUnavailableError("no endpoints configured")
         for endpoint in self._core.endpoints():
             if not self._core.breaker(endpoint).allow():
                 continue
             try:
-                raw = self._exchange(endpoint, "GET", "/v1/config", "", [], deadline, None)
+                raw = self._exchange(endpoint, _Req("GET", "/v1/config"), deadline, None)
                 self._core.breaker(endpoint).record_success()
                 return self._core.set_geometry(_json_body(raw))
-            except (CacheUnavailable, CacheTimeout, CacheProtocolError) as exc:
+            except (CacheUnavailableError, CacheTimeoutError, CacheProtocolError) as exc:
                 self._core.breaker(endpoint).record_failure()
                 last = exc
             except Exception as exc:
@@ -841,9 +880,11 @@ class KVCacheClient:
 
     def _call_json(self, root: int, method: str, path: str, doc: Any, budget: float) -> dict[str, Any]:
         body = json.dumps(doc, separators=(",", ":")).encode()
-        return _json_body(self._call(root, method, path, "application/json", [body], budget, None))
+        return _json_body(self._call(root, _Req(method, path, "application/json", [body]), budget, None))
 
-    def _call_get(self, geo: ClientGeometry, hashes: list[int], budget: float) -> torch.Tensor | None:
+    def _call_get(
+        self, geo: ClientGeometry, hashes: list[int], budget: float, buffer: torch.Tensor | None
+    ) -> torch.Tensor | None:
         body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
         holder: list[torch.Tensor] = []
 
@@ -852,26 +893,17 @@ class KVCacheClient:
             hlen = decode_frame_prefix(prefix)
             header = decode_frame_header(conn.read_exact(hlen, deadline))
             body_len = head.content_length - PREFIX_BYTES - hlen
-            out = self._core.get_tensor_for(geo, header, len(hashes), body_len)
+            out = self._core.get_tensor_for(geo, header, len(hashes), body_len, buffer)
             if out.numel():
-                import torch
-
-                conn.read_into(memoryview(out.view(-1).view(torch.uint8).numpy()), deadline)
+                conn.read_into(byte_view(out), deadline)
             M_BYTES.labels("received").inc(head.content_length)
             holder.append(out)
 
-        self._call(hashes[0], "POST", "/v1/get", "application/json", [body], budget, receive)
+        self._call(hashes[0], _Req("POST", "/v1/get", "application/json", [body]), budget, receive)
         return holder[0] if holder else None
 
     def _call(
-        self,
-        root: int,
-        method: str,
-        path: str,
-        ctype: str,
-        parts: list[bytes | memoryview],
-        budget: float,
-        receive: Callable[[_SyncConn, _Head, float], None] | None,
+        self, root: int, req: _Req, budget: float, receive: Callable[[_SyncConn, _Head, float], None] | None
     ) -> bytes:
         """Route to the chain's replica (first with a closed/probing breaker) and exchange."""
         deadline = time.monotonic() + budget
@@ -880,7 +912,7 @@ class KVCacheClient:
             if not br.allow():
                 continue
             try:
-                out = self._exchange(endpoint, method, path, ctype, parts, deadline, receive)
+                out = self._exchange(endpoint, req, deadline, receive)
             except CacheServerError as exc:
                 # 5xx is the endpoint's fault; 4xx is ours (the endpoint is healthy).
                 (br.record_failure if exc.status >= 500 else br.record_success)()
@@ -890,15 +922,12 @@ class KVCacheClient:
                 raise
             br.record_success()
             return out
-        raise CacheUnavailable("no endpoint available (none configured, or every breaker is open)")
+        raise CacheUnavailableError("no endpoint available (none configured, or every breaker is open)")
 
     def _exchange(
         self,
         endpoint: str,
-        method: str,
-        path: str,
-        ctype: str,
-        parts: list[bytes | memoryview],
+        req: _Req,
         deadline: float,
         receive: Callable[[_SyncConn, _Head, float], None] | None,
     ) -> bytes:
@@ -906,11 +935,11 @@ class KVCacheClient:
         attempt = 0
         while True:
             try:
-                return self._exchange_once(endpoint, method, path, ctype, parts, deadline, receive)
+                return self._exchange_once(endpoint, req, deadline, receive)
             except _RetryableConnError:
                 if attempt >= self._core.max_retries:
                     raise
-            except CacheUnavailable:
+            except CacheUnavailableError:
                 if attempt >= self._core.max_retries:
                     raise
                 delay = self._core.retry_backoff_s * (2**attempt)
@@ -922,18 +951,15 @@ class KVCacheClient:
     def _exchange_once(
         self,
         endpoint: str,
-        method: str,
-        path: str,
-        ctype: str,
-        parts: list[bytes | memoryview],
+        req: _Req,
         deadline: float,
         receive: Callable[[_SyncConn, _Head, float], None] | None,
     ) -> bytes:
         conn = self._checkout(endpoint, deadline)
-        length = sum(memoryview(p).nbytes for p in parts)
+        length = req.nbytes()
         token = self._core.token()
         try:
-            conn.send([_request_head(method, path, conn.host, token, ctype, length), *parts], deadline)
+            conn.send([_request_head(req, conn.host, token, length), *req.parts], deadline)
             M_BYTES.labels("sent").inc(length)
             head = conn.read_head(deadline)
             if head.status != 200 or receive is None:
@@ -951,7 +977,7 @@ class KVCacheClient:
             conn.close()
             err = _wire_exc(exc)
             # A reset on a reused socket before any answer is the stale keep-alive case.
-            if conn.reused and isinstance(err, CacheUnavailable):
+            if conn.reused and isinstance(err, CacheUnavailableError):
                 raise _RetryableConnError(str(err)) from None
             raise err from None
         if head.keep_alive:
@@ -1045,8 +1071,10 @@ class AsyncKVCacheClient:
         dns_refresh_s: float = 30.0,
     ) -> None:
         self._core = _ClientCore(
-            endpoints, service, token, token_file, config, timeout_s, min_bandwidth_mib_s, max_retries,
-            retry_backoff_s, failure_threshold, reset_timeout_s, put_queue_size, strict, port, dns_refresh_s,
+            endpoints, service, token=token, token_file=token_file, config=config, timeout_s=timeout_s,
+            min_bandwidth_mib_s=min_bandwidth_mib_s, max_retries=max_retries, retry_backoff_s=retry_backoff_s,
+            failure_threshold=failure_threshold, reset_timeout_s=reset_timeout_s,
+            put_queue_size=put_queue_size, strict=strict, port=port, dns_refresh_s=dns_refresh_s,
         )  # fmt: skip
         self._pool: dict[str, list[_AsyncConn]] = {}
         self._pool_size = pool_size
@@ -1069,9 +1097,8 @@ class AsyncKVCacheClient:
             if not hashes:
                 return 0
             body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
-            raw = await self._call(
-                hashes[0], "/v1/lookup", "application/json", [body], self._core.timeout_s, None
-            )
+            req = _Req("POST", "/v1/lookup", "application/json", [body])
+            raw = await self._call(hashes[0], req, self._core.timeout_s, None)
             blocks = _int_field(_json_body(raw), "cached_blocks", high=len(hashes))
         except Exception as exc:
             self._core.fail("lookup", exc, started)
@@ -1081,8 +1108,9 @@ class AsyncKVCacheClient:
         self._core.ok("lookup", started)
         return hit
 
-    async def get(self, tokens: Any) -> torch.Tensor | None:
-        """KV of the cached prefix or None (see :meth:`KVCacheClient.get`)."""
+    async def get(self, tokens: Any, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """KV of the cached prefix or None (see :meth:`KVCacheClient.get`, ``out`` included)."""
+        buffer = out
         started = time.perf_counter()
         try:
             geo = await self._geometry(self._core.timeout_s)
@@ -1095,18 +1123,15 @@ class AsyncKVCacheClient:
             async def receive(conn: _AsyncConn, head: _Head) -> None:
                 hlen = decode_frame_prefix(await conn.read_exact(PREFIX_BYTES))
                 header = decode_frame_header(await conn.read_exact(hlen))
-                out = self._core.get_tensor_for(
-                    geo, header, len(hashes), head.content_length - PREFIX_BYTES - hlen
-                )
-                if out.numel():
-                    import torch
-
-                    await conn.read_into(memoryview(out.view(-1).view(torch.uint8).numpy()))
+                body_len = head.content_length - PREFIX_BYTES - hlen
+                kv = self._core.get_tensor_for(geo, header, len(hashes), body_len, buffer)
+                if kv.numel():
+                    await conn.read_into(byte_view(kv))
                 M_BYTES.labels("received").inc(head.content_length)
-                holder.append(out)
+                holder.append(kv)
 
             budget = self._core.deadline_for(len(hashes) * geo.block_bytes())
-            await self._call(hashes[0], "/v1/get", "application/json", [body], budget, receive)
+            await self._call(hashes[0], _Req("POST", "/v1/get", "application/json", [body]), budget, receive)
         except Exception as exc:
             self._core.fail("get", exc, started)
             self._core.count_lookup(0, 0)
@@ -1181,7 +1206,9 @@ class AsyncKVCacheClient:
                 return 0
             head, payload = self._core.put_frame(geo, hashes, kv)
             budget = self._core.deadline_for(payload.nbytes)
-            raw = await self._call(hashes[0], "/v1/put", FRAME_CONTENT_TYPE, [head, payload], budget, None)
+            raw = await self._call(
+                hashes[0], _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]), budget, None
+            )
             stored = _int_field(_json_body(raw), "stored_blocks", high=len(hashes))
         except Exception as exc:
             self._core.fail("put", exc, started)
@@ -1193,13 +1220,13 @@ class AsyncKVCacheClient:
         geo = self._core._geometry
         if geo is not None:
             return geo
-        last: BaseException = CacheUnavailable("no endpoints configured")
+        last: BaseException = CacheUnavailableError("no endpoints configured")
         for endpoint in self._core.endpoints():
             br = self._core.breaker(endpoint)
             if not br.allow():
                 continue
             try:
-                raw = await self._exchange(endpoint, "GET", "/v1/config", "", [], budget, None)
+                raw = await self._exchange(endpoint, _Req("GET", "/v1/config"), budget, None)
             except KVCacheClientError as exc:
                 br.record_failure()
                 last = exc
@@ -1209,20 +1236,14 @@ class AsyncKVCacheClient:
         raise last
 
     async def _call(
-        self,
-        root: int,
-        path: str,
-        ctype: str,
-        parts: list[bytes | memoryview],
-        budget: float,
-        receive: Callable[[_AsyncConn, _Head], Any] | None,
+        self, root: int, req: _Req, budget: float, receive: Callable[[_AsyncConn, _Head], Any] | None
     ) -> bytes:
         for endpoint in self._core.route(root):
             br = self._core.breaker(endpoint)
             if not br.allow():
                 continue
             try:
-                out = await self._exchange(endpoint, "POST", path, ctype, parts, budget, receive)
+                out = await self._exchange(endpoint, req, budget, receive)
             except CacheServerError as exc:
                 (br.record_failure if exc.status >= 500 else br.record_success)()
                 raise
@@ -1231,27 +1252,20 @@ class AsyncKVCacheClient:
                 raise
             br.record_success()
             return out
-        raise CacheUnavailable("no endpoint available (none configured, or every breaker is open)")
+        raise CacheUnavailableError("no endpoint available (none configured, or every breaker is open)")
 
     async def _exchange(
-        self,
-        endpoint: str,
-        method: str,
-        path: str,
-        ctype: str,
-        parts: list[bytes | memoryview],
-        budget: float,
-        receive: Callable[[_AsyncConn, _Head], Any] | None,
+        self, endpoint: str, req: _Req, budget: float, receive: Callable[[_AsyncConn, _Head], Any] | None
     ) -> bytes:
         deadline = time.monotonic() + budget
         attempt = 0
         while True:
             try:
                 async with asyncio.timeout(_remaining(deadline)):
-                    return await self._exchange_once(endpoint, method, path, ctype, parts, receive)
+                    return await self._exchange_once(endpoint, req, receive)
             except TimeoutError:
-                raise CacheTimeout("deadline exceeded") from None
-            except CacheUnavailable:
+                raise CacheTimeoutError("deadline exceeded") from None
+            except CacheUnavailableError:
                 if attempt >= self._core.max_retries:
                     raise
                 delay = self._core.retry_backoff_s * (2**attempt)
@@ -1261,20 +1275,14 @@ class AsyncKVCacheClient:
             attempt += 1
 
     async def _exchange_once(
-        self,
-        endpoint: str,
-        method: str,
-        path: str,
-        ctype: str,
-        parts: list[bytes | memoryview],
-        receive: Callable[[_AsyncConn, _Head], Any] | None,
+        self, endpoint: str, req: _Req, receive: Callable[[_AsyncConn, _Head], Any] | None
     ) -> bytes:
         conn = await self._checkout(endpoint)
-        length = sum(memoryview(p).nbytes for p in parts)
+        length = req.nbytes()
         ok = False
         try:
-            conn.writer.write(_request_head(method, path, conn.host, self._core.token(), ctype, length))
-            for part in parts:
+            conn.writer.write(_request_head(req, conn.host, self._core.token(), length))
+            for part in req.parts:
                 conn.writer.write(part)
             await conn.writer.drain()
             M_BYTES.labels("sent").inc(length)
@@ -1291,7 +1299,7 @@ class AsyncKVCacheClient:
             ok = head.keep_alive
         except (OSError, WireError) as exc:
             err = _wire_exc(exc)
-            if conn.reused and isinstance(err, CacheUnavailable):
+            if conn.reused and isinstance(err, CacheUnavailableError):
                 raise _RetryableConnError(str(err)) from None
             raise err from None
         finally:
@@ -1312,7 +1320,7 @@ class AsyncKVCacheClient:
         try:
             reader, writer = await asyncio.open_connection(host, port, limit=_MAX_HEAD_BYTES)
         except OSError as exc:
-            raise CacheUnavailable(f"cannot connect to {host}:{port}: {exc}") from None
+            raise CacheUnavailableError(f"cannot connect to {host}:{port}: {exc}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -646,7 +646,7 @@ class KVCacheEngine:
         not_live = sorted(set(changes) - LIVE_FIELDS)
         if not_live:
             raise ConfigError(
-                f"not live-reconfigurable (needs a restart): {', '.join(not_live)}; "
+                f"{', '.join(not_live)}: not live-reconfigurable (needs a restart); "
                 f"live fields: {', '.join(sorted(LIVE_FIELDS))}"
             )
         with self._lock:

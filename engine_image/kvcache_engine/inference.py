@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import threading
 import time
@@ -122,30 +123,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _fingerprint_files(paths: Sequence[Path]) -> str:
-    """A cheap content fingerprint: names, sizes and the first and last MiB of each file.
-
-    Hashing every byte of a multi-GB checkpoint would cost seconds at start-up; a re-trained
-    or re-quantised checkpoint changes its size or its header/tail, which this catches.
-    """
-    digest = hashlib.blake2b(digest_size=8)
-    chunk = 1 << 20
-    for path in sorted(paths):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as fh:
-            digest.update(fh.read(chunk))
-            if size > chunk:
-                fh.seek(max(chunk, size - chunk))
-                digest.update(fh.read(chunk))
-    return digest.hexdigest()
-
-
 def _fingerprint_parameters(model: Any) -> str:
     """Config plus a strided sample of every parameter: distinguishes checkpoints (and random
     initialisations with different seeds) without hashing every weight."""
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(model.config.to_json_string(use_diff=False).encode())
+    # Private keys (_name_or_path, _commit_hash, ...) name where the checkpoint was loaded from,
+    # not what it is; transformers_version does not change the weights.
+    shape = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k != "transformers_version"
+    }
+    digest.update(json.dumps(shape, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in model.named_parameters():
             flat = param.detach().reshape(-1)
@@ -164,6 +153,10 @@ def model_identity(model: Any, *, name: str | None = None, revision: str | None 
     # A local checkpoint is named by its directory name, not its mount path: two pods that
     # mount one checkpoint at different paths must share entries.
     default_name = Path(source).name if source and Path(source).exists() else source
+    quant = getattr(config, "quantization_config", None)
+    gguf_file = quant.get("gguf_file") if isinstance(quant, dict) else getattr(quant, "gguf_file", None)
+    if gguf_file:  # a GGUF checkpoint is named by its file, not by the directory holding it
+        default_name = Path(str(gguf_file)).stem
     resolved_name = name or default_name or type(model).__name__
     resolved_rev = revision or getattr(config, "_commit_hash", None) or _fingerprint_parameters(model)
     return ModelIdentity(str(resolved_name), str(resolved_rev), _dtype_name(model.dtype))
@@ -198,21 +191,16 @@ def load_model(model_path: str | os.PathLike[str], dtype: str = "float32") -> Lo
         kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch_dtype, **kwargs)
-        files = [path]
-        name = path.stem
     elif path.is_dir() and (path / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
-        files = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} or p.name == "config.json"]
-        name = path.name
     else:
         raise ValueError(
             f"model_path: expected a Hugging Face model directory (with config.json) or a .gguf file, "
             f"got {str(path)!r}"
         )
     model.eval()
-    identity = ModelIdentity(name, _fingerprint_files(files), dtype)
-    return LoadedModel(model, tokenizer, identity)
+    return LoadedModel(model, tokenizer, model_identity(model))
 
 
 # --- layout conversion --------------------------------------------------------------------------------

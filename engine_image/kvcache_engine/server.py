@@ -37,6 +37,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from kvcache_engine.client import byte_view, torch_dtype
 from kvcache_engine.config import DTYPE_BYTES, LIVE_FIELDS, ConfigError, KVCacheConfig, load_config
 from kvcache_engine.persistence import (
     SEGMENT_BYTES,
@@ -121,7 +122,7 @@ def resolve_token(
     return env.get("KVCACHE_TOKEN") or None, None
 
 
-class BadRequest(ValueError):
+class BadRequestError(ValueError):
     """A 4xx answer with a message; ``status`` defaults to 400."""
 
     def __init__(self, message: str, status: int = 400) -> None:
@@ -246,7 +247,7 @@ class EngineServer:
         )
         self._token_cache: tuple[float, str | None] = (0.0, settings.token)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_EngineCollector(self))  # type: ignore[arg-type]
+        self.registry.register(_EngineCollector(self))
         self.http_requests = Counter(
             "kvcache_http_requests",
             "HTTP requests by route and status.",
@@ -277,6 +278,11 @@ class EngineServer:
         r.add_get("/admin/snapshot", self.admin_snapshot)
         r.add_post("/admin/restore", self.admin_restore)
         r.add_post("/admin/drain", self.admin_drain)
+        from kvcache_engine.debug import register_debug_routes  # profiler, log level, /v1/memory
+
+        self.profiler = register_debug_routes(
+            app, self.engine, request_id_key=REQUEST_ID, executor=self.executor
+        )
         return app
 
     def _token(self) -> str | None:
@@ -286,9 +292,8 @@ class EngineServer:
         checked, token = self._token_cache
         now = time.monotonic()
         if now - checked >= 1.0:
-            with contextlib.suppress(OSError):
-                with open(self.settings.token_file, encoding="utf-8") as fh:
-                    token = fh.read().strip() or token
+            with contextlib.suppress(OSError), open(self.settings.token_file, encoding="utf-8") as fh:
+                token = fh.read().strip() or token
             self._token_cache = (now, token)
         return token
 
@@ -322,7 +327,7 @@ class EngineServer:
             if exc.status < 400:
                 raise
             resp = _error(exc.status, exc.reason, rid)
-        except BadRequest as exc:
+        except BadRequestError as exc:
             resp = _error(exc.status, str(exc), rid)
         except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
             # Parsing and engine validation errors: the client sent something wrong.
@@ -345,21 +350,21 @@ class EngineServer:
         limit = self.settings.max_body_bytes if limit is None else limit
         declared = request.content_length
         if declared is not None and declared > limit:
-            raise BadRequest(f"body of {declared} bytes exceeds the limit of {limit}", 413)
+            raise BadRequestError(f"body of {declared} bytes exceeds the limit of {limit}", 413)
         buf = bytearray(declared) if declared is not None else bytearray()
         pos = 0
         async with asyncio.timeout(self.settings.body_timeout_s):
             async for chunk in request.content.iter_any():
                 end = pos + len(chunk)
                 if end > limit or (declared is not None and end > declared):
-                    raise BadRequest(f"body exceeds the limit of {limit} bytes", 413)
+                    raise BadRequestError(f"body exceeds the limit of {limit} bytes", 413)
                 if declared is None:
                     buf += chunk
                 else:
                     buf[pos:end] = chunk
                 pos = end
         if declared is not None and pos != declared:
-            raise BadRequest(f"body truncated: {pos} of {declared} bytes")
+            raise BadRequestError(f"body truncated: {pos} of {declared} bytes")
         return buf
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
@@ -367,9 +372,9 @@ class EngineServer:
         try:
             doc = json.loads(raw or b"{}")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
+            raise BadRequestError(f"body is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
-            raise BadRequest(f"body must be a JSON object, got {type(doc).__name__}")
+            raise BadRequestError(f"body must be a JSON object, got {type(doc).__name__}")
         return doc
 
     def _chain(self, doc: dict[str, Any]) -> tuple[str, list[int]]:
@@ -377,7 +382,7 @@ class EngineServer:
         cfg = self.engine.config
         max_blocks = self.settings.max_blocks_per_request
         if ("hashes" in doc) == ("tokens" in doc):
-            raise BadRequest("give exactly one of 'hashes' (block hashes) or 'tokens' (token ids)")
+            raise BadRequestError("give exactly one of 'hashes' (block hashes) or 'tokens' (token ids)")
         if "hashes" in doc:
             return "hashes", parse_hashes(doc["hashes"], max_len=max_blocks)
         return "tokens", parse_tokens(
@@ -430,10 +435,7 @@ class EngineServer:
         return await self._send_tensor(request, kv)
 
     async def _send_tensor(self, request: web.Request, kv: torch.Tensor) -> web.StreamResponse:
-        import torch
-
-        flat = kv.contiguous().view(-1).view(torch.uint8).numpy() if kv.numel() else b""
-        payload = memoryview(flat)
+        payload = byte_view(kv.contiguous()) if kv.numel() else memoryview(b"")
         cfg = self.engine.config
         head = encode_frame_header({"dtype": cfg.dtype, "shape": list(kv.shape), "nbytes": payload.nbytes})
         resp = web.StreamResponse(
@@ -465,21 +467,19 @@ class EngineServer:
         """The KV tensor of a put frame, a zero-copy view of the body, after shape checks."""
         import torch
 
-        from kvcache_engine.client import torch_dtype
-
         cfg = self.engine.config
         if header.get("dtype") != cfg.dtype:
-            raise BadRequest(f"dtype: got {header.get('dtype')!r}, this engine stores {cfg.dtype!r}")
+            raise BadRequestError(f"dtype: got {header.get('dtype')!r}, this engine stores {cfg.dtype!r}")
         shape = header.get("shape")
         n = len(values) * cfg.block_tokens if kind == "hashes" else len(values)
         want = [2, cfg.num_layers, n, cfg.num_kv_heads, cfg.head_dim]
         if shape != want:
-            raise BadRequest(
+            raise BadRequestError(
                 f"shape: got {shape!r}, expected {want} ([2, num_layers, n_tokens, num_kv_heads, head_dim])"
             )
         nbytes = math.prod(want) * DTYPE_BYTES[cfg.dtype]
         if header.get("nbytes") != nbytes or payload.nbytes != nbytes:
-            raise BadRequest(
+            raise BadRequestError(
                 f"payload: {payload.nbytes} bytes (header nbytes={header.get('nbytes')!r}), expected {nbytes}"
             )
         if nbytes == 0:
@@ -562,7 +562,7 @@ class EngineServer:
         try:
             check_geometry(header.get("geometry") or {}, self.engine.config, "restore stream")
         except GeometryMismatchError as exc:
-            raise BadRequest(str(exc), 409) from None
+            raise BadRequestError(str(exc), 409) from None
         imported = segments = offered = 0
         while True:
             async with asyncio.timeout(self.settings.body_timeout_s):
@@ -572,7 +572,7 @@ class EngineServer:
                     trailer = decode_frame_header(await _read_exact(reader, min(tlen, 1 << 20)))
                     break
                 if length > 2 * SEGMENT_BYTES:
-                    raise BadRequest(
+                    raise BadRequestError(
                         f"segment of {length} bytes exceeds the limit of {2 * SEGMENT_BYTES}", 413
                     )
                 data = await _read_exact(reader, length)
@@ -581,7 +581,7 @@ class EngineServer:
             imported += await self._run(self.engine.import_blocks, blocks)
             segments += 1
         if trailer.get("blocks") not in (None, offered):
-            raise BadRequest(
+            raise BadRequestError(
                 f"stream trailer says {trailer.get('blocks')} blocks, {offered} received (truncated?)"
             )
         return web.json_response(
@@ -592,7 +592,7 @@ class EngineServer:
         doc = await self._json(request)
         targets = doc.get("targets")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise BadRequest("targets: expected a non-empty list of 'http://host:port' strings")
+            raise BadRequestError("targets: expected a non-empty list of 'http://host:port' strings")
         for t in targets:
             node_id(t)  # ValueError (400) naming a malformed target
         report = await self._run(self._drain, targets)
@@ -605,7 +605,7 @@ class EngineServer:
         roots: dict[int, int] = {}
         pending: dict[str, list[StoredBlock]] = {t: [] for t in targets}
         sizes = dict.fromkeys(targets, 0)
-        result = {t: {"blocks": 0, "ok": True, "error": None} for t in targets}
+        result: dict[str, dict[str, Any]] = {t: {"blocks": 0, "ok": True, "error": None} for t in targets}
         for block in self.engine.export_blocks(None):
             h, parent = int(block.hash), block.parent
             root = roots.get(int(parent), h) if parent is not None else h
@@ -620,7 +620,8 @@ class EngineServer:
             if blocks:
                 self._push(owner, blocks, result[owner])
         ok = all(r["ok"] for r in result.values())
-        return {"ok": ok, "targets": result, "drained_blocks": sum(int(r["blocks"]) for r in result.values())}  # type: ignore[call-overload]
+        drained = sum(int(r["blocks"]) for r in result.values())
+        return {"ok": ok, "targets": result, "drained_blocks": drained}
 
     def _push(self, target: str, blocks: list[StoredBlock], result: dict[str, Any]) -> None:
         if not result["ok"]:
@@ -686,7 +687,7 @@ async def _read_exact(reader: Any, n: int) -> bytes:
     try:
         return bytes(await reader.readexactly(n))
     except asyncio.IncompleteReadError:
-        raise BadRequest(f"body truncated: expected {n} more bytes") from None
+        raise BadRequestError(f"body truncated: expected {n} more bytes") from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -706,14 +707,13 @@ def live_changes(doc: dict[str, Any]) -> dict[str, Any]:
     for key, value in doc.items():
         name = key if key in KVCacheConfig.model_fields else aliases.get(key)
         if name is None:
-            raise BadRequest(f"unknown config field {key!r}")
+            raise BadRequestError(f"unknown config field {key!r}")
         if name not in LIVE_FIELDS:
-            raise BadRequest(
-                f"field {key!r} cannot change live (needs a restart); live fields: {', '.join(sorted(LIVE_FIELDS))}"
-            )
+            live = ", ".join(sorted(LIVE_FIELDS))
+            raise BadRequestError(f"field {key!r} cannot change live (needs a restart); live fields: {live}")
         changes[name] = value
     if not changes:
-        raise BadRequest("no config fields given")
+        raise BadRequestError("no config fields given")
     return changes
 
 
@@ -743,7 +743,8 @@ async def _serve_forever(server: EngineServer) -> None:
     await runner.setup()
     site = web.TCPSite(runner, server.settings.host, server.settings.port, backlog=1024)
     await site.start()
-    sockets = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    server_sockets = getattr(site._server, "sockets", None) or []
+    sockets = [s.getsockname() for s in server_sockets]
     port = sockets[0][1] if sockets else server.settings.port
     print(f"kvcache-engine: listening on http://{server.settings.host}:{port}", flush=True)
     stop = asyncio.Event()

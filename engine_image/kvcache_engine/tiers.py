@@ -58,12 +58,19 @@ class TierCopier:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     def copy(self, src: BlockPool, src_slot: int, dst: BlockPool, dst_slot: int) -> None:
+        self.copy_many(src, [src_slot], dst, [dst_slot])
+
+    def copy_many(self, src: BlockPool, src_slots: list[int], dst: BlockPool, dst_slots: list[int]) -> None:
+        """Queue one slot copy per pair; on CUDA the side stream first waits for work already
+        queued on the current stream (the writes that filled the source slots)."""
         if self.stream is None:
-            dst.storage[dst_slot].copy_(src.storage[src_slot])
+            for s, d in zip(src_slots, dst_slots, strict=True):
+                dst.storage[d].copy_(src.storage[s])
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
-            dst.storage[dst_slot].copy_(src.storage[src_slot], non_blocking=self.non_blocking)
+            for s, d in zip(src_slots, dst_slots, strict=True):
+                dst.storage[d].copy_(src.storage[s], non_blocking=self.non_blocking)
 
     def sync(self) -> None:
         """Order later default-stream work (and reuse of source slots) after queued copies."""

@@ -80,8 +80,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "",
         "persistentvolumeclaims",
-        ("get", "list", "watch", "delete"),
-        why="observe per-replica PVCs; delete them on scale-in when retention says so",
+        ("get", "list", "watch", "create", "patch", "delete"),
+        why="the backup PVC (a child of the KVCache); observe per-replica PVCs; delete them on scale-in",
     ),
     Rule("policy", "poddisruptionbudgets", _MANAGE, why="PDB per cache"),
     Rule("monitoring.coreos.com", "servicemonitors", _MANAGE, why="optional ServiceMonitor per cache"),

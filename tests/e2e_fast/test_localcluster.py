@@ -129,7 +129,8 @@ def test_rolling_update_goes_one_pod_at_a_time_highest_ordinal_first(bare_cluste
             if pod["metadata"]["labels"]["controller-revision-hash"] != old and name not in order:
                 order.append(name)
         status = sts_status(c, "roll")
-        if status.get("updatedReplicas") == 3 and status.get("readyReplicas") == 3:
+        if status.get("updateRevision") != old and status.get("updatedReplicas") == 3 \
+                and status.get("readyReplicas") == 3:
             break
         time.sleep(0.1)
     status = sts_status(c, "roll")
@@ -199,7 +200,7 @@ def test_cronjob_runs_on_demand_and_records_the_last_success(bare_cluster: Local
     c.apply(make_pvc("nightly-out"))
     c.apply(make_cronjob("nightly", "echo backed-up >> /out/log"))
     c.trigger_cronjob("nightly", "run-1")  # the annotation route, through the CronJob controller
-    c.wait_for(lambda: (c.get("CronJob", "nightly")["status"] or {}).get("lastSuccessfulTime"), 30,
+    c.wait_for(lambda: (c.get("CronJob", "nightly").get("status") or {}).get("lastSuccessfulTime"), 30,
                what="lastSuccessfulTime")
     job = c.run_cronjob("nightly", "nightly-by-hand")  # the `kubectl create job --from` route
     c.wait_for(lambda: job_condition(c, job) == "Complete", 30, what="manual job")

@@ -28,7 +28,9 @@ def make_tokens(chain: int, blocks: int, block_tokens: int = 4, extra: int = 0) 
     return [chain * 100_000 + i for i in range(blocks * block_tokens + extra)]
 
 
-def make_kv(num_tokens: int, seed: int = 0, dtype: torch.dtype = torch.float16, **geometry: int) -> torch.Tensor:
+def make_kv(
+    num_tokens: int, seed: int = 0, dtype: torch.dtype = torch.float16, **geometry: int
+) -> torch.Tensor:
     """Random normal KV ``[2, L, num_tokens, H, D]`` for the test geometry (or ``geometry``)."""
     g = {**GEOMETRY, **geometry}
     gen = torch.Generator().manual_seed(seed)
@@ -39,6 +41,9 @@ def make_kv(num_tokens: int, seed: int = 0, dtype: torch.dtype = torch.float16, 
 def snapshot(engine: KVCacheEngine) -> tuple[list[int], dict[str, Any], list[str]]:
     """What a rejected call must leave untouched: cached hashes, counters, stored checksums."""
     stats = engine.get_stats()
-    counters = {k: stats[k] for k in ("cache_hits", "cache_misses", "requests", "evictions", "bytes_in", "used_blocks")}
+    counters = {
+        k: stats[k]
+        for k in ("cache_hits", "cache_misses", "requests", "evictions", "bytes_in", "used_blocks")
+    }
     checksums = [b.checksum for b in engine.export_blocks()]
     return list(engine.cached_hashes()), counters, checksums

@@ -9,7 +9,11 @@ from kvcache_engine.config import payload_layout
 
 
 def make_pool(slots: int = 4, codec: str = "none") -> BlockPool:
-    return BlockPool(payload_layout(codec, num_layers=1, block_tokens=4, num_kv_heads=1, head_dim=8), slots, torch.device("cpu"))
+    return BlockPool(
+        payload_layout(codec, num_layers=1, block_tokens=4, num_kv_heads=1, head_dim=8),
+        slots,
+        torch.device("cpu"),
+    )
 
 
 def test_allocate_lowest_first_until_full_then_none() -> None:

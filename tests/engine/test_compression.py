@@ -75,7 +75,9 @@ def test_error_bound_on_real_model_kv() -> None:
 
 @pytest.mark.parametrize("name", list(CODECS))
 @pytest.mark.parametrize(
-    "geometry", [(32, 16, 8, 128), (2, 4, 2, 8), (3, 5, 3, 7), (1, 512, 1, 128)], ids=lambda g: "x".join(map(str, g))
+    "geometry",
+    [(32, 16, 8, 128), (2, 4, 2, 8), (3, 5, 3, 7), (1, 512, 1, 128)],
+    ids=lambda g: "x".join(map(str, g)),
 )
 def test_stored_bytes_are_the_configs_bytes(name: str, geometry: tuple[int, int, int, int]) -> None:
     layers, tokens, heads, dim = geometry
@@ -93,7 +95,10 @@ def test_stored_bytes_are_the_configs_bytes(name: str, geometry: tuple[int, int,
 
 
 def test_nominal_ratios_for_512_token_blocks() -> None:
-    ratio = {n: payload_layout(n, num_layers=1, block_tokens=512, num_kv_heads=1, head_dim=128).slot_bytes / 2**18 for n in CODECS}
+    ratio = {
+        n: payload_layout(n, num_layers=1, block_tokens=512, num_kv_heads=1, head_dim=128).slot_bytes / 2**18
+        for n in CODECS
+    }
     assert ratio["int8"] == (128 + 4) / 256
     assert ratio["int4"] == (16 + 4) / 64
     assert ratio["none"] == 1.0
@@ -101,7 +106,15 @@ def test_nominal_ratios_for_512_token_blocks() -> None:
 
 @pytest.mark.parametrize("name", ["none", "int8", "int4"])
 def test_engine_allocates_what_the_operator_budgets(name: str) -> None:
-    cfg = KVCacheConfig(num_layers=2, block_tokens=16, num_kv_heads=2, head_dim=64, max_tokens=1024, compression_codec=name, device="cpu")
+    cfg = KVCacheConfig(
+        num_layers=2,
+        block_tokens=16,
+        num_kv_heads=2,
+        head_dim=64,
+        max_tokens=1024,
+        compression_codec=name,
+        device="cpu",
+    )
     with KVCacheEngine(cfg) as engine:
         stats = engine.get_stats()
     assert stats["num_blocks"] == pool_blocks(cfg)

@@ -94,7 +94,9 @@ def test_make_strategy_accepts_config_spellings_and_rejects_unknown() -> None:
         LRUStrategy(-1)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["insert", "touch", "remove", "evict"]), st.integers(0, 12)), max_size=80)
+ops = st.lists(
+    st.tuples(st.sampled_from(["insert", "touch", "remove", "evict"]), st.integers(0, 12)), max_size=80
+)
 
 
 @given(st.sampled_from(["LRU", "LFU", "ADAPTIVE"]), ops)

@@ -38,7 +38,9 @@ def test_bad_input_names_the_argument() -> None:
         chain_hashes("m", [2**70, 1, 2, 3], 4)
 
 
-@given(st.lists(st.integers(min_value=0, max_value=2**31), max_size=40), st.integers(min_value=1, max_value=8))
+@given(
+    st.lists(st.integers(min_value=0, max_value=2**31), max_size=40), st.integers(min_value=1, max_value=8)
+)
 def test_prefix_property(tokens: list[int], bt: int) -> None:
     full = chain_hashes("ns", tokens, bt)
     for cut in range(0, len(tokens) + 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,11 @@ def test_missing_model_path_is_a_clear_error(model_dir: Path) -> None:
         make_engine(model_dir, model_path=str(model_dir / "nope")).process_request_sync({"text": "hi"})
 
 
-def test_identity_revision_follows_the_weights(model_dir: Path, tmp_path: Path) -> None:
+def test_identity_follows_the_weights_not_the_mount_path(model_dir: Path, tmp_path: Path) -> None:
     other = make_model_dir(tmp_path, seed=3)
-    a, b = load_model(model_dir).identity, load_model(other).identity
+    moved = tmp_path / "elsewhere" / model_dir.name
+    shutil.copytree(model_dir, moved)
+    a, b, c = (load_model(p).identity for p in (model_dir, other, moved))
     assert a.revision != b.revision
-    assert a.dtype == b.dtype == "float32"
+    assert a == c  # same checkpoint mounted elsewhere: same keys
+    assert a.name == "tiny-llama-0" and a.dtype == "float32"

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -25,15 +26,18 @@ import kmock
 import kopf
 import kubernetes.config.kube_config
 import pytest
-
 from tests.kube_emulator import KubeEmulator, write_kubeconfig
 
 NS = "team-a"
 KVCACHES = "kvcache.dev/v1alpha1/kvcaches"
 CHILD_RESOURCES = {
-    "ConfigMap": "v1/configmaps", "Secret": "v1/secrets", "Service": "v1/services",
-    "StatefulSet": "apps/v1/statefulsets", "PodDisruptionBudget": "policy/v1/poddisruptionbudgets",
-    "PersistentVolumeClaim": "v1/persistentvolumeclaims", "CronJob": "batch/v1/cronjobs",
+    "ConfigMap": "v1/configmaps",
+    "Secret": "v1/secrets",
+    "Service": "v1/services",
+    "StatefulSet": "apps/v1/statefulsets",
+    "PodDisruptionBudget": "policy/v1/poddisruptionbudgets",
+    "PersistentVolumeClaim": "v1/persistentvolumeclaims",
+    "CronJob": "batch/v1/cronjobs",
     "ServiceMonitor": "monitoring.coreos.com/v1/servicemonitors",
     "NetworkPolicy": "networking.k8s.io/v1/networkpolicies",
 }
@@ -45,13 +49,24 @@ def make_kvcache(name: str, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "replicas": 2,
         "metrics": {"scrapeInterval": "1s"},
-        "cache": {"maxTokens": 256, "blockTokens": 16, "numLayers": 2, "numKvHeads": 2, "headDim": 16,
-                  "device": "cpu", "persistIntervalS": 0},
+        "cache": {
+            "maxTokens": 256,
+            "blockTokens": 16,
+            "numLayers": 2,
+            "numKvHeads": 2,
+            "headDim": 16,
+            "device": "cpu",
+            "persistIntervalS": 0,
+        },
         "resources": {"memoryOverhead": "64Mi"},
     }
     body.update(spec)
-    return {"apiVersion": "kvcache.dev/v1alpha1", "kind": "KVCache",
-            "metadata": {"name": name, "namespace": NS}, "spec": body}
+    return {
+        "apiVersion": "kvcache.dev/v1alpha1",
+        "kind": "KVCache",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": body,
+    }
 
 
 async def wait_for(check: Callable[[], T | None], *, timeout: float = 20.0, what: str = "condition") -> T:
@@ -98,25 +113,45 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def running_operator() -> AsyncIterator[kopf.Memo]:
-    """The real operator (our handlers, Kopf's reactor) in this event loop, watching NS."""
-    from kvcache_operator import handlers
+async def running_operator(registry: kopf.OperatorRegistry | None = None) -> AsyncIterator[kopf.Memo]:
+    """The real operator (our handlers, Kopf's reactor) watching NS, in a thread with its own loop.
 
-    del handlers  # imported for its registrations
-    stop, ready = asyncio.Event(), asyncio.Event()
+    Not in the test's loop: on exit Kopf cancels every task created after it started, which in a
+    shared loop includes the emulator's request handlers and the test's own teardown.
+    """
+    if registry is None:
+        from kvcache_operator import handlers
+
+        del handlers  # imported for its registrations (Kopf's default registry)
+    stop, ready = threading.Event(), threading.Event()
     memo = kopf.Memo()
-    task = asyncio.create_task(kopf.operator(namespaces=[NS], standalone=True, stop_flag=stop,
-                                             ready_flag=ready, memo=memo))
-    await asyncio.wait_for(ready.wait(), 15)
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            asyncio.run(
+                kopf.operator(
+                    namespaces=[NS],
+                    standalone=True,
+                    stop_flag=stop,
+                    ready_flag=ready,
+                    memo=memo,
+                    registry=registry,
+                )
+            )
+        except BaseException as exc:  # reported to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
+    thread.start()
+    assert await asyncio.to_thread(ready.wait, 15), "the operator did not start within 15 s"
     try:
         yield memo
     finally:
         stop.set()
-        # Kopf ends its own task as cancelled once the stop flag has shut everything down
-        await asyncio.wait([task], timeout=20)
-        assert task.done(), "the operator did not stop within 20 s"
-        if not task.cancelled():
-            task.result()
+        await asyncio.to_thread(thread.join, 30)
+        assert not thread.is_alive(), "the operator did not stop within 30 s"
+        assert not errors, errors
 
 
 @pytest.fixture
@@ -148,11 +183,28 @@ class Engines:
         self.token = token
         ports = [free_port() for _ in range(count)]
         for port in ports:
-            log = open(self.tmp_path / f"engine-{port}.log", "wb")  # noqa: SIM115 - closed with the process
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "kvcache_engine.cli", "serve", "--config", str(self.tmp_path / "config.yaml"),
-                 "--host", "127.0.0.1", "--port", str(port), "--token-file", str(self.tmp_path / "token")],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"}))
+            with open(self.tmp_path / f"engine-{port}.log", "wb") as log:
+                self.procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "kvcache_engine.cli",
+                            "serve",
+                            "--config",
+                            str(self.tmp_path / "config.yaml"),
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(port),
+                            "--token-file",
+                            str(self.tmp_path / "token"),
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                    )
+                )
         async with aiohttp.ClientSession() as http:
             for port in ports:
                 await self._ready(http, port)
@@ -193,21 +245,58 @@ def run_pods(emu: KubeEmulator, name: str, ports: list[int]) -> None:
     and the StatefulSet's status saying every replica runs the current template."""
     sts = emu.get("apps/v1/statefulsets", name, NS)
     template = sts["spec"]["template"]
-    owner = {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name, "uid": sts["metadata"]["uid"],
-             "controller": True}
+    owner = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": name,
+        "uid": sts["metadata"]["uid"],
+        "controller": True,
+    }
     for ordinal, port in enumerate(ports):
         container = {**template["spec"]["containers"][0], "ports": [{"name": "http", "containerPort": port}]}
-        emu.create("v1/pods", {"metadata": {"name": f"{name}-{ordinal}", "namespace": NS,
-                                            "labels": template["metadata"]["labels"], "ownerReferences": [owner]},
-                               "spec": {"containers": [container]}})
-        emu.patch("v1/pods", f"{name}-{ordinal}", {"status": {
-            "phase": "Running", "podIP": "127.0.0.1",
-            "conditions": [{"type": "Ready", "status": "True"}]}}, NS, subresource="status")
+        emu.create(
+            "v1/pods",
+            {
+                "metadata": {
+                    "name": f"{name}-{ordinal}",
+                    "namespace": NS,
+                    "labels": template["metadata"]["labels"],
+                    "ownerReferences": [owner],
+                },
+                "spec": {"containers": [container]},
+            },
+        )
+        emu.patch(
+            "v1/pods",
+            f"{name}-{ordinal}",
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": "127.0.0.1",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                }
+            },
+            NS,
+            subresource="status",
+        )
     settle_statefulset(emu, name, len(ports))
 
 
 def settle_statefulset(emu: KubeEmulator, name: str, ready: int) -> None:
     sts = emu.get("apps/v1/statefulsets", name, NS)
-    emu.patch("apps/v1/statefulsets", name, {"status": {
-        "observedGeneration": sts["metadata"]["generation"], "replicas": ready, "readyReplicas": ready,
-        "updatedReplicas": ready, "currentRevision": "r1", "updateRevision": "r1"}}, NS, subresource="status")
+    emu.patch(
+        "apps/v1/statefulsets",
+        name,
+        {
+            "status": {
+                "observedGeneration": sts["metadata"]["generation"],
+                "replicas": ready,
+                "readyReplicas": ready,
+                "updatedReplicas": ready,
+                "currentRevision": "r1",
+                "updateRevision": "r1",
+            }
+        },
+        NS,
+        subresource="status",
+    )

@@ -63,7 +63,9 @@ class LiveServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.runner = web.AppRunner(self.server.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self.runner = web.AppRunner(
+            self.server.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         self._call(self.runner.setup())
         self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
         self._call(self.site.start())
@@ -94,7 +96,9 @@ def live_server() -> Iterator[Any]:
     """Factory: ``live_server(config=..., token=TOKEN, **settings)`` -> LiveServer (stopped after)."""
     made: list[LiveServer] = []
 
-    def factory(config: KVCacheConfig | None = None, token: str | None = TOKEN, **settings: Any) -> LiveServer:
+    def factory(
+        config: KVCacheConfig | None = None, token: str | None = TOKEN, **settings: Any
+    ) -> LiveServer:
         engine = KVCacheEngine(config or make_config(), load_on_start=False)
         srv = LiveServer(engine, ServerSettings(host="127.0.0.1", port=0, token=token, **settings))
         made.append(srv)
@@ -105,7 +109,9 @@ def live_server() -> Iterator[Any]:
         srv.stop()
 
 
-def http(method: str, url: str, body: bytes | None = None, token: str | None = TOKEN, **headers: str) -> tuple[int, bytes]:
+def http(
+    method: str, url: str, body: bytes | None = None, token: str | None = TOKEN, **headers: str
+) -> tuple[int, bytes]:
     """One request with urllib; (status, body) for every status."""
     req = urllib.request.Request(url, data=body, method=method)
     if token:
@@ -147,7 +153,8 @@ class EngineProcess:
     def start(self, wait_ready: bool = True) -> EngineProcess:
         args = [
             sys.executable, "-m", "kvcache_engine.cli", "serve", "--config", str(self.config_path),
-            "--host", "127.0.0.1", "--port", str(self.port), "--token-file", str(self.token_file), *self.extra_args,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--token-file", str(self.token_file), *self.extra_args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_")}
         log = open(self.log, "a")  # noqa: SIM115 - owned by the child for its lifetime
@@ -206,7 +213,13 @@ class EngineProcess:
 
 
 def process_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
-    return {**GEOMETRY, "max_tokens": 4096, "persistence_path": str(tmp / "cache"), "persist_interval_s": 0, **overrides}
+    return {
+        **GEOMETRY,
+        "max_tokens": 4096,
+        "persistence_path": str(tmp / "cache"),
+        "persist_interval_s": 0,
+        **overrides,
+    }
 
 
 @pytest.fixture
@@ -214,8 +227,12 @@ def engine_process(tmp_path: Path) -> Iterator[Any]:
     """Factory: ``engine_process(name, **config)`` -> started EngineProcess (killed after)."""
     made: list[EngineProcess] = []
 
-    def factory(name: str = "e0", start: bool = True, extra_args: list[str] | None = None, **config: Any) -> EngineProcess:
-        proc = EngineProcess(tmp_path / name, process_config(tmp_path / name, **config), extra_args=extra_args)
+    def factory(
+        name: str = "e0", start: bool = True, extra_args: list[str] | None = None, **config: Any
+    ) -> EngineProcess:
+        proc = EngineProcess(
+            tmp_path / name, process_config(tmp_path / name, **config), extra_args=extra_args
+        )
         made.append(proc)
         return proc.start() if start else proc
 

@@ -28,10 +28,16 @@ def test_round_trip_put_lookup_get(live_server) -> None:
         assert c.put(tokens, kv, wait=True) == 10  # 42 tokens -> 10 full blocks of 4
         assert c.put(tokens, kv, wait=True) == 0  # already there
         assert c.lookup(tokens) == 40
-        assert c.lookup(tokens[:20] + [1, 2, 3, 4]) == 20  # shared prefix only
+        assert c.lookup([*tokens[:20], 1, 2, 3, 4]) == 20  # shared prefix only
         got = c.get(tokens)
         assert got is not None and torch.equal(got, kv[:, :, :40])
         assert c.lookup(tokens[:3]) == 0  # shorter than a block
+        buf = torch.empty(3, 10_000, dtype=torch.float16)  # the caller's staging memory
+        got = c.get(tokens, out=buf)
+        assert got is not None and got.data_ptr() == buf.data_ptr() and torch.equal(got, kv[:, :, :40])
+        small = torch.empty(8, dtype=torch.float16)  # too small: a new tensor instead
+        got = c.get(tokens, out=small)
+        assert got is not None and got.data_ptr() != small.data_ptr() and torch.equal(got, kv[:, :, :40])
 
 
 def test_fire_and_forget_put_then_flush(live_server) -> None:
@@ -65,14 +71,20 @@ def test_tokens_endpoints_for_curl_users(live_server) -> None:
     tokens = list(range(8))
     kv = make_kv(cfg, 8)
     payload = kv.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-    head = encode_frame_header({"tokens": tokens, "dtype": "float16", "shape": list(kv.shape), "nbytes": len(payload)})
+    head = encode_frame_header(
+        {"tokens": tokens, "dtype": "float16", "shape": list(kv.shape), "nbytes": len(payload)}
+    )
     status, body = http("POST", srv.url + "/v1/put", head + payload)
     assert status == 200 and json.loads(body)["stored_blocks"] == 2
-    assert http_json("POST", srv.url + "/v1/lookup", {"tokens": tokens}) == (200, {"cached_blocks": 2, "cached_tokens": 8})
+    assert http_json("POST", srv.url + "/v1/lookup", {"tokens": tokens}) == (
+        200,
+        {"cached_blocks": 2, "cached_tokens": 8},
+    )
 
 
 @pytest.mark.parametrize("path,method", [("/v1/lookup", "POST"), ("/v1/get", "POST"), ("/v1/put", "POST"),
-                                         ("/v1/stats", "GET"), ("/admin/persist", "POST"), ("/admin/snapshot", "GET"),
+                                         ("/v1/stats", "GET"), ("/admin/persist", "POST"),
+                                         ("/admin/snapshot", "GET"),
                                          ("/admin/config", "POST"), ("/admin/drain", "POST")])  # fmt: skip
 def test_auth_required_401_without_detail(live_server, path: str, method: str) -> None:
     srv = live_server()
@@ -91,6 +103,9 @@ def test_probes_open_by_default_and_protected_on_request(live_server) -> None:
     for path in ("/healthz", "/readyz", "/metrics"):
         assert http("GET", closed.url + path, token=None)[0] == 401
         assert http("GET", closed.url + path)[0] == 200
+
+
+PUT = {"hashes": [1], "dtype": "float16", "shape": [2, 2, 4, 2, 8], "nbytes": 512}
 
 
 def _frame(header: dict, payload: bytes) -> bytes:
@@ -113,15 +128,17 @@ def _frame(header: dict, payload: bytes) -> bytes:
         ("/v1/put", b"XXXX\x00\x00\x00\x00", 400, "magic"),
         ("/v1/put", FRAME_MAGIC + struct.pack("<I", 1 << 30), 400, "header length"),
         ("/v1/put", FRAME_MAGIC + struct.pack("<I", 100) + b"{}", 400, "truncated"),
-        ("/v1/put", _frame({"hashes": [1], "dtype": "float32", "shape": [2, 2, 4, 2, 8], "nbytes": 512}, b""), 400, "dtype"),
-        ("/v1/put", _frame({"hashes": [1], "dtype": "float16", "shape": [2, 2, 5, 2, 8], "nbytes": 640}, b""), 400, "shape"),
-        ("/v1/put", _frame({"hashes": [1], "dtype": "float16", "shape": [2, 2, 4, 2, 8], "nbytes": 512}, b"x" * 10), 400,
+        ("/v1/put", _frame({**PUT, "dtype": "float32"}, b""), 400, "dtype"),
+        ("/v1/put", _frame({**PUT, "shape": [2, 2, 5, 2, 8], "nbytes": 640}, b""), 400, "shape"),
+        ("/v1/put", _frame(PUT, b"x" * 10), 400,
          "payload"),
-        ("/v1/put", _frame({"dtype": "float16", "shape": [2, 2, 4, 2, 8], "nbytes": 512}, b"x" * 512), 400, "exactly one"),
+        ("/v1/put", _frame({k: v for k, v in PUT.items() if k != "hashes"}, b"x" * 512), 400, "exactly one"),
         ("/nope", b"", 404, "Not Found"),
     ],
 )  # fmt: skip
-def test_malformed_input_is_4xx_naming_the_problem(live_server, path, body, expect_status, expect_words) -> None:
+def test_malformed_input_is_4xx_naming_the_problem(
+    live_server, path, body, expect_status, expect_words
+) -> None:
     srv = live_server()
     status, raw = http("POST", srv.url + path, body, X_Request_Id="req-123")
     doc = json.loads(raw)
@@ -143,7 +160,9 @@ def test_stats_config_and_metric_names(live_server) -> None:
         c.put(make_tokens(8), make_kv(srv.engine.config, 8), wait=True)
         c.lookup(make_tokens(8))
     status, stats = http_json("GET", srv.url + "/v1/stats")
-    assert status == 200 and stats["num_blocks"] == 256 and stats["used_blocks"] == 2 and stats["ready"] is True
+    assert (
+        status == 200 and stats["num_blocks"] == 256 and stats["used_blocks"] == 2 and stats["ready"] is True
+    )
     status, cfg = http_json("GET", srv.url + "/v1/config")
     assert cfg["blockTokens"] == 4 and cfg["numLayers"] == 2
     text = http("GET", srv.url + "/metrics", token=None)[1].decode()
@@ -151,8 +170,9 @@ def test_stats_config_and_metric_names(live_server) -> None:
                  "kvcache_requested_tokens_total 8.0", "kvcache_requests_total", "kvcache_evictions_total",
                  "kvcache_bytes_in_total", "kvcache_bytes_out_total", "kvcache_persist_failures_total",
                  "kvcache_capacity_blocks 256.0", "kvcache_used_blocks 2.0", "kvcache_memory_pressure",
-                 "kvcache_compression_ratio", "kvcache_max_tokens 1024.0", 'kvcache_device_memory_bytes{kind="total"}',
-                 'kvcache_op_latency_ms_bucket{le="+Inf",op="lookup"} 1.0', "kvcache_http_requests_total"):  # fmt: skip
+                 "kvcache_compression_ratio", "kvcache_max_tokens 1024.0",
+                 'kvcache_device_memory_bytes{kind="total"}', "kvcache_http_requests_total",
+                 'kvcache_op_latency_ms_bucket{le="+Inf",op="lookup"} 1.0'):  # fmt: skip
         assert name in text, name
 
 

@@ -79,7 +79,7 @@ def test_restore_refuses_other_geometry_with_409(live_server, tmp_path: Path) ->
     _fill(src.url, src.engine.config, range(1))
     backup = pull_backup(src.url, TOKEN, tmp_path, keep=1)
     other = live_server(make_config(head_dim=16))
-    with pytest.raises(BackupError, match="409.*head_dim"):
+    with pytest.raises(BackupError, match=r"409.*head_dim"):
         push_backup(backup, other.url, TOKEN)
 
 

@@ -19,8 +19,8 @@ from kvcache_engine.client import (
     M_PUT_DROPPED,
     AsyncKVCacheClient,
     CacheProtocolError,
-    CacheTimeout,
-    CacheUnavailable,
+    CacheTimeoutError,
+    CacheUnavailableError,
     CircuitBreaker,
     KVCacheClient,
 )
@@ -102,7 +102,9 @@ def fake_engine() -> Iterator[Callable[..., FakeEngine]]:
 
 def http_reply(body: bytes, status: str = "200 OK", length: int | None = None) -> bytes:
     n = len(body) if length is None else length
-    return f"HTTP/1.1 {status}\r\nContent-Length: {n}\r\nContent-Type: application/json\r\n\r\n".encode() + body
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Length: {n}\r\nContent-Type: application/json\r\n\r\n".encode() + body
+    )
 
 
 def client(url: str | list[str], **kw: object) -> KVCacheClient:
@@ -125,7 +127,10 @@ TOKENS = make_tokens(64)
         ("not json", lambda _: http_reply(b"<html>")),
         ("server error", lambda _: http_reply(b'{"error": "boom"}', "503 Service Unavailable")),
         ("huge head", lambda _: b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000),
-        ("chunked", lambda _: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        (
+            "chunked",
+            lambda _: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
         ("bad frame", lambda _: http_reply(b"KVC1\x05\x00\x00\x00{}xxx")),
     ],
 )
@@ -135,7 +140,10 @@ def test_malformed_answers_degrade_to_a_miss(fake_engine, name: str, reply) -> N
         times, results = timed(lambda: (c.lookup(TOKENS), c.get(TOKENS)), 5)
         assert results == [(0, None)] * 5
         assert max(times) < 2 * DEADLINE + MARGIN  # lookup + get, each within its deadline
-    with client(fake.url, strict=True) as c, pytest.raises((CacheProtocolError, CacheTimeout, Exception)) as info:
+    with (
+        client(fake.url, strict=True) as c,
+        pytest.raises((CacheProtocolError, CacheTimeoutError, Exception)) as info,
+    ):
         c.lookup(TOKENS)
     assert type(info.value).__module__ == "kvcache_engine.client"
 
@@ -146,7 +154,7 @@ def test_slow_engine_deadline_kept(fake_engine) -> None:
         times, results = timed(lambda: c.lookup(TOKENS), 20)
     assert results == [0] * 20
     assert p99(times) <= DEADLINE + MARGIN
-    with client(fake.url, strict=True) as c, pytest.raises(CacheTimeout):
+    with client(fake.url, strict=True) as c, pytest.raises(CacheTimeoutError):
         c.lookup(TOKENS)
 
 
@@ -220,7 +228,7 @@ def test_put_queue_is_bounded_and_drops(fake_engine) -> None:
 def test_no_endpoint_and_strict_errors() -> None:
     with client("http://127.0.0.1:9") as c:  # nothing listens on the discard port
         assert c.lookup(TOKENS) == 0 and c.get(TOKENS) is None
-    with client("http://127.0.0.1:9", strict=True) as c, pytest.raises(CacheUnavailable):
+    with client("http://127.0.0.1:9", strict=True) as c, pytest.raises(CacheUnavailableError):
         c.lookup(TOKENS)
     with client("http://127.0.0.1:9") as c:
         assert c.put(TOKENS, torch.zeros(3)) in (0, 1)  # bad tensor: counted, never raised
@@ -241,13 +249,15 @@ async def test_async_client_keeps_deadlines_against_a_hanging_engine(fake_engine
         assert p99(times) <= 2 * DEADLINE + MARGIN
         assert c.breaker(fake.url).state == "open"
     async with AsyncKVCacheClient([fake.url], config=make_config(), timeout_s=DEADLINE, strict=True) as c:
-        with pytest.raises(CacheTimeout):
+        with pytest.raises(CacheTimeoutError):
             await c.lookup(TOKENS)
 
 
 def test_breaker_state_machine_with_a_fake_clock() -> None:
     now = [0.0]
-    br = CircuitBreaker("e", failure_threshold=2, reset_timeout_s=1.0, max_reset_timeout_s=3.0, clock=lambda: now[0])
+    br = CircuitBreaker(
+        "e", failure_threshold=2, reset_timeout_s=1.0, max_reset_timeout_s=3.0, clock=lambda: now[0]
+    )
     assert br.allow()
     br.record_failure()
     assert br.state == "closed"

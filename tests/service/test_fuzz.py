@@ -71,27 +71,46 @@ def _generators() -> list[Callable[[random.Random], Request]]:
         return "POST", "/v1/put", FRAME_MAGIC + struct.pack("<I", rng.randint(2**26 + 1, 2**32 - 1)), _auth()
 
     def wrong_token(rng: random.Random) -> Request:
-        headers = rng.choice([{}, {"Authorization": "Bearer nope"}, {"Authorization": TOKEN}, {"Authorization": ""}])
+        headers = rng.choice(
+            [{}, {"Authorization": "Bearer nope"}, {"Authorization": TOKEN}, {"Authorization": ""}]
+        )
         return "POST", rng.choice(["/v1/lookup", "/admin/clear", "/admin/config"]), b"{}", headers
 
     def bad_config(rng: random.Random) -> Request:
-        doc = rng.choice([{"numLayers": 3}, {"maxTokens": "big"}, {"maxTokens": -1}, {"cacheStrategy": "FIFO"},
+        doc = rng.choice([{"numLayers": 3}, {"maxTokens": "big"}, {"maxTokens": -1},
+                          {"cacheStrategy": "FIFO"},
                           {}, {"nope": 1}, {"gcThreshold": 7}])  # fmt: skip
         return "POST", "/admin/config", json.dumps(doc).encode(), _auth()
 
     def bad_stream(rng: random.Random) -> Request:
-        geometry = {k: GEOMETRY[k] for k in ("block_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype")}
+        geometry = {
+            k: GEOMETRY[k] for k in ("block_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype")
+        }
         head = encode_stream_header({"format_version": 1, "geometry": {**geometry, "namespace": "default"}})
-        tail = rng.choice([b"", b"\x05\x00", struct.pack("<Q", 50) + rng.randbytes(50), struct.pack("<Q", 2**40)])
-        return "POST", "/admin/restore", rng.choice([head[:5], head + tail, STREAM_MAGIC + b"\xff" * 4]), _auth()
+        tail = rng.choice(
+            [b"", b"\x05\x00", struct.pack("<Q", 50) + rng.randbytes(50), struct.pack("<Q", 2**40)]
+        )
+        return (
+            "POST",
+            "/admin/restore",
+            rng.choice([head[:5], head + tail, STREAM_MAGIC + b"\xff" * 4]),
+            _auth(),
+        )
 
     def bad_drain(rng: random.Random) -> Request:
         doc = rng.choice([{"targets": "x"}, {"targets": []}, {"targets": [1]}, {}, {"targets": ["http://"]}])
         return "POST", "/admin/drain", json.dumps(doc).encode(), _auth()
 
     def wrong_route(rng: random.Random) -> Request:
-        return rng.choice([("GET", "/v1/put"), ("PUT", "/v1/lookup"), ("GET", "/x" * rng.randint(1, 50)),
-                           ("DELETE", "/admin/clear")]) + (b"", _auth())  # fmt: skip
+        route = rng.choice(
+            [
+                ("GET", "/v1/put"),
+                ("PUT", "/v1/lookup"),
+                ("GET", "/x" * rng.randint(1, 50)),
+                ("DELETE", "/admin/clear"),
+            ]
+        )
+        return (*route, b"", _auth())  # fmt: skip
 
     return [truncated_put, bad_put_header, random_bytes, bad_json_fields, huge_count, huge_header_length,
             wrong_token, bad_config, bad_stream, bad_drain, wrong_route]  # fmt: skip

@@ -39,7 +39,7 @@ def test_persist_then_load_restores_identical_blocks(tmp_path: Path) -> None:
     assert src.persist() is True
     dst = make_engine(tmp_path)
     assert dst.load() == 20
-    for s, tokens in chains.items():
+    for tokens in chains.values():
         assert torch.equal(dst.get(tokens), src.get(tokens))
     assert dst.validate_cache_integrity()["is_valid"]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -115,7 +115,9 @@ def test_geometry_mismatch_refuses_naming_the_field(tmp_path: Path) -> None:
     "err,reason",
     [(errno.EACCES, "permission_denied"), (errno.EROFS, "read_only_filesystem"), (errno.ENOSPC, "disk_full")],
 )
-def test_persist_returns_false_with_reason_on_disk_errors(tmp_path: Path, monkeypatch, err: int, reason: str) -> None:
+def test_persist_returns_false_with_reason_on_disk_errors(
+    tmp_path: Path, monkeypatch, err: int, reason: str
+) -> None:
     eng = make_engine(tmp_path)
     fill(eng, range(1))
 

@@ -1,0 +1,1 @@
+"""Benchmarks: each module has ``main(argv) -> int`` and prints tables; ``python -m bench.run_all``."""

@@ -1,0 +1,406 @@
+"""The end-to-end scenarios, written once against :class:`Driver` and run on two targets:
+
+* the local cluster (``e2e.localcluster.driver.LocalDriver``): ``make test`` (fast subset) and ``make e2e``;
+* a real cluster through kubectl and helm (``e2e.kind.driver.KindDriver``): the kind workflow.
+
+Each scenario applies its own KVCache (a variant of ``crds/samples/local-demo.yaml`` under its own
+name), drives it, checks the outcome and deletes it. Everything the scenarios observe comes from
+the Kubernetes API, the engines' HTTP API or (for backups) a Job's logs, so nothing here knows
+which target runs it. Only the driver knows how to reach a pod's IP, kill a container, read logs
+and count leftover processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import yaml
+
+from e2e.localcluster.load import TraceLoad, load_trace
+from kvcache_engine.config import KVCacheConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "crds" / "samples" / "local-demo.yaml"
+T = TypeVar("T")
+
+# Children every KVCache of the sample has (kind, name suffix); the data PVCs are per replica.
+CHILDREN = (("StatefulSet", ""), ("Service", ""), ("Service", "-headless"), ("ConfigMap", "-config"),
+            ("ConfigMap", "-connection"), ("Secret", "-token"), ("PodDisruptionBudget", ""),
+            ("CronJob", "-backup"))
+
+
+class Driver(Protocol):
+    """What a scenario needs from a cluster. ``apply`` raises ValueError with the server's message."""
+
+    namespace: str
+    engine_image: str | None
+
+    def apply(self, manifest: Mapping[str, Any]) -> None: ...
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None: ...
+
+    def list(self, kind: str, selector: Mapping[str, str] | None = None) -> list[dict[str, Any]]: ...
+
+    def patch(self, kind: str, name: str, patch: Mapping[str, Any]) -> None: ...
+
+    def delete(self, kind: str, name: str) -> None: ...
+
+    def wait_for(self, predicate: Callable[[], T], timeout_s: float, what: str) -> T: ...
+
+    def endpoint(self, pod: Mapping[str, Any]) -> str:
+        """``http://host:port`` reaching this pod's engine from the test process."""
+        ...
+
+    def kill_engine(self, pod: str) -> None:
+        """``kill -9`` of the engine process of ``pod`` (the container, not the pod)."""
+        ...
+
+    def job_logs(self, job: str) -> str: ...
+
+    def run_cronjob(self, cronjob: str) -> str:
+        """``kubectl create job --from=cronjob/<cronjob>``; the Job's name."""
+        ...
+
+    def engine_processes(self, name: str) -> list[int]:
+        """PIDs of KVCache ``name``'s engine processes still running (where the driver sees them, else [])."""
+        ...
+
+
+# --------------------------------------------------------------------------------------- manifests
+
+
+def kvcache_manifest(name: str, driver: Driver, **spec_changes: Any) -> dict[str, Any]:
+    """The sample under ``name`` with top-level spec sections replaced/merged by ``spec_changes``."""
+    doc: dict[str, Any] = yaml.safe_load(SAMPLE.read_text())
+    doc["metadata"] = {"name": name, "namespace": driver.namespace}
+    for key, value in spec_changes.items():
+        if isinstance(value, dict) and isinstance(doc["spec"].get(key), dict):
+            doc["spec"][key] = {**doc["spec"][key], **value}
+        else:
+            doc["spec"][key] = value
+    if driver.engine_image:
+        doc["spec"]["image"] = driver.engine_image
+        doc["spec"]["imagePullPolicy"] = "Never"
+    return doc
+
+
+def engine_config(manifest: Mapping[str, Any]) -> KVCacheConfig:
+    return KVCacheConfig.model_validate(manifest["spec"]["cache"])
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def condition(obj: Mapping[str, Any] | None, ctype: str) -> str | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == ctype:
+            return str(cond.get("status"))
+    return None
+
+
+def engine_pods(driver: Driver, name: str) -> list[dict[str, Any]]:
+    selector = {"app.kubernetes.io/instance": name, "app.kubernetes.io/component": "engine"}
+    return sorted(driver.list("Pod", selector), key=lambda p: p["metadata"]["name"])
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def ready_endpoints(driver: Driver, name: str) -> list[str]:
+    return [driver.endpoint(p) for p in engine_pods(driver, name) if pod_ready(p)]
+
+
+def token(driver: Driver, name: str) -> str:
+    secret = driver.get("Secret", f"{name}-token")
+    assert secret is not None, f"secret {name}-token missing"
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+def http_json(url: str, tok: str, method: str = "GET", body: Any = None, timeout_s: float = 10.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def engine_counters(driver: Driver, name: str) -> dict[str, int]:
+    """Sum over the ready engines of their own lookup counters (GET /v1/stats)."""
+    tok = token(driver, name)
+    total = {"hit_tokens": 0, "requested_tokens": 0, "requests": 0}
+    for url in ready_endpoints(driver, name):
+        stats = http_json(f"{url}/v1/stats", tok)
+        for key in total:
+            total[key] += int(stats[key])
+    return total
+
+
+def wait_ready(driver: Driver, name: str, replicas: int, timeout_s: float = 120.0) -> dict[str, Any]:
+    """KVCache Ready=True with ``replicas`` ready engines, each answering /readyz."""
+
+    def ready() -> dict[str, Any] | None:
+        kvc = driver.get("KVCache", name)
+        status = (kvc or {}).get("status") or {}
+        if condition(kvc, "Ready") != "True" or status.get("readyReplicas") != replicas:
+            return None
+        urls = ready_endpoints(driver, name)
+        if len(urls) != replicas:
+            return None
+        for url in urls:
+            try:
+                urllib.request.urlopen(f"{url}/readyz", timeout=2).close()
+            except OSError:
+                return None
+        return kvc
+
+    return driver.wait_for(ready, timeout_s, f"KVCache {name} Ready with {replicas} engines")
+
+
+@contextmanager
+def running_load(driver: Driver, name: str, manifest: Mapping[str, Any], **kwargs: Any) -> Iterator[TraceLoad]:
+    load = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
+                     engine_config(manifest), **kwargs)
+    load.start()
+    try:
+        yield load
+    finally:
+        load.stop()
+
+
+def decisions(driver: Driver, name: str, kind: str) -> list[dict[str, Any]]:
+    kvc = driver.get("KVCache", name)
+    return [d for d in ((kvc or {}).get("status") or {}).get("decisions") or [] if d.get("kind") == kind]
+
+
+# ----------------------------------------------------------------------------------------- scenarios
+
+
+def create_ready(driver: Driver, name: str, replicas: int = 2, **spec: Any) -> dict[str, Any]:
+    """Apply a sample variant and wait until it is Ready with ``replicas`` engines serving."""
+    manifest = kvcache_manifest(name, driver, replicas=replicas, **spec)
+    driver.apply(manifest)
+    wait_ready(driver, name, replicas)
+    backups = manifest["spec"].get("backup", {}).get("enabled", False)
+    for kind, suffix in CHILDREN:
+        if kind != "CronJob" or backups:
+            assert driver.get(kind, name + suffix) is not None, f"{kind} {name}{suffix} missing"
+    return manifest
+
+
+def hit_rate_matches_engine_counters(driver: Driver, name: str, manifest: Mapping[str, Any]) -> None:
+    """Replayed trace → what the client saw equals the engines' counters; status.hitRate agrees.
+
+    Phase 1 replays the trace with puts: the lookups the client made are exactly what the
+    engines counted. Phase 2 cycles lookups over a fixed slice of the trace (no puts: the cache
+    does not change), so every scrape window has the same hit rate, which the status must show.
+    """
+    before = engine_counters(driver, name)
+    load = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
+                     engine_config(manifest), rate_rps=0, limit=700, loop=False)
+    seen = load.run()  # the trace reuses a prefix ~400 requests later (median): 700 give some hits
+    after = engine_counters(driver, name)
+    assert seen["requests"] == 700
+    assert after["requested_tokens"] - before["requested_tokens"] == seen["requested_tokens"]
+    assert after["hit_tokens"] - before["hit_tokens"] == seen["hit_tokens"]
+    assert 0 < seen["hit_tokens"] < seen["requested_tokens"]
+
+    # Two requests in turn: the last one stored (every block cached) and one whose chain was never
+    # stored. The pair's hit rate is fixed, so every scrape window of the operator sees the same.
+    trace = load_trace()
+    known = {block for ids in trace[:700] for block in ids}
+    fresh = next(ids for ids in trace[700:] if ids[0] not in known)
+    steady = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
+                       engine_config(manifest), rate_rps=40, puts=False)
+    steady.trace = [trace[699], fresh]
+    start = engine_counters(driver, name)
+    with_status: list[float] = []
+    steady.start()
+    try:
+        time.sleep(8)  # > 3 scrape intervals (2 s in the sample): the operator's window is all steady load
+        for _ in range(2):
+            rate = ((driver.get("KVCache", name) or {}).get("status") or {}).get("hitRate")
+            with_status.append(-1.0 if rate is None else float(rate))
+            time.sleep(2.5)
+    finally:
+        steady.stop()
+    end = engine_counters(driver, name)
+    engines_rate = (end["hit_tokens"] - start["hit_tokens"]) / (end["requested_tokens"] - start["requested_tokens"])
+    assert 0.0 < engines_rate < 1.0, engines_rate  # a real mix of hits and misses
+    assert all(abs(r - engines_rate) <= 0.05 for r in with_status), (with_status, engines_rate)
+
+
+def delete_cleans_up(driver: Driver, name: str, *, data_pvcs_kept: bool, backup_pvc_kept: bool,
+                     replicas: int) -> None:
+    """Delete → every child and engine process gone; PVCs per the retention policy."""
+    driver.delete("KVCache", name)
+
+    def gone() -> bool:
+        if driver.get("KVCache", name) is not None or engine_pods(driver, name):
+            return False
+        return all(driver.get(kind, name + suffix) is None for kind, suffix in CHILDREN)
+
+    driver.wait_for(gone, 60, f"every child of {name} gone")
+    driver.wait_for(lambda: not driver.engine_processes(name), 30, "engine processes gone")
+    claims = {p["metadata"]["name"] for p in driver.list("PersistentVolumeClaim")}
+    data = {f"data-{name}-{i}" for i in range(replicas)}
+    assert (data <= claims) == data_pvcs_kept and (not data & claims) == (not data_pvcs_kept), claims
+    assert (f"{name}-backups" in claims) == backup_pvc_kept, claims
+
+
+def scale_out_on_pressure(driver: Driver, name: str) -> None:
+    """Sustained pressure → a Scale decision applied, chains re-sharded, hit rate recovers."""
+    manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Auto", "maxReplicas": 2},
+                            tuning={"mode": "Off"})
+    with running_load(driver, name, manifest, rate_rps=40) as load:
+        driver.wait_for(lambda: decisions(driver, name, "Scale"), 120, "a Scale decision")
+        wait_ready(driver, name, 2, timeout_s=90)
+        at_scale = load.stats.snapshot()
+        time.sleep(15)  # the client now routes chains by rendezvous over two replicas
+        later = load.stats.snapshot()
+    tok = token(driver, name)
+    used = [http_json(f"{url}/v1/stats", tok)["used_blocks"] for url in ready_endpoints(driver, name)]
+    assert all(u > 0 for u in used), f"a replica holds no chains after the re-shard: {used}"
+    window_hits = later["hit_tokens"] - at_scale["hit_tokens"]
+    window_req = later["requested_tokens"] - at_scale["requested_tokens"]
+    assert window_req > 0 and window_hits / window_req > 0.0
+    decision = decisions(driver, name, "Scale")[0]
+    assert "memory pressure" in decision.get("reason", ""), decision
+    sts = driver.get("StatefulSet", name)
+    assert sts is not None and sts["spec"]["replicas"] == 2
+    assert driver.get("KVCache", name)["spec"]["replicas"] == 1  # the operator never rewrites spec
+    delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=True, replicas=2)
+
+
+def tuning_enables_compression_live(driver: Driver, name: str) -> None:
+    """Tuning Auto under pressure → compression enabled on the running engines, no restart."""
+    manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"},
+                            tuning={"mode": "Auto", "intervalSeconds": 30})
+    pod_before = engine_pods(driver, name)[0]
+    with running_load(driver, name, manifest, rate_rps=40):
+        driver.wait_for(lambda: decisions(driver, name, "Tune"), 150, "a Tune decision")
+        url = ready_endpoints(driver, name)[0]
+        driver.wait_for(lambda: http_json(f"{url}/v1/config", token(driver, name)).get("useCompression"), 30,
+                        "compression on in the engine")
+    pod_after = engine_pods(driver, name)[0]
+    assert pod_after["metadata"]["uid"] == pod_before["metadata"]["uid"]
+    assert pod_after["status"]["containerStatuses"][0]["restartCount"] == 0
+    stats = http_json(f"{driver.endpoint(pod_after)}/v1/stats", token(driver, name))
+    assert stats["codec"] in ("int8", "int4")
+    delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=True, replicas=1)
+
+
+def kill_9_reloads_from_pvc(driver: Driver, name: str) -> None:
+    """kill -9 of an engine → restarted by the kubelet, its persisted cache reloaded (hits right after)."""
+    manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"})
+    load = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
+                     engine_config(manifest), rate_rps=0, limit=60, loop=False)
+    load.run()
+    time.sleep(7)  # persistIntervalSeconds is 5 in the sample: at least one persist has run
+    pod = engine_pods(driver, name)[0]
+    driver.kill_engine(pod["metadata"]["name"])
+    driver.wait_for(lambda: (engine_pods(driver, name)[0]["status"]["containerStatuses"][0]["restartCount"] == 1
+                             and pod_ready(engine_pods(driver, name)[0])), 60, "engine restarted and ready")
+    replay = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
+                       engine_config(manifest), rate_rps=0, limit=60, loop=False, puts=False)
+    seen = replay.run()
+    assert seen["hit_tokens"] > 0, "nothing was reloaded from the PVC"
+    delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=True, replicas=1)
+
+
+def job_succeeded(driver: Driver, job: str) -> bool | None:
+    obj = driver.get("Job", job)
+    if condition(obj, "Complete") == "True":
+        return True
+    if condition(obj, "Failed") == "True":
+        return False
+    return None
+
+
+def run_job(driver: Driver, manifest: Mapping[str, Any], timeout_s: float = 120) -> str:
+    driver.apply(manifest)
+    job = str(manifest["metadata"]["name"])
+    ok = driver.wait_for(lambda: job_succeeded(driver, job) is not None, timeout_s, f"job {job} finished")
+    assert job_succeeded(driver, job), f"job {job} failed:\n{driver.job_logs(job)}"
+    return driver.job_logs(job)
+
+
+def tool_job(driver: Driver, name: str, script: str, *, claim: str, token_secret: str | None = None,
+             image: str | None = None) -> dict[str, Any]:
+    """A one-pod Job running ``script`` in the engine image with the backup PVC at /backups."""
+    mounts = [{"name": "backups", "mountPath": "/backups"}]
+    volumes: list[dict[str, Any]] = [{"name": "backups", "persistentVolumeClaim": {"claimName": claim}}]
+    if token_secret:
+        mounts.append({"name": "token", "mountPath": "/var/run/kvcache/token", "readOnly": True})
+        volumes.append({"name": "token", "secret": {"secretName": token_secret}})
+    container = {"name": "tool", "image": image or "ghcr.io/kvcache-operator/kvcache-engine:0.1.0",
+                 "imagePullPolicy": "Never" if image else "IfNotPresent",
+                 "command": ["sh", "-c", script], "volumeMounts": mounts}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": driver.namespace},
+            "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [container],
+                                                              "volumes": volumes}}}}
+
+
+def backup_and_restore(driver: Driver, name: str) -> None:
+    """Backup CronJob run on demand → a verified backup in the backup PVC → restored into a fresh KVCache."""
+    manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"})
+    load = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
+                     engine_config(manifest), rate_rps=0, limit=60, loop=False)
+    load.run()
+    job = driver.run_cronjob(f"{name}-backup")
+    driver.wait_for(lambda: job_succeeded(driver, job) is not None, 120, f"backup job {job}")
+    assert job_succeeded(driver, job), driver.job_logs(job)
+    claim = f"{name}-backups"
+    listing = run_job(driver, tool_job(driver, f"{name}-ls", f"ls -1 /backups/{name}-0", claim=claim,
+                                       image=driver.engine_image))
+    backups = sorted(line for line in listing.split() if line and not line.startswith("."))
+    assert backups, f"no backup in /backups/{name}-0: {listing!r}"
+    run_job(driver, tool_job(driver, f"{name}-check", f"kvcache-engine validate /backups/{name}-0/{backups[-1]}",
+                             claim=claim, image=driver.engine_image))
+
+    fresh = f"{name}-restored"
+    fresh_manifest = create_ready(driver, fresh, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"},
+                                  backup={"enabled": False})
+    url = f"http://{fresh}-0.{fresh}-headless.{driver.namespace}.svc:8080"
+    restore = (f"kvcache-engine restore --from /backups/{name}-0/{backups[-1]} --url {url} "
+               f"--token-file /var/run/kvcache/token/token")
+    run_job(driver, tool_job(driver, f"{fresh}-restore", restore, claim=claim, token_secret=f"{fresh}-token",
+                             image=driver.engine_image))
+    replay = TraceLoad(lambda: ready_endpoints(driver, fresh), lambda: token(driver, fresh),
+                       engine_config(fresh_manifest), rate_rps=0, limit=60, loop=False, puts=False)
+    assert replay.run()["hit_tokens"] > 0, "the restored KVCache has none of the backed-up prefixes"
+    for job_name in (f"{name}-ls", f"{name}-check", f"{fresh}-restore"):
+        driver.delete("Job", job_name)
+    delete_cleans_up(driver, fresh, data_pvcs_kept=False, backup_pvc_kept=False, replicas=1)
+    delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=True, replicas=1)
+    driver.delete("PersistentVolumeClaim", claim)
+
+
+def invalid_manifest_rejected(driver: Driver, name: str) -> None:
+    """The API server rejects an invalid KVCache and its message names the field."""
+    bad = kvcache_manifest(name, driver, autoscaling={"mode": "Auto", "minReplicas": 3, "maxReplicas": 2})
+    try:
+        driver.apply(bad)
+    except ValueError as exc:
+        assert "spec.autoscaling.minReplicas" in str(exc), str(exc)
+    else:
+        raise AssertionError("an invalid KVCache was accepted")
+    typo = kvcache_manifest(name, driver)
+    typo["spec"]["cache"]["maxTokenz"] = 5
+    try:
+        driver.apply(typo)
+    except ValueError as exc:
+        assert "maxTokenz" in str(exc), str(exc)
+    else:
+        raise AssertionError("a KVCache with an unknown field was accepted")
+    assert driver.get("KVCache", name) is None
