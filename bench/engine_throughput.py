@@ -5,7 +5,10 @@ head_dim 128, 16 tokens, fp16: 2 MiB per block), per codec.
 
 Each figure is the best of 3 runs. put: chains of ``--chain`` new blocks (encode + checksum +
 copy into the preallocated pool); lookup: the same prompts (hashing + index walk); get: decode
-of the cached prefix into a fresh ``[2, L, n, H, D]`` tensor. GB/s counts fp16 KV bytes moved through the API.
+of the cached prefix into a fresh ``[2, L, n, H, D]`` tensor.
+Threads: on a loaded 2-core host, torch's intra-op pool turns a 2 MiB copy from ~40 GB/s (one
+thread) into <1 GB/s (two threads spinning against other processes), so the default is one.
+GB/s counts fp16 KV bytes moved through the API.
 """
 
 from __future__ import annotations
@@ -82,8 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=128, help="blocks stored per codec (2 MiB each)")
     parser.add_argument("--chain", type=int, default=8, help="blocks per prompt")
     parser.add_argument("--codecs", default="none,int8,int4")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: see the module docstring)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows = [run(c.strip(), args.blocks, args.chain) for c in args.codecs.split(",") if c.strip()]
     if args.json:
         for row in rows:

@@ -10,7 +10,8 @@ Llama-8B-shaped block (32 layers, 8 KV heads, head_dim 128, 16 tokens, fp16: 2 M
 3. an engine on CUDA with a CPU tier: puts that demote, lookups that promote (prefetch), a
    bit-exact round trip and a clean integrity check;
 4. int8/int4/fp8 encode, decode and encode+decode GB/s of fp16 input (target >= 200 GB/s).
-``http_gpu_tier_hook`` is where the service benchmarks drive the same tier through HTTP.
+5. a real ``kvcache-engine serve`` on CUDA with a CPU tier, driven through KVCacheClient over HTTP:
+   a 64-block chain larger than the GPU tier, put and read back bit-exact, GB/s both ways.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def bench_engine_tier(gpu_blocks: int = 64, cpu_blocks: int = 256) -> list[dict[
         engine.close()
 
 
-def bench_codecs(blocks: int) -> list[dict[str, Any]]:
+def bench_codecs(blocks: int, codecs: Sequence[str] = ("int8", "int4")) -> list[dict[str, Any]]:
     """Encode/decode GB/s of fp16 input for each lossy codec, on a batch of blocks."""
     from kvcache_engine.compression import make_codec, relative_error
 
@@ -184,7 +185,7 @@ def bench_codecs(blocks: int) -> list[dict[str, Any]]:
     )
     kv = kv.half()
     nbytes = kv.numel() * 2
-    for name in ("int8", "int4", "fp8"):
+    for name in codecs:
         codec = make_codec(name, **g)
         t0 = time.perf_counter()
         payload = codec.encode_batch(kv)
@@ -210,15 +211,117 @@ def bench_codecs(blocks: int) -> list[dict[str, Any]]:
 
 
 def http_gpu_tier_hook(base_url: str, token: str | None = None) -> list[dict[str, Any]]:
-    """Drive a running engine's GPU tier over HTTP. Today: read its device figures from
-    /v1/stats. The service benchmarks extend this with put/get traffic through the client."""
+    """Read a running engine's device and tier figures from /v1/stats."""
     request = urllib.request.Request(f"{base_url.rstrip('/')}/v1/stats")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=10) as response:
         stats = json.load(response)
-    keys = ("device", "num_blocks", "used_blocks", "cpu_tier_blocks", "demotions", "promotions", "prefetches")
-    return [{"bench": "http engine GPU tier", **{k: stats.get(k) for k in keys}}]
+    keys = (
+        "device",
+        "num_blocks",
+        "used_blocks",
+        "cpu_tier_blocks",
+        "cpu_tier_used_blocks",
+        "demotions",
+        "promotions",
+        "prefetches",
+    )
+    return [{"bench": "http engine GPU tier (stats)", **{k: stats.get(k) for k in keys}}]
+
+
+def bench_http_gpu_tier(chain_blocks: int = 64, gpu_blocks: int = 48) -> list[dict[str, Any]]:
+    """Start a real ``kvcache-engine serve`` on CUDA with a pinned CPU tier behind it, then put and get
+    a ``chain_blocks`` chain (Llama-8B blocks, 2 MiB) through KVCacheClient: the chain is larger
+    than the GPU tier, so the put demotes and the get reads both tiers. Bit-exact check included."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from kvcache_engine.client import KVCacheClient
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    block_tokens = LLAMA8B["block_tokens"]
+    env = {
+        **os.environ,
+        "KVCACHE_DEVICE": "cuda",
+        "KVCACHE_NUM_LAYERS": str(LLAMA8B["num_layers"]),
+        "KVCACHE_NUM_KV_HEADS": str(LLAMA8B["num_kv_heads"]),
+        "KVCACHE_HEAD_DIM": str(LLAMA8B["head_dim"]),
+        "KVCACHE_BLOCK_TOKENS": str(block_tokens),
+        "KVCACHE_MAX_TOKENS": str(gpu_blocks * block_tokens),
+        "KVCACHE_CPU_TIER_TOKENS": str(4 * chain_blocks * block_tokens),
+        "KVCACHE_ENABLE_PREFETCH": "true",
+        "KVCACHE_CACHE_STRATEGY": "LRU",
+        "KVCACHE_ENABLE_GC": "false",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = os.path.join(tmp, "token")
+        with open(token_file, "w") as fh:
+            fh.write("gpu-bench-token")
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvcache_engine.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--token-file",
+            token_file,
+        ]
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(url, timeout_s=120)
+            client = KVCacheClient([url], token="gpu-bench-token", timeout_s=30.0, strict=True)
+            tokens = list(range(chain_blocks * block_tokens))
+            shape = (2, LLAMA8B["num_layers"], len(tokens), LLAMA8B["num_kv_heads"], LLAMA8B["head_dim"])
+            kv = torch.randn(shape, dtype=torch.float16)
+            nbytes = kv.numel() * kv.element_size()
+            t0 = time.perf_counter()
+            client.put(tokens, kv, wait=True)
+            put_s = time.perf_counter() - t0
+            got = client.get(tokens)  # warm
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                got = client.get(tokens)
+                times.append(time.perf_counter() - t0)
+            get_s = sorted(times)[len(times) // 2]
+            exact = got is not None and got.shape == kv.shape and bool(torch.equal(got, kv))
+            client.close()
+            rows = [
+                {
+                    "bench": f"http put+get {chain_blocks}x2MiB chain (GPU {gpu_blocks} blocks + CPU tier)",
+                    "put_GBps": nbytes / put_s / 1e9,
+                    "get_GBps": nbytes / get_s / 1e9,
+                    "bit_exact": exact,
+                }
+            ]
+            rows += http_gpu_tier_hook(url, "gpu-bench-token")
+            return rows
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"engine at {url} not ready after {timeout_s}s")
 
 
 def _print(rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -249,21 +352,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--url", help="also drive a running engine over HTTP (http_gpu_tier_hook)")
     parser.add_argument("--token", help="bearer token for --url")
+    parser.add_argument("--codecs", default="int8,int4", help="codecs to time (int8,int4,fp8)")
+    parser.add_argument("--eager", action="store_true", help="run the codecs without torch.compile")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.gpu: no CUDA GPU on this host; nothing to measure")
         return 0
+    if args.eager:
+        from kvcache_engine import compression
+
+        compression.COMPILE_ON_CUDA = False
     sections: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         ("transfers", lambda: bench_transfers(args.blocks)),
         ("engine tier", bench_engine_tier),
-        ("codecs", lambda: bench_codecs(min(args.blocks, 64))),
+        ("codecs", lambda: bench_codecs(min(args.blocks, 64), args.codecs.split(","))),
     ]
+    sections.append(("http GPU tier", bench_http_gpu_tier))
     if args.url:
-        sections.append(("http", lambda: http_gpu_tier_hook(args.url, args.token)))
+        sections.append(("http (--url)", lambda: http_gpu_tier_hook(args.url, args.token)))
     rows: list[dict[str, Any]] = []
     failed = 0
     for name, section in sections:
+        print(f"bench.gpu: {name} ...", flush=True)
         try:
             rows += section()
         except Exception as exc:  # keep measuring the other sections; report this one

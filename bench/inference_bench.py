@@ -10,7 +10,7 @@ float32 by transformers) on the CPU:
 (e) ``process_batch_optimized(requests, batch_size=20)`` requests/s on 40 requests sharing a
     512-token system prompt, vs the same requests one by one with the cache cleared before each.
 
-Run: ``python -m bench.inference_bench [--reps N] [--json]``.
+Run: ``python -m bench.inference_bench [--reps N] [--threads N] [--json]``.
 """
 
 from __future__ import annotations
@@ -164,11 +164,9 @@ def bench_via_server(model: Any, tokenizer: Any, reps: int) -> dict[str, Any]:
                 generate_with_cache(
                     model, tokenizer, writer, shared + suffixes[0], max_new_tokens=1
                 )  # warm-up
-                for i in range(1, reps + 1):  # uncached: prompts with a never-seen first block
-                    fresh = [tokenizer.eos_token_id] * 16 * i + shared[16 * i :] + suffixes[i]
-                    out = generate_with_cache(
-                        model, tokenizer, writer, fresh[:PROMPT_TOKENS], max_new_tokens=1
-                    )
+                for i in range(1, reps + 1):  # uncached: a first token no other prompt starts with
+                    fresh = [(shared[0] + i) % len(tokenizer), *shared[1:], *suffixes[i]]
+                    out = generate_with_cache(model, tokenizer, writer, fresh, max_new_tokens=1)
                     assert out.cached_tokens == 0, out
                     uncached.append(out.ttft_ms)
                 writer.client.flush(30)
@@ -257,7 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="timed runs per case (median reported)")
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON too")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default, one per core)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        # On a shared, loaded machine one thread is steadier: a parallel op waits for its
+        # slowest thread, and a descheduled thread stalls every small elementwise op.
+        torch.set_num_threads(args.threads)
     results = run(args.reps)
     render(results)
     if args.json:

@@ -17,6 +17,8 @@ BENCHES: list[str] = [
     "bench.engine_throughput",
     "bench.gpu",
     "bench.service_bench",
+    "bench.operator_bench",
+    "bench.inference_bench",
 ]
 
 

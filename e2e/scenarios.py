@@ -13,6 +13,7 @@ and count leftover processes.
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 import time
 import urllib.request
@@ -31,9 +32,16 @@ SAMPLE = REPO / "crds" / "samples" / "local-demo.yaml"
 T = TypeVar("T")
 
 # Children every KVCache of the sample has (kind, name suffix); the data PVCs are per replica.
-CHILDREN = (("StatefulSet", ""), ("Service", ""), ("Service", "-headless"), ("ConfigMap", "-config"),
-            ("ConfigMap", "-connection"), ("Secret", "-token"), ("PodDisruptionBudget", ""),
-            ("CronJob", "-backup"))
+CHILDREN = (
+    ("StatefulSet", ""),
+    ("Service", ""),
+    ("Service", "-headless"),
+    ("ConfigMap", "-config"),
+    ("ConfigMap", "-connection"),
+    ("Secret", "-token"),
+    ("PodDisruptionBudget", ""),
+    ("CronJob", "-backup"),
+)
 
 
 class Driver(Protocol):
@@ -46,13 +54,13 @@ class Driver(Protocol):
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None: ...
 
-    def list(self, kind: str, selector: Mapping[str, str] | None = None) -> list[dict[str, Any]]: ...
+    def list(self, kind: str, selector: Mapping[str, str] | None = None) -> builtins.list[dict[str, Any]]: ...
 
     def patch(self, kind: str, name: str, patch: Mapping[str, Any]) -> None: ...
 
     def delete(self, kind: str, name: str) -> None: ...
 
-    def wait_for(self, predicate: Callable[[], T], timeout_s: float, what: str) -> T: ...
+    def wait_for(self, predicate: Callable[[], T | None], timeout_s: float, what: str) -> T: ...
 
     def endpoint(self, pod: Mapping[str, Any]) -> str:
         """``http://host:port`` reaching this pod's engine from the test process."""
@@ -68,7 +76,7 @@ class Driver(Protocol):
         """``kubectl create job --from=cronjob/<cronjob>``; the Job's name."""
         ...
 
-    def engine_processes(self, name: str) -> list[int]:
+    def engine_processes(self, name: str) -> builtins.list[int]:
         """PIDs of KVCache ``name``'s engine processes still running (where the driver sees them, else [])."""
         ...
 
@@ -113,8 +121,10 @@ def engine_pods(driver: Driver, name: str) -> list[dict[str, Any]]:
 def pod_ready(pod: Mapping[str, Any]) -> bool:
     if pod["metadata"].get("deletionTimestamp"):
         return False
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
 
 
 def ready_endpoints(driver: Driver, name: str) -> list[str]:
@@ -129,8 +139,12 @@ def token(driver: Driver, name: str) -> str:
 
 def http_json(url: str, tok: str, method: str = "GET", body: Any = None, timeout_s: float = 10.0) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return json.loads(resp.read())
 
@@ -168,9 +182,12 @@ def wait_ready(driver: Driver, name: str, replicas: int, timeout_s: float = 120.
 
 
 @contextmanager
-def running_load(driver: Driver, name: str, manifest: Mapping[str, Any], **kwargs: Any) -> Iterator[TraceLoad]:
-    load = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
-                     engine_config(manifest), **kwargs)
+def running_load(
+    driver: Driver, name: str, manifest: Mapping[str, Any], **kwargs: Any
+) -> Iterator[TraceLoad]:
+    load = TraceLoad(
+        lambda: ready_endpoints(driver, name), lambda: token(driver, name), engine_config(manifest), **kwargs
+    )
     load.start()
     try:
         yield load
@@ -206,8 +223,14 @@ def hit_rate_matches_engine_counters(driver: Driver, name: str, manifest: Mappin
     does not change), so every scrape window has the same hit rate, which the status must show.
     """
     before = engine_counters(driver, name)
-    load = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
-                     engine_config(manifest), rate_rps=0, limit=700, loop=False)
+    load = TraceLoad(
+        lambda: ready_endpoints(driver, name),
+        lambda: token(driver, name),
+        engine_config(manifest),
+        rate_rps=0,
+        limit=700,
+        loop=False,
+    )
     seen = load.run()  # the trace reuses a prefix ~400 requests later (median): 700 give some hits
     after = engine_counters(driver, name)
     assert seen["requests"] == 700
@@ -220,8 +243,13 @@ def hit_rate_matches_engine_counters(driver: Driver, name: str, manifest: Mappin
     trace = load_trace()
     known = {block for ids in trace[:700] for block in ids}
     fresh = next(ids for ids in trace[700:] if ids[0] not in known)
-    steady = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
-                       engine_config(manifest), rate_rps=40, puts=False)
+    steady = TraceLoad(
+        lambda: ready_endpoints(driver, name),
+        lambda: token(driver, name),
+        engine_config(manifest),
+        rate_rps=40,
+        puts=False,
+    )
     steady.trace = [trace[699], fresh]
     start = engine_counters(driver, name)
     with_status: list[float] = []
@@ -235,13 +263,16 @@ def hit_rate_matches_engine_counters(driver: Driver, name: str, manifest: Mappin
     finally:
         steady.stop()
     end = engine_counters(driver, name)
-    engines_rate = (end["hit_tokens"] - start["hit_tokens"]) / (end["requested_tokens"] - start["requested_tokens"])
+    engines_rate = (end["hit_tokens"] - start["hit_tokens"]) / (
+        end["requested_tokens"] - start["requested_tokens"]
+    )
     assert 0.0 < engines_rate < 1.0, engines_rate  # a real mix of hits and misses
     assert all(abs(r - engines_rate) <= 0.05 for r in with_status), (with_status, engines_rate)
 
 
-def delete_cleans_up(driver: Driver, name: str, *, data_pvcs_kept: bool, backup_pvc_kept: bool,
-                     replicas: int) -> None:
+def delete_cleans_up(
+    driver: Driver, name: str, *, data_pvcs_kept: bool, backup_pvc_kept: bool, replicas: int
+) -> None:
     """Delete → every child and engine process gone; PVCs per the retention policy."""
     driver.delete("KVCache", name)
 
@@ -258,40 +289,85 @@ def delete_cleans_up(driver: Driver, name: str, *, data_pvcs_kept: bool, backup_
     assert (f"{name}-backups" in claims) == backup_pvc_kept, claims
 
 
+def working_set(blocks: int) -> list[list[int]]:
+    """The first trace requests holding about ``blocks`` distinct blocks (a loop over them is a
+    working set: with less capacity LRU evicts exactly what comes next, with enough it all hits)."""
+    out: list[list[int]] = []
+    seen: set[int] = set()
+    for ids in load_trace():
+        if len(seen | set(ids)) > blocks:
+            break
+        out.append(ids)
+        seen |= set(ids)
+    return out
+
+
+def window_hit_rate(before: Mapping[str, float], after: Mapping[str, float]) -> float:
+    requested = after["requested_tokens"] - before["requested_tokens"]
+    return (after["hit_tokens"] - before["hit_tokens"]) / requested if requested else 0.0
+
+
 def scale_out_on_pressure(driver: Driver, name: str) -> None:
-    """Sustained pressure → a Scale decision applied, chains re-sharded, hit rate recovers."""
-    manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Auto", "maxReplicas": 2},
-                            tuning={"mode": "Off"})
-    with running_load(driver, name, manifest, rate_rps=40) as load:
+    """Sustained pressure → a Scale decision applied, chains re-sharded, hit rate recovers.
+
+    The load loops over a working set of ~1.3x one replica's capacity: on one replica LRU thrashes
+    (hit rate ~0, pressure ~1), which is exactly the operator's scale-out signal. With two replicas
+    the client re-shards the chains by rendezvous and the set fits: the hit rate recovers.
+    """
+    manifest = create_ready(
+        driver, name, replicas=1, autoscaling={"mode": "Auto", "maxReplicas": 2}, tuning={"mode": "Off"}
+    )
+    capacity = engine_config(manifest).num_blocks()
+    load = TraceLoad(
+        lambda: ready_endpoints(driver, name),
+        lambda: token(driver, name),
+        engine_config(manifest),
+        rate_rps=60,
+    )
+    load.trace = working_set(capacity * 13 // 10)
+    load.start()
+    try:
+        time.sleep(4)
+        thrashing_from = load.stats.snapshot()
         driver.wait_for(lambda: decisions(driver, name, "Scale"), 120, "a Scale decision")
+        thrashing = window_hit_rate(thrashing_from, load.stats.snapshot())
         wait_ready(driver, name, 2, timeout_s=90)
-        at_scale = load.stats.snapshot()
-        time.sleep(15)  # the client now routes chains by rendezvous over two replicas
-        later = load.stats.snapshot()
+        time.sleep(8)  # the client picked up the new endpoint; one pass re-stores the moved chains
+        recovered_from = load.stats.snapshot()
+        time.sleep(8)
+        recovered = window_hit_rate(recovered_from, load.stats.snapshot())
+    finally:
+        load.stop()
+    assert thrashing < 0.2, f"one replica should thrash on this working set: hit rate {thrashing:.2f}"
+    assert recovered > 0.8, f"hit rate did not recover after scale-out: {thrashing:.2f} -> {recovered:.2f}"
     tok = token(driver, name)
     used = [http_json(f"{url}/v1/stats", tok)["used_blocks"] for url in ready_endpoints(driver, name)]
-    assert all(u > 0 for u in used), f"a replica holds no chains after the re-shard: {used}"
-    window_hits = later["hit_tokens"] - at_scale["hit_tokens"]
-    window_req = later["requested_tokens"] - at_scale["requested_tokens"]
-    assert window_req > 0 and window_hits / window_req > 0.0
+    assert len(used) == 2 and all(u > 0 for u in used), (
+        f"chains were not re-sharded over both replicas: {used}"
+    )
     decision = decisions(driver, name, "Scale")[0]
-    assert "memory pressure" in decision.get("reason", ""), decision
+    assert decision.get("action") == "replicas 1 -> 2" and "memory pressure" in decision.get("reason", "")
     sts = driver.get("StatefulSet", name)
+    kvc = driver.get("KVCache", name)
     assert sts is not None and sts["spec"]["replicas"] == 2
-    assert driver.get("KVCache", name)["spec"]["replicas"] == 1  # the operator never rewrites spec
+    assert kvc is not None and kvc["spec"]["replicas"] == 1  # the operator never rewrites spec
     delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=True, replicas=2)
 
 
 def tuning_enables_compression_live(driver: Driver, name: str) -> None:
     """Tuning Auto under pressure → compression enabled on the running engines, no restart."""
-    manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"},
-                            tuning={"mode": "Auto", "intervalSeconds": 30})
+    manifest = create_ready(
+        driver, name, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Auto", "intervalSeconds": 30}
+    )
     pod_before = engine_pods(driver, name)[0]
     with running_load(driver, name, manifest, rate_rps=40):
         driver.wait_for(lambda: decisions(driver, name, "Tune"), 150, "a Tune decision")
         url = ready_endpoints(driver, name)[0]
-        driver.wait_for(lambda: http_json(f"{url}/v1/config", token(driver, name)).get("useCompression"), 30,
-                        "compression on in the engine")
+        driver.wait_for(
+            lambda: http_json(f"{url}/v1/config", token(driver, name)).get("useCompression"),
+            30,
+            "compression on in the engine",
+        )
     pod_after = engine_pods(driver, name)[0]
     assert pod_after["metadata"]["uid"] == pod_before["metadata"]["uid"]
     assert pod_after["status"]["containerStatuses"][0]["restartCount"] == 0
@@ -303,16 +379,35 @@ def tuning_enables_compression_live(driver: Driver, name: str) -> None:
 def kill_9_reloads_from_pvc(driver: Driver, name: str) -> None:
     """kill -9 of an engine → restarted by the kubelet, its persisted cache reloaded (hits right after)."""
     manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"})
-    load = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
-                     engine_config(manifest), rate_rps=0, limit=60, loop=False)
+    load = TraceLoad(
+        lambda: ready_endpoints(driver, name),
+        lambda: token(driver, name),
+        engine_config(manifest),
+        rate_rps=0,
+        limit=60,
+        loop=False,
+    )
     load.run()
     time.sleep(7)  # persistIntervalSeconds is 5 in the sample: at least one persist has run
     pod = engine_pods(driver, name)[0]
     driver.kill_engine(pod["metadata"]["name"])
-    driver.wait_for(lambda: (engine_pods(driver, name)[0]["status"]["containerStatuses"][0]["restartCount"] == 1
-                             and pod_ready(engine_pods(driver, name)[0])), 60, "engine restarted and ready")
-    replay = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
-                       engine_config(manifest), rate_rps=0, limit=60, loop=False, puts=False)
+    driver.wait_for(
+        lambda: (
+            engine_pods(driver, name)[0]["status"]["containerStatuses"][0]["restartCount"] == 1
+            and pod_ready(engine_pods(driver, name)[0])
+        ),
+        60,
+        "engine restarted and ready",
+    )
+    replay = TraceLoad(
+        lambda: ready_endpoints(driver, name),
+        lambda: token(driver, name),
+        engine_config(manifest),
+        rate_rps=0,
+        limit=60,
+        loop=False,
+        puts=False,
+    )
     seen = replay.run()
     assert seen["hit_tokens"] > 0, "nothing was reloaded from the PVC"
     delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=True, replicas=1)
@@ -330,54 +425,111 @@ def job_succeeded(driver: Driver, job: str) -> bool | None:
 def run_job(driver: Driver, manifest: Mapping[str, Any], timeout_s: float = 120) -> str:
     driver.apply(manifest)
     job = str(manifest["metadata"]["name"])
-    ok = driver.wait_for(lambda: job_succeeded(driver, job) is not None, timeout_s, f"job {job} finished")
+    driver.wait_for(lambda: job_succeeded(driver, job) is not None, timeout_s, f"job {job} finished")
     assert job_succeeded(driver, job), f"job {job} failed:\n{driver.job_logs(job)}"
     return driver.job_logs(job)
 
 
-def tool_job(driver: Driver, name: str, script: str, *, claim: str, token_secret: str | None = None,
-             image: str | None = None) -> dict[str, Any]:
+def tool_job(
+    driver: Driver,
+    name: str,
+    script: str,
+    *,
+    claim: str,
+    token_secret: str | None = None,
+    image: str | None = None,
+) -> dict[str, Any]:
     """A one-pod Job running ``script`` in the engine image with the backup PVC at /backups."""
-    mounts = [{"name": "backups", "mountPath": "/backups"}]
+    mounts: list[dict[str, Any]] = [{"name": "backups", "mountPath": "/backups"}]
     volumes: list[dict[str, Any]] = [{"name": "backups", "persistentVolumeClaim": {"claimName": claim}}]
     if token_secret:
         mounts.append({"name": "token", "mountPath": "/var/run/kvcache/token", "readOnly": True})
         volumes.append({"name": "token", "secret": {"secretName": token_secret}})
-    container = {"name": "tool", "image": image or "ghcr.io/kvcache-operator/kvcache-engine:0.1.0",
-                 "imagePullPolicy": "Never" if image else "IfNotPresent",
-                 "command": ["sh", "-c", script], "volumeMounts": mounts}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": driver.namespace},
-            "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [container],
-                                                              "volumes": volumes}}}}
+    container = {
+        "name": "tool",
+        "image": image or "ghcr.io/kvcache-operator/kvcache-engine:0.1.0",
+        "imagePullPolicy": "Never" if image else "IfNotPresent",
+        "command": ["sh", "-c", script],
+        "volumeMounts": mounts,
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": driver.namespace},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [container], "volumes": volumes}},
+        },
+    }
 
 
 def backup_and_restore(driver: Driver, name: str) -> None:
     """Backup CronJob run on demand → a verified backup in the backup PVC → restored into a fresh KVCache."""
     manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"})
-    load = TraceLoad(lambda: ready_endpoints(driver, name), lambda: token(driver, name),
-                     engine_config(manifest), rate_rps=0, limit=60, loop=False)
+    load = TraceLoad(
+        lambda: ready_endpoints(driver, name),
+        lambda: token(driver, name),
+        engine_config(manifest),
+        rate_rps=0,
+        limit=60,
+        loop=False,
+    )
     load.run()
     job = driver.run_cronjob(f"{name}-backup")
     driver.wait_for(lambda: job_succeeded(driver, job) is not None, 120, f"backup job {job}")
     assert job_succeeded(driver, job), driver.job_logs(job)
     claim = f"{name}-backups"
-    listing = run_job(driver, tool_job(driver, f"{name}-ls", f"ls -1 /backups/{name}-0", claim=claim,
-                                       image=driver.engine_image))
+    listing = run_job(
+        driver,
+        tool_job(driver, f"{name}-ls", f"ls -1 /backups/{name}-0", claim=claim, image=driver.engine_image),
+    )
     backups = sorted(line for line in listing.split() if line and not line.startswith("."))
     assert backups, f"no backup in /backups/{name}-0: {listing!r}"
-    run_job(driver, tool_job(driver, f"{name}-check", f"kvcache-engine validate /backups/{name}-0/{backups[-1]}",
-                             claim=claim, image=driver.engine_image))
+    run_job(
+        driver,
+        tool_job(
+            driver,
+            f"{name}-check",
+            f"kvcache-engine validate /backups/{name}-0/{backups[-1]}",
+            claim=claim,
+            image=driver.engine_image,
+        ),
+    )
 
     fresh = f"{name}-restored"
-    fresh_manifest = create_ready(driver, fresh, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"},
-                                  backup={"enabled": False})
+    fresh_manifest = create_ready(
+        driver,
+        fresh,
+        replicas=1,
+        autoscaling={"mode": "Off"},
+        tuning={"mode": "Off"},
+        backup={"enabled": False},
+    )
     url = f"http://{fresh}-0.{fresh}-headless.{driver.namespace}.svc:8080"
-    restore = (f"kvcache-engine restore --from /backups/{name}-0/{backups[-1]} --url {url} "
-               f"--token-file /var/run/kvcache/token/token")
-    run_job(driver, tool_job(driver, f"{fresh}-restore", restore, claim=claim, token_secret=f"{fresh}-token",
-                             image=driver.engine_image))
-    replay = TraceLoad(lambda: ready_endpoints(driver, fresh), lambda: token(driver, fresh),
-                       engine_config(fresh_manifest), rate_rps=0, limit=60, loop=False, puts=False)
+    restore = (
+        f"kvcache-engine restore --from /backups/{name}-0/{backups[-1]} --url {url} "
+        f"--token-file /var/run/kvcache/token/token"
+    )
+    run_job(
+        driver,
+        tool_job(
+            driver,
+            f"{fresh}-restore",
+            restore,
+            claim=claim,
+            token_secret=f"{fresh}-token",
+            image=driver.engine_image,
+        ),
+    )
+    replay = TraceLoad(
+        lambda: ready_endpoints(driver, fresh),
+        lambda: token(driver, fresh),
+        engine_config(fresh_manifest),
+        rate_rps=0,
+        limit=60,
+        loop=False,
+        puts=False,
+    )
     assert replay.run()["hit_tokens"] > 0, "the restored KVCache has none of the backed-up prefixes"
     for job_name in (f"{name}-ls", f"{name}-check", f"{fresh}-restore"):
         driver.delete("Job", job_name)

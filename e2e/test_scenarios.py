@@ -11,8 +11,9 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def test_apply_ready_load_hit_rate_and_delete(driver: Driver) -> None:
-    manifest = scenarios.create_ready(driver, "basic", replicas=2, autoscaling={"mode": "Off"},
-                                      tuning={"mode": "Off"})
+    manifest = scenarios.create_ready(
+        driver, "basic", replicas=2, autoscaling={"mode": "Off"}, tuning={"mode": "Off"}
+    )
     scenarios.hit_rate_matches_engine_counters(driver, "basic", manifest)
     scenarios.delete_cleans_up(driver, "basic", data_pvcs_kept=False, backup_pvc_kept=True, replicas=2)
     driver.delete("PersistentVolumeClaim", "basic-backups")

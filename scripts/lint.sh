@@ -18,7 +18,7 @@ echo "lint.sh: hadolint"
 "$HADOLINT" --failure-threshold style Dockerfile
 
 echo "lint.sh: shellcheck"
-"$SHELLCHECK" scripts/*.sh .ci/run
+"$SHELLCHECK" scripts/*.sh .ci/run e2e/kind/*.sh
 
 echo "lint.sh: helm lint --strict (defaults and each values file)"
 helm_lint() {
@@ -41,6 +41,6 @@ for values in "${values_files[@]}"; do
     "$HELM" template kvc "$CHART" --namespace kvcache-system -f "$values" >"$RENDERED/$(basename "$values")"
 done
 "$YAMLLINT" --strict -c .yamllint.yaml "$CHART/Chart.yaml" "$CHART/values.yaml" "$CHART/ci" \
-    "$CHART/files/rbac-rules.yaml" "$RENDERED" deploy .yamllint.yaml
+    "$CHART/files/rbac-rules.yaml" "$RENDERED" deploy .yamllint.yaml .github/workflows/e2e-kind.yaml
 
 echo "lint.sh: ok"

@@ -15,18 +15,18 @@ async interface, :class:`~e2e.localcluster.kubeapi.ClusterAPI` (no HTTP round tr
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import kmock
 import yaml
-
-from e2e.localcluster.kubeapi import ApiError, kind_of, matches
 from tests.kube_emulator import KubeEmulator, ResourceSpec
 from tests.kube_emulator.emulator import ResourceKey, parse_resource
+
+from e2e.localcluster.kubeapi import ApiError, kind_of, matches
 
 # Kinds the local cluster's workloads need that the emulator does not register by default.
 EXTRA_RESOURCES: dict[str, ResourceSpec] = {
@@ -40,6 +40,7 @@ class CustomResourceSchema:
 
     def __init__(self, crd: Mapping[str, Any], version: Mapping[str, Any]) -> None:
         import celpy
+
         from kvcache_operator import crd as crd_tools
 
         self.kind = str(crd["spec"]["names"]["kind"])
@@ -50,8 +51,10 @@ class CustomResourceSchema:
         self._validator = jsonschema.Draft202012Validator(crd_tools.to_json_schema(self.schema))
         self._defaults = crd_tools.apply_defaults
         env = celpy.Environment()
-        self._json_to_cel = celpy.json_to_cel
-        self._rules = [(path, env.program(env.compile(rule)), message) for path, rule, message in self._cel_rules()]
+        self._json_to_cel = celpy.json_to_cel  # type: ignore[attr-defined]
+        self._rules = [
+            (path, env.program(env.compile(rule)), message) for path, rule, message in self._cel_rules()
+        ]
 
     @property
     def resource(self) -> ResourceKey:
@@ -76,18 +79,20 @@ class CustomResourceSchema:
             path = ".".join(str(p) for p in err.absolute_path)
             if err.validator == "additionalProperties" and isinstance(err.instance, dict):
                 known = set(err.schema.get("properties", {}))
-                found += [f'unknown field "{path}.{n}"'.lstrip(".") for n in sorted(set(err.instance) - known)]
+                found += [
+                    f'unknown field "{path}.{n}"'.lstrip(".") for n in sorted(set(err.instance) - known)
+                ]
             else:
                 found.append(f"{path}: {err.message}")
         if found:
             return found
         defaulted = self.default(obj)
-        for path, program, message in self._rules:
+        for where, program, message in self._rules:
             target: Any = defaulted
-            for part in path:
+            for part in where:
                 target = target.get(part) if isinstance(target, dict) else None
             if target is not None and not bool(program.evaluate({"self": self._json_to_cel(target)})):
-                found.append(f"{'.'.join(path) or '<root>'}: Invalid value: {message}")
+                found.append(f"{'.'.join(where) or '<root>'}: Invalid value: {message}")
         return found
 
     def default(self, obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,19 +105,24 @@ def load_crds(paths: list[Path]) -> list[CustomResourceSchema]:
     for path in paths:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "CustomResourceDefinition":
-                out += [CustomResourceSchema(doc, v) for v in doc["spec"]["versions"] if v.get("served", True)]
+                out += [
+                    CustomResourceSchema(doc, v) for v in doc["spec"]["versions"] if v.get("served", True)
+                ]
     return out
 
 
 def _invalid(schema: CustomResourceSchema, name: str, errors: list[str]) -> kmock.KubernetesError:
     message = f'{schema.kind}.{schema.group} "{name}" is invalid: ' + "; ".join(errors)
-    return kmock.KubernetesError(status=422, reason="Invalid", message=message,
-                                 details={"name": name, "kind": schema.kind,
-                                          "causes": [{"message": e} for e in errors]})
+    return kmock.KubernetesError(
+        status=422,
+        reason="Invalid",
+        message=message,
+        details={"name": name, "kind": schema.kind, "causes": [{"message": e} for e in errors]},
+    )
 
 
 @attrs.define(kw_only=True)
-class LocalAPIServer(KubeEmulator):  # type: ignore[misc]
+class LocalAPIServer(KubeEmulator):
     """The emulator with admission (schema, defaults, CEL) for the CRDs it was given."""
 
     crd_schemas: dict[ResourceKey, CustomResourceSchema] = attrs.field(factory=dict)
@@ -131,8 +141,9 @@ class LocalAPIServer(KubeEmulator):  # type: ignore[misc]
                 if exc.status != 409:
                     raise
 
-    def create(self, resource: str | ResourceKey, obj: Mapping[str, Any],
-               namespace: str | None = None) -> dict[str, Any]:
+    def create(
+        self, resource: str | ResourceKey, obj: Mapping[str, Any], namespace: str | None = None
+    ) -> dict[str, Any]:
         schema = self.crd_schemas.get(parse_resource(resource))
         if schema is not None:
             errors = schema.errors(obj)
@@ -142,8 +153,9 @@ class LocalAPIServer(KubeEmulator):  # type: ignore[misc]
         result: dict[str, Any] = super().create(resource, obj, namespace)
         return result
 
-    def _commit(self, key: ResourceKey, old: dict[str, Any], new: dict[str, Any],
-                subresource: str | None) -> dict[str, Any]:
+    def _commit(
+        self, key: ResourceKey, old: dict[str, Any], new: dict[str, Any], subresource: str | None
+    ) -> dict[str, Any]:
         schema = self.crd_schemas.get(key)
         if schema is not None and subresource is None and new.get("spec") != old.get("spec"):
             errors = schema.errors({k: v for k, v in new.items() if k != "status"})
@@ -169,8 +181,9 @@ class EmulatorAPI:
     def _status(exc: kmock.KubernetesError) -> int:
         return int(exc.status)
 
-    async def list(self, kind: str, namespace: str | None = None,
-                   selector: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    async def list(
+        self, kind: str, namespace: str | None = None, selector: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         try:
             items = self.emu.list(self._resource(kind), namespace)
         except kmock.KubernetesError as exc:
@@ -186,15 +199,25 @@ class EmulatorAPI:
         ns = obj.get("metadata", {}).get("namespace")
         return self._call(lambda: self.emu.create(self._resource(str(obj["kind"])), obj, ns))
 
-    async def patch(self, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any], *,
-                    subresource: str | None = None) -> dict[str, Any] | None:
-        return self._call(lambda: self.emu.patch(self._resource(kind), name, dict(patch), namespace,
-                                                 subresource=subresource))
+    async def patch(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        subresource: str | None = None,
+    ) -> dict[str, Any] | None:
+        return self._call(
+            lambda: self.emu.patch(
+                self._resource(kind), name, dict(patch), namespace, subresource=subresource
+            )
+        )
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         return self._call(lambda: self.emu.delete(self._resource(kind), name, namespace)) is not None
 
-    def _call(self, fn: Any) -> Any:
+    def _call(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         try:
             return fn()
         except kmock.KubernetesError as exc:

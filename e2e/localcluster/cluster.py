@@ -20,6 +20,7 @@ interpreter goes away, and ``PR_SET_PDEATHSIG`` covers a SIGKILL of this process
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import random
@@ -148,7 +149,6 @@ class LocalCluster:
 
     async def _main(self) -> None:
         import kmock
-
         from tests.kube_emulator import write_kubeconfig
 
         self._stop = asyncio.Event()
@@ -167,13 +167,16 @@ class LocalCluster:
             self.kubelet = Kubelet(self.api, self.kubelet_config, self.procs, self.ips)
             proxy = ServiceProxy(self.api, self.ips, self._pod_ip)
             self.kubelet.resolve_service = proxy.resolve
-            tasks = [asyncio.create_task(c, name=type(c).__name__) for c in (
-                StatefulSetController(self.api).run(),
-                JobController(self.api).run(),
-                CronJobController(self.api).run(),
-                VolumeController(self.api, self.state_dir / "volumes").run(),
-                proxy.run(),
-            )]
+            tasks = [
+                asyncio.create_task(c, name=type(c).__name__)
+                for c in (
+                    StatefulSetController(self.api).run(),
+                    JobController(self.api).run(),
+                    CronJobController(self.api).run(),
+                    VolumeController(self.api, self.state_dir / "volumes").run(),
+                    proxy.run(),
+                )
+            ]
             kubelet_task = asyncio.create_task(self.kubelet.run())
             self._ready.set()
             await self._stop.wait()
@@ -194,8 +197,18 @@ class LocalCluster:
         """``kvcache-operator run`` against this cluster (KUBECONFIG), logs in ``logs/operator.log``."""
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **self.operator_env}
         # Standalone (no peering), no liveness or metrics port: several local clusters may run at once.
-        argv = [str(BIN_DIR / "kvcache-operator"), "run", "--namespace", self.namespace, "--standalone",
-                "--liveness", "", "--metrics-port", "0", *self.operator_args]
+        argv = [
+            str(BIN_DIR / "kvcache-operator"),
+            "run",
+            "--namespace",
+            self.namespace,
+            "--standalone",
+            "--liveness",
+            "",
+            "--metrics-port",
+            "0",
+            *self.operator_args,
+        ]
         self.operator = self.procs.spawn(argv, env=env, cwd=self.state_dir, log_path=self.operator_log_path)
         return self.operator
 
@@ -229,16 +242,20 @@ class LocalCluster:
         assert self.api is not None, "cluster not started"
         return self.api
 
-    def apply(self, manifest: Mapping[str, Any] | str | Path, namespace: str | None = None) -> list[dict[str, Any]]:
+    def apply(
+        self, manifest: Mapping[str, Any] | str | Path, namespace: str | None = None
+    ) -> list[dict[str, Any]]:
         """Create or merge-patch each document (a dict, YAML text or a path), like ``kubectl apply``.
 
         Raises :class:`ApplyError` with the API server's message when it rejects one."""
         docs = _documents(manifest)
         out = []
-        for doc in docs:
-            doc = dict(doc)
-            doc["metadata"] = {**doc.get("metadata", {}), "namespace": doc.get("metadata", {}).get(
-                "namespace") or namespace or self.namespace}
+        for raw in docs:
+            doc = dict(raw)
+            doc["metadata"] = {
+                **doc.get("metadata", {}),
+                "namespace": doc.get("metadata", {}).get("namespace") or namespace or self.namespace,
+            }
             out.append(self.run(self._apply_one(doc)))
         return out
 
@@ -260,23 +277,36 @@ class LocalCluster:
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         return self.run(self._api().get(kind, namespace or self.namespace, name))
 
-    def list(self, kind: str, namespace: str | None = None, selector: Mapping[str, str] | None = None
-             ) -> list[dict[str, Any]]:
+    def list(
+        self, kind: str, namespace: str | None = None, selector: Mapping[str, str] | None = None
+    ) -> builtins.list[dict[str, Any]]:
         return self.run(self._api().list(kind, namespace or self.namespace, selector))
 
-    def patch(self, kind: str, name: str, patch: Mapping[str, Any], namespace: str | None = None,
-              subresource: str | None = None) -> dict[str, Any] | None:
+    def patch(
+        self,
+        kind: str,
+        name: str,
+        patch: Mapping[str, Any],
+        namespace: str | None = None,
+        subresource: str | None = None,
+    ) -> dict[str, Any] | None:
         try:
-            return self.run(self._api().patch(kind, namespace or self.namespace, name, patch,
-                                              subresource=subresource))
+            return self.run(
+                self._api().patch(kind, namespace or self.namespace, name, patch, subresource=subresource)
+            )
         except ApiError as exc:
             raise ApplyError(exc.message) from exc
 
     def delete(self, kind: str, name: str, namespace: str | None = None) -> bool:
         return self.run(self._api().delete(kind, namespace or self.namespace, name))
 
-    def wait_for(self, predicate: Callable[[], T], timeout_s: float = 60.0, interval_s: float = 0.25,
-                 what: str = "condition") -> T:
+    def wait_for(
+        self,
+        predicate: Callable[[], T],
+        timeout_s: float = 60.0,
+        interval_s: float = 0.25,
+        what: str = "condition",
+    ) -> T:
         """Poll ``predicate`` until truthy; TimeoutError (with the operator log tail) otherwise."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -285,17 +315,23 @@ class LocalCluster:
                 return value
             if time.monotonic() > deadline:
                 tail = "\n".join(self.operator_log().splitlines()[-30:])
-                raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}\noperator log tail:\n{tail}")
+                raise TimeoutError(
+                    f"timed out after {timeout_s:.0f}s waiting for {what}\noperator log tail:\n{tail}"
+                )
             time.sleep(interval_s)
 
     # ----------------------------------------------------------------------------- pods & workloads
-    def pods(self, selector: Mapping[str, str] | None = None, namespace: str | None = None) -> list[dict[str, Any]]:
+    def pods(
+        self, selector: Mapping[str, str] | None = None, namespace: str | None = None
+    ) -> builtins.list[dict[str, Any]]:
         return self.list("Pod", namespace, selector)
 
-    def ready_pods(self, selector: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    def ready_pods(self, selector: Mapping[str, str] | None = None) -> builtins.list[dict[str, Any]]:
         return [p for p in self.pods(selector) if is_ready(p)]
 
-    def container_pid(self, pod: str, container: str | None = None, namespace: str | None = None) -> int | None:
+    def container_pid(
+        self, pod: str, container: str | None = None, namespace: str | None = None
+    ) -> int | None:
         """PID of a running container process (for kill -9 scenarios)."""
         worker = self.kubelet.worker(namespace or self.namespace, pod) if self.kubelet else None
         if worker is None:
@@ -328,15 +364,20 @@ class LocalCluster:
         """On-demand run through the CronJob controller (annotation ``localcluster.kvcache.dev/run-now``)."""
         self.patch("CronJob", name, {"metadata": {"annotations": {MANUAL_RUN_ANNOTATION: token}}}, namespace)
 
-    def live_pids(self) -> list[int]:
+    def live_pids(self) -> builtins.list[int]:
         return self.procs.pids()
 
 
 def _documents(manifest: Mapping[str, Any] | str | Path) -> list[Mapping[str, Any]]:
     if isinstance(manifest, Mapping):
         return [manifest]
-    text = manifest.read_text() if isinstance(manifest, Path) else (
-        Path(manifest).read_text() if "\n" not in manifest and manifest.endswith((".yaml", ".yml"))
-        else manifest)
+    text = (
+        manifest.read_text()
+        if isinstance(manifest, Path)
+        else (
+            Path(manifest).read_text()
+            if "\n" not in manifest and manifest.endswith((".yaml", ".yml"))
+            else manifest
+        )
+    )
     return [d for d in yaml.safe_load_all(text) if d]
-

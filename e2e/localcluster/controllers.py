@@ -34,8 +34,13 @@ _HANDLED_RUN_ANNOTATION = "localcluster.kvcache.dev/run-now-handled"
 
 def owner_ref(owner: Mapping[str, Any], *, controller: bool = True) -> dict[str, Any]:
     meta = owner["metadata"]
-    ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"],
-           "controller": controller, "blockOwnerDeletion": True}
+    ref = {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }
     if meta.get("uid"):
         ref["uid"] = meta["uid"]
     return ref
@@ -70,7 +75,7 @@ class Controller:
         while True:
             try:
                 await self.sync_once()
-            except (ApiError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ApiError, OSError) as exc:
                 log.warning("%s: %s", type(self).__name__, exc)
             except Exception:
                 log.exception("%s failed", type(self).__name__)
@@ -158,8 +163,12 @@ class StatefulSetController(Controller):
         for claim_template in spec.get("volumeClaimTemplates") or []:
             vol_name = claim_template["metadata"]["name"]
             volumes = [v for v in volumes if v.get("name") != vol_name]
-            volumes.append({"name": vol_name, "persistentVolumeClaim": {
-                "claimName": self._claim_name(sts, claim_template, ordinal)}})
+            volumes.append(
+                {
+                    "name": vol_name,
+                    "persistentVolumeClaim": {"claimName": self._claim_name(sts, claim_template, ordinal)},
+                }
+            )
         pod_spec["volumes"] = volumes
         return {
             "apiVersion": "v1",
@@ -174,8 +183,14 @@ class StatefulSetController(Controller):
             "spec": pod_spec,
         }
 
-    async def _scale_up(self, sts: dict[str, Any], pods: dict[int, dict[str, Any]], replicas: int,
-                        revision: str, parallel: bool) -> None:
+    async def _scale_up(
+        self,
+        sts: dict[str, Any],
+        pods: dict[int, dict[str, Any]],
+        replicas: int,
+        revision: str,
+        parallel: bool,
+    ) -> None:
         for ordinal in range(replicas):
             pod = pods.get(ordinal)
             if pod is None:
@@ -187,8 +202,9 @@ class StatefulSetController(Controller):
             elif not parallel and not is_ready(pod):
                 return
 
-    async def _scale_down(self, sts: dict[str, Any], pods: dict[int, dict[str, Any]], replicas: int,
-                          parallel: bool) -> bool:
+    async def _scale_down(
+        self, sts: dict[str, Any], pods: dict[int, dict[str, Any]], replicas: int, parallel: bool
+    ) -> bool:
         """Delete pods above ``replicas`` (highest first; one at a time unless Parallel).
 
         Returns True while any pod is still leaving (no rolling update meanwhile)."""
@@ -221,22 +237,28 @@ class StatefulSetController(Controller):
                     if ordinal >= replicas and ordinal not in pods and not is_terminating(pvc):
                         await self.api.delete("PersistentVolumeClaim", ns, pvc["metadata"]["name"])
 
-    async def _roll(self, sts: dict[str, Any], pods: dict[int, dict[str, Any]], replicas: int, revision: str) -> None:
+    async def _roll(
+        self, sts: dict[str, Any], pods: dict[int, dict[str, Any]], replicas: int, revision: str
+    ) -> None:
         strategy = sts.get("spec", {}).get("updateStrategy") or {}
         if strategy.get("type", "RollingUpdate") != "RollingUpdate":
             return  # OnDelete: pods take the new template when someone deletes them
         if len(pods) < replicas or not all(is_ready(pods.get(o)) for o in range(replicas)):
             return
         partition = int((strategy.get("rollingUpdate") or {}).get("partition") or 0)
-        stale = [o for o in range(partition, replicas)
-                 if pods[o]["metadata"].get("labels", {}).get("controller-revision-hash") != revision]
+        stale = [
+            o
+            for o in range(partition, replicas)
+            if pods[o]["metadata"].get("labels", {}).get("controller-revision-hash") != revision
+        ]
         if stale:
             victim = pods[max(stale)]
             log.info("rolling %s to %s", victim["metadata"]["name"], revision)
             await self.api.delete("Pod", sts["metadata"].get("namespace"), victim["metadata"]["name"])
 
-    async def _status(self, sts: dict[str, Any], pods: Mapping[int, dict[str, Any]], replicas: int,
-                      revision: str) -> None:
+    async def _status(
+        self, sts: dict[str, Any], pods: Mapping[int, dict[str, Any]], replicas: int, revision: str
+    ) -> None:
         live = [p for o, p in pods.items() if o < replicas or not is_terminating(p)]
         revisions = [p["metadata"].get("labels", {}).get("controller-revision-hash") for p in live]
         ready = sum(1 for p in live if is_ready(p))
@@ -255,16 +277,23 @@ class StatefulSetController(Controller):
             "collisionCount": 0,
         }
         if {k: (sts.get("status") or {}).get(k) for k in status} != status:
-            await self.api.patch("StatefulSet", sts["metadata"].get("namespace"), sts["metadata"]["name"],
-                                 {"status": status}, subresource="status")
+            await self.api.patch(
+                "StatefulSet",
+                sts["metadata"].get("namespace"),
+                sts["metadata"]["name"],
+                {"status": status},
+                subresource="status",
+            )
 
 
 # --------------------------------------------------------------------------------------------- Jobs
 
 
 def _condition(obj: Mapping[str, Any], kind: str) -> bool:
-    return any(c.get("type") == kind and c.get("status") == "True"
-               for c in (obj.get("status") or {}).get("conditions") or [])
+    return any(
+        c.get("type") == kind and c.get("status") == "True"
+        for c in (obj.get("status") or {}).get("conditions") or []
+    )
 
 
 def job_finished(job: Mapping[str, Any]) -> bool:
@@ -306,18 +335,37 @@ class JobController(Controller):
         pods = [p for p in await self.api.list("Pod", ns) if owned_by(p, job)]
         phases = [p.get("status", {}).get("phase", "Pending") for p in pods]
         succeeded, failed = phases.count("Succeeded"), phases.count("Failed")
-        active = sum(1 for p, ph in zip(pods, phases, strict=True)
-                     if ph not in ("Succeeded", "Failed") and not is_terminating(p))
+        active = sum(
+            1
+            for p, ph in zip(pods, phases, strict=True)
+            if ph not in ("Succeeded", "Failed") and not is_terminating(p)
+        )
         completions = int(spec.get("completions") or 1)
         backoff_limit = int(spec.get("backoffLimit", 6))
-        status: dict[str, Any] = {"active": active, "succeeded": succeeded, "failed": failed,
-                                  "startTime": (job.get("status") or {}).get("startTime") or now_iso()}
+        status: dict[str, Any] = {
+            "active": active,
+            "succeeded": succeeded,
+            "failed": failed,
+            "startTime": (job.get("status") or {}).get("startTime") or now_iso(),
+        }
         if succeeded >= completions:
-            status.update(completionTime=now_iso(), active=0, conditions=[
-                {"type": "Complete", "status": "True", "lastTransitionTime": now_iso()}])
+            status.update(
+                completionTime=now_iso(),
+                active=0,
+                conditions=[{"type": "Complete", "status": "True", "lastTransitionTime": now_iso()}],
+            )
         elif failed > backoff_limit:
-            status.update(active=0, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                                                 "lastTransitionTime": now_iso()}])
+            status.update(
+                active=0,
+                conditions=[
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "BackoffLimitExceeded",
+                        "lastTransitionTime": now_iso(),
+                    }
+                ],
+            )
         elif active == 0:
             await self.api.create(self._pod(job))
             status["active"] = 1
@@ -328,16 +376,23 @@ class JobController(Controller):
         meta = job["metadata"]
         template = copy.deepcopy(job.get("spec", {}).get("template", {}))
         tmeta = template.get("metadata") or {}
-        labels = {**(tmeta.get("labels") or {}), "job-name": meta["name"],
-                  "batch.kubernetes.io/job-name": meta["name"]}
+        labels = {
+            **(tmeta.get("labels") or {}),
+            "job-name": meta["name"],
+            "batch.kubernetes.io/job-name": meta["name"],
+        }
         if meta.get("uid"):
             labels["controller-uid"] = meta["uid"]
         return {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": f"{meta['name']}-{secrets.token_hex(3)[:5]}", "namespace": meta.get("namespace"),
-                         "labels": labels, "annotations": dict(tmeta.get("annotations") or {}),
-                         "ownerReferences": [owner_ref(job)]},
+            "metadata": {
+                "name": f"{meta['name']}-{secrets.token_hex(3)[:5]}",
+                "namespace": meta.get("namespace"),
+                "labels": labels,
+                "annotations": dict(tmeta.get("annotations") or {}),
+                "ownerReferences": [owner_ref(job)],
+            },
             "spec": template.get("spec", {}),
         }
 
@@ -369,10 +424,19 @@ class CronJobController(Controller):
         token = annotations.get(MANUAL_RUN_ANNOTATION)
         if token and annotations.get(_HANDLED_RUN_ANNOTATION) != token:
             await self.api.create(job_from_cronjob(cj, f"{name}-manual-{secrets.token_hex(3)[:5]}"))
-            await self.api.patch("CronJob", ns, name, {"metadata": {"annotations": {_HANDLED_RUN_ANNOTATION: token}}})
-        last = self._parse((cj.get("status") or {}).get("lastScheduleTime")) or self._parse(
-            meta.get("creationTimestamp")) or self._first_seen.setdefault(f"{ns}/{name}", now)
-        due = croniter(spec["schedule"], last).get_next(datetime.datetime)
+            await self.api.patch(
+                "CronJob", ns, name, {"metadata": {"annotations": {_HANDLED_RUN_ANNOTATION: token}}}
+            )
+        last = (
+            self._parse((cj.get("status") or {}).get("lastScheduleTime"))
+            or self._parse(meta.get("creationTimestamp"))
+            or self._first_seen.setdefault(f"{ns}/{name}", now)
+        )
+        # Like the real controller, only the most recent missed schedule time runs (no catch-up burst).
+        schedule = croniter(spec["schedule"], last)
+        due = schedule.get_next(datetime.datetime)
+        while (following := schedule.get_next(datetime.datetime)) <= now:
+            due = following
         if due <= now and not spec.get("suspend"):
             if not (active and spec.get("concurrencyPolicy") == "Forbid"):
                 if active and spec.get("concurrencyPolicy") == "Replace":
@@ -384,9 +448,16 @@ class CronJobController(Controller):
         done = [j for j in jobs if _condition(j, "Complete")]
         if done:
             status["lastSuccessfulTime"] = max(str(j["status"].get("completionTime", "")) for j in done)
-        status["active"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": j["metadata"]["name"],
-                             "namespace": ns, **({"uid": j["metadata"]["uid"]} if j["metadata"].get("uid") else {})}
-                            for j in active]
+        status["active"] = [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": j["metadata"]["name"],
+                "namespace": ns,
+                **({"uid": j["metadata"]["uid"]} if j["metadata"].get("uid") else {}),
+            }
+            for j in active
+        ]
         current = cj.get("status") or {}
         if any(current.get(k) != v for k, v in status.items()):
             await self.api.patch("CronJob", ns, name, {"status": status}, subresource="status")
@@ -400,10 +471,14 @@ class CronJobController(Controller):
 
     async def _prune(self, cj: Mapping[str, Any], jobs: list[dict[str, Any]]) -> None:
         spec = cj.get("spec", {})
-        for kind, limit in (("Complete", spec.get("successfulJobsHistoryLimit", 3)),
-                            ("Failed", spec.get("failedJobsHistoryLimit", 1))):
-            finished = sorted((j for j in jobs if _condition(j, kind)),
-                              key=lambda j: str((j.get("status") or {}).get("completionTime") or ""))
+        for kind, limit in (
+            ("Complete", spec.get("successfulJobsHistoryLimit", 3)),
+            ("Failed", spec.get("failedJobsHistoryLimit", 1)),
+        ):
+            finished = sorted(
+                (j for j in jobs if _condition(j, kind)),
+                key=lambda j: str((j.get("status") or {}).get("completionTime") or ""),
+            )
             for job in finished[: max(0, len(finished) - int(limit))]:
                 await self.api.delete("Job", cj["metadata"].get("namespace"), job["metadata"]["name"])
 
@@ -426,11 +501,19 @@ class VolumeController(Controller):
         for claim in claims:
             if (claim.get("status") or {}).get("phase") != "Bound" and not is_terminating(claim):
                 spec = claim.get("spec") or {}
-                await self.api.patch("PersistentVolumeClaim", claim["metadata"].get("namespace"),
-                                     claim["metadata"]["name"],
-                                     {"status": {"phase": "Bound", "accessModes": spec.get("accessModes", []),
-                                                 "capacity": (spec.get("resources") or {}).get("requests", {})}},
-                                     subresource="status")
+                await self.api.patch(
+                    "PersistentVolumeClaim",
+                    claim["metadata"].get("namespace"),
+                    claim["metadata"]["name"],
+                    {
+                        "status": {
+                            "phase": "Bound",
+                            "accessModes": spec.get("accessModes", []),
+                            "capacity": (spec.get("resources") or {}).get("requests", {}),
+                        }
+                    },
+                    subresource="status",
+                )
         if not self.volumes_dir.exists():
             return
         for ns_dir in self.volumes_dir.iterdir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -34,8 +35,10 @@ class LocalDriver:
     def delete(self, kind: str, name: str) -> None:
         self.cluster.delete(kind, name)
 
-    def wait_for(self, predicate: Callable[[], T], timeout_s: float, what: str) -> T:
-        return self.cluster.wait_for(predicate, timeout_s, what=what)
+    def wait_for(self, predicate: Callable[[], T | None], timeout_s: float, what: str) -> T:
+        value = self.cluster.wait_for(predicate, timeout_s, what=what)
+        assert value is not None  # wait_for returns only a truthy value
+        return value
 
     def endpoint(self, pod: Mapping[str, Any]) -> str:
         return f"http://{pod['status']['podIP']}:8080"  # every pod has its own loopback address
@@ -46,17 +49,25 @@ class LocalDriver:
     def job_logs(self, job: str) -> str:
         logs = self.cluster.state_dir / "logs"
         pods = self.cluster.list("Pod", selector={"job-name": job})
-        return "".join((logs / f"{self.namespace}_{p['metadata']['name']}_{c['name']}.log").read_text()
-                       for p in pods for c in p["spec"]["containers"]
-                       if (logs / f"{self.namespace}_{p['metadata']['name']}_{c['name']}.log").exists())
+        return "".join(
+            (logs / f"{self.namespace}_{p['metadata']['name']}_{c['name']}.log").read_text()
+            for p in pods
+            for c in p["spec"]["containers"]
+            if (logs / f"{self.namespace}_{p['metadata']['name']}_{c['name']}.log").exists()
+        )
 
     def run_cronjob(self, cronjob: str) -> str:
         return self.cluster.run_cronjob(cronjob, f"{cronjob}-{int(time.time() * 1000) % 10**8}")
 
-    def engine_processes(self, name: str) -> list[int]:
+    def engine_processes(self, name: str) -> builtins.list[int]:
         kubelet = self.cluster.kubelet
         if kubelet is None:
             return []
-        workers = [w for w in list(kubelet.workers.values())
-                   if (w.pod["metadata"].get("labels") or {}).get("app.kubernetes.io/instance") == name]
-        return [r.proc.pid for w in workers for r in w.runners if r.proc is not None and r.proc.poll() is None]
+        workers = [
+            w
+            for w in list(kubelet.workers.values())
+            if (w.pod["metadata"].get("labels") or {}).get("app.kubernetes.io/instance") == name
+        ]
+        return [
+            r.proc.pid for w in workers for r in w.runners if r.proc is not None and r.proc.poll() is None
+        ]

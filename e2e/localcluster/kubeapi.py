@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 
-
 @dataclass(frozen=True)
 class Kind:
     """Where a kind lives in the REST API."""
@@ -105,7 +104,12 @@ class ClusterAPI(Protocol):
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any] | None: ...
 
     async def patch(
-        self, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any], *,
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
         subresource: str | None = None,
     ) -> dict[str, Any] | None: ...
 

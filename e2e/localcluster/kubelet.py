@@ -62,7 +62,7 @@ class KubeletConfig:
     entrypoints: Mapping[str, list[str]] = field(default_factory=lambda: dict(podenv.DEFAULT_ENTRYPOINTS))
 
 
-class PodNotReady(Exception):
+class PodNotReadyError(Exception):
     """A pod cannot start yet (a ConfigMap, Secret or PVC it needs is missing); retried."""
 
 
@@ -140,14 +140,16 @@ class ContainerRunner:
     # -- main loop
     async def run(self) -> int:
         """Run until terminated for good (restart policy); returns the last exit code."""
-        policy = self.pod.restart_policy if not self.init else (
-            "OnFailure" if self.pod.restart_policy == "Always" else self.pod.restart_policy
+        policy = (
+            self.pod.restart_policy
+            if not self.init
+            else ("OnFailure" if self.pod.restart_policy == "Always" else self.pod.restart_policy)
         )
         backoff = self.pod.kubelet.config.backoff_initial_s
         while True:
             try:
                 argv, env = await self.pod.container_process_spec(self.spec)
-            except (PodNotReady, ValueError) as exc:
+            except (PodNotReadyError, ValueError) as exc:
                 self.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
                 await asyncio.sleep(1.0)
                 continue
@@ -206,8 +208,11 @@ class ContainerRunner:
         startup = self.spec.get("startupProbe")
         if not startup:
             self.started = True
-        tasks = [asyncio.create_task(self._probe_loop(kind, self.spec[kind])) for kind in
-                 ("startupProbe", "livenessProbe", "readinessProbe") if self.spec.get(kind)]
+        tasks = [
+            asyncio.create_task(self._probe_loop(kind, self.spec[kind]))
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+            if self.spec.get(kind)
+        ]
         if not self.spec.get("readinessProbe"):
             tasks.append(asyncio.create_task(self._ready_when_started()))
         return tasks
@@ -310,7 +315,7 @@ class PodWorker:
                 try:
                     await self.prepare_volumes()
                     break
-                except PodNotReady as exc:
+                except PodNotReadyError as exc:
                     self.pending_reason = str(exc)
                     await asyncio.sleep(1.0)
             self.pending_reason = ""
@@ -337,11 +342,13 @@ class PodWorker:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def grace_period_s(self) -> float:
-        meta = self.pod.get("metadata", {})
-        value = meta.get("deletionGracePeriodSeconds")
-        if value is None:
-            value = self.pod.get("spec", {}).get("terminationGracePeriodSeconds", 30)
-        return float(value)
+        """The pod's ``terminationGracePeriodSeconds``, or a shorter positive one the DELETE asked for.
+
+        A ``deletionGracePeriodSeconds`` of 0 is ignored: the emulator writes 0 on every graceful
+        deletion (it does not model grace periods), which would turn each stop into a SIGKILL."""
+        spec_value = float(self.pod.get("spec", {}).get("terminationGracePeriodSeconds", 30))
+        requested = self.pod.get("metadata", {}).get("deletionGracePeriodSeconds")
+        return min(spec_value, float(requested)) if requested else spec_value
 
     # -- status
     def status(self) -> dict[str, Any]:
@@ -379,14 +386,14 @@ class PodWorker:
         return self.dir / "volumes" / name
 
     async def prepare_volumes(self) -> None:
-        """Create every volume's directory and write ConfigMap/Secret files (PodNotReady if missing)."""
+        """Create every volume's directory and write ConfigMap/Secret files (PodNotReadyError if missing)."""
         volumes = self.pod.get("spec", {}).get("volumes") or []
         for volume in volumes:
             host = self._volume_host_dir(volume)
             if "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
                 if await self.kubelet.api.get("PersistentVolumeClaim", self.namespace, claim) is None:
-                    raise PodNotReady(f"persistentvolumeclaim {claim!r} not found")
+                    raise PodNotReadyError(f"persistentvolumeclaim {claim!r} not found")
             host.mkdir(parents=True, exist_ok=True)
             self.volume_dirs[str(volume["name"])] = host
         # Files last: their contents are remapped against every mount, so all must be known.
@@ -402,11 +409,11 @@ class PodWorker:
         sources.extend((volume.get("projected") or {}).get("sources") or [])
         for source in sources:
             files = await self._source_files(source)
-            for rel, text in files.items():
+            for rel, original in files.items():
                 path = host / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                text = podenv.remap_paths(text, self.all_mounts())
-                text = podenv.rewrite_hosts(text, self.ip or "127.0.0.1", self.kubelet.resolve_service)
+                remapped = podenv.remap_paths(original, self.all_mounts())
+                text = podenv.rewrite_hosts(remapped, self.ip or "127.0.0.1", self.kubelet.resolve_service)
                 if not path.exists() or path.read_text() != text:
                     tmp = path.with_name(f".{path.name}.tmp")
                     tmp.write_text(text)
@@ -427,7 +434,9 @@ class PodWorker:
         if data is None:
             if ref.get("optional"):
                 return {}
-            raise PodNotReady(f"{next(iter(source))} {ref.get('name') or ref.get('secretName')!r} not found")
+            raise PodNotReadyError(
+                f"{next(iter(source))} {ref.get('name') or ref.get('secretName')!r} not found"
+            )
         items = ref.get("items")
         if items:
             return {str(i["path"]): data[i["key"]] for i in items if i["key"] in data}
@@ -438,7 +447,7 @@ class PodWorker:
         for volume in self.pod.get("spec", {}).get("volumes") or []:
             host = self.volume_dirs.get(str(volume["name"]))
             if host is not None:
-                with contextlib.suppress(PodNotReady):
+                with contextlib.suppress(PodNotReadyError):
                     await self._write_projected(volume, host)
 
     def container_mounts(self, spec: Mapping[str, Any]) -> dict[str, str]:
@@ -446,7 +455,7 @@ class PodWorker:
         for m in spec.get("volumeMounts") or []:
             host = self.volume_dirs.get(str(m["name"]))
             if host is None:
-                raise PodNotReady(f"volume {m['name']!r} is not mounted")
+                raise PodNotReadyError(f"volume {m['name']!r} is not mounted")
             if m.get("subPath"):
                 host = host / m["subPath"]
             mounts[str(m["mountPath"])] = str(host)
@@ -455,7 +464,7 @@ class PodWorker:
     def all_mounts(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for c in self.pod.get("spec", {}).get("containers") or []:
-            with contextlib.suppress(PodNotReady):
+            with contextlib.suppress(PodNotReadyError):
                 out.update(self.container_mounts(c))
         return out
 
@@ -494,7 +503,7 @@ class PodWorker:
         if obj is None:
             if ref.get("optional"):
                 return None
-            raise PodNotReady(f"{kind.lower()} {name!r} not found")
+            raise PodNotReadyError(f"{kind.lower()} {name!r} not found")
         if kind == "Secret":
             return podenv.decode_secret(obj)
         return {k: str(v) for k, v in (obj.get("data") or {}).items()}
@@ -521,18 +530,25 @@ class PodWorker:
             elif "resourceFieldRef" in source:
                 out[name] = podenv.resource_field_ref(spec, source["resourceFieldRef"])
             else:
-                kind, ref = ("ConfigMap", source.get("configMapKeyRef")) if "configMapKeyRef" in source else (
-                    "Secret", source.get("secretKeyRef"))
+                kind, ref = (
+                    ("ConfigMap", source.get("configMapKeyRef"))
+                    if "configMapKeyRef" in source
+                    else ("Secret", source.get("secretKeyRef"))
+                )
                 data = await self._lookup(kind, ref or {})
                 if data is not None and ref and ref["key"] in data:
                     out[name] = data[ref["key"]]
                 elif ref and not ref.get("optional"):
-                    raise PodNotReady(f"{kind.lower()} {ref.get('name')!r} has no key {ref.get('key')!r}")
+                    raise PodNotReadyError(
+                        f"{kind.lower()} {ref.get('name')!r} has no key {ref.get('key')!r}"
+                    )
         return out
 
     # -- probes and handlers
     async def run_probe(self, probe: Mapping[str, Any], runner: ContainerRunner, timeout_s: float) -> bool:
-        ports = {str(p["name"]): int(p["containerPort"]) for p in runner.spec.get("ports") or [] if p.get("name")}
+        ports = {
+            str(p["name"]): int(p["containerPort"]) for p in runner.spec.get("ports") or [] if p.get("name")
+        }
         try:
             if "httpGet" in probe:
                 return await self._http_get(probe["httpGet"], ports, timeout_s)
@@ -543,13 +559,15 @@ class PodWorker:
                 return True
             if "exec" in probe:
                 return await self._exec(probe["exec"]["command"], runner, timeout_s) == 0
-        except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError):
+        except (TimeoutError, OSError, aiohttp.ClientError, ValueError):
             return False
         return False
 
     async def run_handler(self, handler: Mapping[str, Any], runner: ContainerRunner) -> None:
         """A lifecycle hook (preStop): exec or httpGet; its outcome does not block the stop."""
-        ports = {str(p["name"]): int(p["containerPort"]) for p in runner.spec.get("ports") or [] if p.get("name")}
+        ports = {
+            str(p["name"]): int(p["containerPort"]) for p in runner.spec.get("ports") or [] if p.get("name")
+        }
         with contextlib.suppress(OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError):
             if "exec" in handler:
                 await self._exec(handler["exec"]["command"], runner, self.grace_period_s())
@@ -560,25 +578,34 @@ class PodWorker:
 
     async def _http_get(self, spec: Mapping[str, Any], ports: Mapping[str, int], timeout_s: float) -> bool:
         host = spec.get("host") or self.ip
-        url = f"{str(spec.get('scheme', 'HTTP')).lower()}://{host}:{_port(spec['port'], ports)}{spec.get('path', '/')}"
+        scheme = str(spec.get("scheme", "HTTP")).lower()
+        url = f"{scheme}://{host}:{_port(spec['port'], ports)}{spec.get('path', '/')}"
         headers = {h["name"]: h["value"] for h in spec.get("httpHeaders") or []}
-        async with self.kubelet.http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+        async with self.kubelet.http.get(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as r:
             return 200 <= r.status < 400
 
     async def _exec(self, command: list[str], runner: ContainerRunner, timeout_s: float) -> int:
         mounts = self.container_mounts(runner.spec)
-        argv = [podenv.rewrite_hosts(podenv.remap_paths(str(c), mounts), self.ip or "", self.kubelet.resolve_service)
-                for c in command]
+        argv = [
+            podenv.rewrite_hosts(
+                podenv.remap_paths(str(c), mounts), self.ip or "", self.kubelet.resolve_service
+            )
+            for c in command
+        ]
         argv[0] = podenv.resolve_executable(argv[0], self.kubelet.config.bin_dir)
         env = runner.env or podenv.base_env(self.name, self.dir / "home", self.kubelet.config.bin_dir)
-        log_path = self.kubelet.config.state_dir / "logs" / f"{self.namespace}_{self.name}_{runner.name}.exec.log"
+        log_path = (
+            self.kubelet.config.state_dir / "logs" / f"{self.namespace}_{self.name}_{runner.name}.exec.log"
+        )
         proc = self.kubelet.procs.spawn(argv, env=env, cwd=self.workdir(runner.spec), log_path=log_path)
         deadline = time.monotonic() + timeout_s
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
                     ProcessRegistry.signal_group(proc, signal.SIGKILL)
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 await asyncio.sleep(0.05)
             return proc.returncode
         finally:
@@ -643,6 +670,8 @@ class Kubelet:
             seen.add(key)
             worker = self.workers.get(key)
             if meta.get("deletionTimestamp"):
+                if worker is not None:
+                    worker.pod = pod
                 await self._delete(key, worker)
             elif worker is None:
                 await self._admit(key, pod)
@@ -660,7 +689,9 @@ class Kubelet:
     async def _admit(self, key: tuple[str, str, str], pod: dict[str, Any]) -> None:
         finalizers = list(pod["metadata"].get("finalizers") or [])
         if FINALIZER not in finalizers:
-            patched = await self.api.patch("Pod", key[0], key[1], {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
+            patched = await self.api.patch(
+                "Pod", key[0], key[1], {"metadata": {"finalizers": [*finalizers, FINALIZER]}}
+            )
             if patched is None:
                 return
         worker = PodWorker(self, pod)
@@ -671,9 +702,10 @@ class Kubelet:
     async def _publish(self, key: tuple[str, str, str], worker: PodWorker) -> None:
         status = worker.status()
         encoded = json.dumps(status, sort_keys=True)
-        if self._published.get(key) != encoded:
-            if await self.api.patch("Pod", key[0], key[1], {"status": status}, subresource="status") is not None:
-                self._published[key] = encoded
+        if self._published.get(key) != encoded and (
+            await self.api.patch("Pod", key[0], key[1], {"status": status}, subresource="status") is not None
+        ):
+            self._published[key] = encoded
 
     async def _delete(self, key: tuple[str, str, str], worker: PodWorker | None) -> None:
         if worker is not None and worker.terminating is None:
@@ -685,7 +717,9 @@ class Kubelet:
         await self._stop(key, worker)
         await self._release(key)
 
-    async def _stop(self, key: tuple[str, str, str], worker: PodWorker, grace_cap_s: float | None = None) -> None:
+    async def _stop(
+        self, key: tuple[str, str, str], worker: PodWorker, grace_cap_s: float | None = None
+    ) -> None:
         grace = worker.grace_period_s() if grace_cap_s is None else min(worker.grace_period_s(), grace_cap_s)
         await worker.terminate(grace)
         self.workers.pop(key, None)

@@ -79,7 +79,9 @@ def remap_paths(value: str, mounts: Mapping[str, str]) -> str:
         return value
     ordered = sorted(mounts, key=len, reverse=True)
     pattern = re.compile(
-        rf"(?<!{_PATH_PREFIX_CHARS})(" + "|".join(re.escape(m.rstrip("/") or "/") for m in ordered) + r")(?=$|[/\s\"':,;=\]}})])"
+        rf"(?<!{_PATH_PREFIX_CHARS})("
+        + "|".join(re.escape(m.rstrip("/") or "/") for m in ordered)
+        + r")(?=$|[/\s\"':,;=\]}})])"
     )
     lookup = {m.rstrip("/") or "/": h for m, h in mounts.items()}
     return pattern.sub(lambda m: lookup[m.group(1)], value)
@@ -180,8 +182,16 @@ def field_ref(pod: Mapping[str, Any], path: str, pod_ip: str) -> str:
 
 _QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
 _SUFFIX = {
-    "": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
 }
 
 

@@ -108,7 +108,7 @@ class ProcessRegistry:
 
 
 _REGISTRIES: list[ProcessRegistry] = []
-_HOOKS_INSTALLED = False
+_HOOKS: dict[str, bool] = {"installed": False}
 
 
 def _kill_everything() -> None:
@@ -124,11 +124,10 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 def register(registry: ProcessRegistry) -> None:
     """Track ``registry`` for the process-wide atexit/signal cleanup (installed once, main thread)."""
-    global _HOOKS_INSTALLED
     _REGISTRIES.append(registry)
-    if _HOOKS_INSTALLED:
+    if _HOOKS["installed"]:
         return
-    _HOOKS_INSTALLED = True
+    _HOOKS["installed"] = True
     atexit.register(_kill_everything)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -58,17 +58,24 @@ class ServiceProxy:
                 await self._close(key)
 
     async def sync_once(self) -> None:
-        services = {(s["metadata"].get("namespace") or "default", s["metadata"]["name"]): s
-                    for s in await self.api.list("Service")}
+        services = {
+            (s["metadata"].get("namespace") or "default", s["metadata"]["name"]): s
+            for s in await self.api.list("Service")
+        }
         pods = await self.api.list("Pod")
         for key in [k for k in self._servers if k not in services]:
             await self._close(key)
         for key, svc in services.items():
             self._services[key] = svc
             selector = (svc.get("spec") or {}).get("selector")
-            self._backends[key] = [p for p in pods if selector and is_ready(p)
-                                   and (p["metadata"].get("namespace") or "default") == key[0]
-                                   and matches(p["metadata"].get("labels"), selector)]
+            self._backends[key] = [
+                p
+                for p in pods
+                if selector
+                and is_ready(p)
+                and (p["metadata"].get("namespace") or "default") == key[0]
+                and matches(p["metadata"].get("labels"), selector)
+            ]
             if key not in self._servers:
                 await self._open(key, svc)
 

@@ -203,10 +203,11 @@ class PerformanceAnalyzer:
                 Finding(
                     "hit_rate",
                     "warning",
-                    "low hit rate while evicting: capacity-bound",
+                    "low hit rate while evicting: likely capacity-bound",
                     evidence,
                     {"max_tokens": cfg.max_tokens * 2},
-                    "blocks are evicted before they are reused; CacheAnalyzer's curve sizes it exactly",
+                    "blocks are evicted before they are reused; the access-pattern curve "
+                    "(CacheAnalyzer) says whether more capacity helps and how much is enough",
                 )
             ]
         return [

@@ -394,6 +394,7 @@ class _ClientCore:
         self.put_queue_size = put_queue_size
         self._token = token
         self._token_file = token_file
+        self._token_read_at = -1e9
         self._breaker_args = (failure_threshold, reset_timeout_s)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
@@ -439,15 +440,20 @@ class _ClientCore:
         return list(self._endpoints)
 
     def token(self) -> str | None:
-        """The bearer token; a token file is re-read so that rotated Secrets take effect."""
+        """The bearer token; a token file is re-read (at most once a second) so that rotated
+        Secrets take effect without a restart."""
         if self._token_file is None:
+            return self._token
+        now = time.monotonic()
+        if now - self._token_read_at < 1.0:
             return self._token
         try:
             with open(self._token_file, encoding="utf-8") as fh:
-                return fh.read().strip() or None
+                self._token = fh.read().strip() or None
         except OSError as exc:
             self._warn("token", f"cannot read token file {self._token_file}: {exc.strerror}")
-            return None
+        self._token_read_at = now
+        return self._token
 
     def breaker(self, endpoint: str) -> CircuitBreaker:
         with self._lock:

@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from array import array
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -61,6 +62,7 @@ _RECENT_LATENCIES = 4096
 _ACCESS_HISTORY = 1024
 _ACCESS_HISTORY_BLOCKS = 128
 _GC_BATCH = 64
+_GC_IDLE_S = 2.0
 _IMPORT_CHUNK = 256
 _MAX_HASH = 2**64
 
@@ -135,6 +137,24 @@ class _Latency:
             "p99_latency": pct(0.99),
             "latency_histograms": hist,
         }
+
+
+def _gc_loop(ref: weakref.ReferenceType[KVCacheEngine]) -> None:
+    """Background eviction. Holds the engine only weakly between rounds, so an engine dropped
+    without close() is still collected (the thread then ends within _GC_IDLE_S)."""
+    while True:
+        engine = ref()
+        if engine is None:
+            return
+        with engine._lock:
+            if engine._closed:
+                return
+            if not engine._over_threshold():
+                engine._gc_wakeup.wait(_GC_IDLE_S)
+                del engine
+                continue
+        engine.run_gc(limit=_GC_BATCH)  # the lock is released between batches
+        del engine
 
 
 class KVCacheEngine:
@@ -294,7 +314,8 @@ class KVCacheEngine:
                 # The hash exists under another parent: a 64-bit collision. Keep the stored chain.
                 log.warning("block %016x already cached with a different parent; not stored", new[0])
                 new = []
-            protected = set(hashes[:present]) | ({parent} if parent is not None else set())
+            # The cached prefix (and a given parent's whole chain) must survive the evictions below.
+            protected = set(hashes[:present]) | set(self._ancestors_of({parent}))
             slots = self._allocate_slots(len(new), protected)
             new = new[: len(slots)]
             if new:
@@ -488,7 +509,9 @@ class KVCacheEngine:
         if not self._over_threshold() or self._closed:
             return
         if self._gc_thread is None:
-            self._gc_thread = threading.Thread(target=self._gc_loop, name="kvcache-gc", daemon=True)
+            self._gc_thread = threading.Thread(
+                target=_gc_loop, args=(weakref.ref(self),), name="kvcache-gc", daemon=True
+            )
             self._gc_thread.start()
         self._gc_wakeup.notify()
 
@@ -505,16 +528,6 @@ class KVCacheEngine:
                 done += 1
             self._copier.sync()
             return done
-
-    def _gc_loop(self) -> None:
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                if not self._over_threshold():
-                    self._gc_wakeup.wait()
-                    continue
-            self.run_gc(limit=_GC_BATCH)  # releases the lock between batches
 
     # ------------------------------------------------------------------ block-level API
 
@@ -599,8 +612,6 @@ class KVCacheEngine:
                 )
                 self._clock = max(self._clock, block.last_access)
                 stored.append(block.hash)
-            for slot in slots[len(accepted) :]:
-                pool.free(slot)
             # Children first, then the existing ancestors from the deepest to the root: every
             # parent ends up at least as hot as its children.
             for h in reversed(stored):

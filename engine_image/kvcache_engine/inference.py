@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import os
 import threading
@@ -174,7 +175,9 @@ class LoadedModel:
     identity: ModelIdentity
 
 
-def load_model(model_path: str | os.PathLike[str], dtype: str = "float32") -> LoadedModel:
+def load_model(
+    model_path: str | os.PathLike[str], dtype: str = "float32", device: str | torch.device = "cpu"
+) -> LoadedModel:
     """Load a local Hugging Face directory or a ``.gguf`` file (dequantised by transformers).
 
     Never reaches the network (``local_files_only``). Raises ValueError naming ``model_path``
@@ -199,7 +202,7 @@ def load_model(model_path: str | os.PathLike[str], dtype: str = "float32") -> Lo
             f"model_path: expected a Hugging Face model directory (with config.json) or a .gguf file, "
             f"got {str(path)!r}"
         )
-    model.eval()
+    model.to(device).eval()
     return LoadedModel(model, tokenizer, model_identity(model))
 
 
@@ -332,6 +335,10 @@ class PrefixCachedGenerator:
         self.model = model
         self.store = store
         self._device = next(model.parameters()).device
+        # transformers >= 5.2x calls the cache argument ``cache`` (``past_key_values`` is
+        # deprecated there); older releases only know ``past_key_values``.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._dtype = model.dtype
 
     @torch.inference_mode()
@@ -356,8 +363,8 @@ class PrefixCachedGenerator:
         suffix = torch.tensor([ids[cached:]], dtype=torch.long, device=self._device)
         # logits_to_keep=1: only the last position's logits are needed (a 2k-token prompt's full
         # logits over a 49k vocabulary would be 400 MB of float32).
-        out = self.model(input_ids=suffix, cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache
+        out = self._forward(suffix, cache, logits_to_keep=1)
+        cache = _cache_of(out)
         next_token = int(out.logits[0, -1].argmax())
         ttft_ms = (time.perf_counter() - started) * 1e3
         marks["prefill_ms"] = ttft_ms - marks["load_ms"]
@@ -395,12 +402,15 @@ class PrefixCachedGenerator:
         kv = kv[:, :, :usable].to(self._dtype)
         return kv_to_dynamic_cache(kv, self.model.config, self._device), usable, have
 
+    def _forward(self, input_ids: torch.Tensor, cache: Any, **kwargs: Any) -> Any:
+        return self.model(input_ids=input_ids, use_cache=True, **{self._cache_arg: cache}, **kwargs)
+
     def _decode(self, cache: Any, first: int, max_new_tokens: int, eos: set[int]) -> list[int]:
         output = [first] if max_new_tokens > 0 else []
         while output and len(output) < max_new_tokens and output[-1] not in eos:
             step = torch.tensor([[output[-1]]], dtype=torch.long, device=self._device)
-            out = self.model(input_ids=step, cache=cache, use_cache=True)
-            cache = out.cache
+            out = self._forward(step, cache)
+            cache = _cache_of(out)
             output.append(int(out.logits[0, -1].argmax()))
         return output
 
@@ -414,6 +424,11 @@ class PrefixCachedGenerator:
             return 0
         kv = dynamic_cache_to_kv(cache, 0, full).to(_TORCH_DTYPES[self.store.dtype])
         return self.store.store(kv_ids[:full], kv)
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _eos_set(eos: int | Sequence[int] | None) -> set[int]:
@@ -478,7 +493,8 @@ class ModelRunner:
         if loaded is None:
             if not engine.config.model_path:
                 raise ValueError("model_path: process_request needs the engine config's model_path set")
-            loaded = load_model(engine.config.model_path, engine.config.dtype)
+            # On the engine's device: a GPU engine runs its model on that GPU too.
+            loaded = load_model(engine.config.model_path, engine.config.dtype, engine.device)
         self.engine = engine
         self.loaded = loaded
         self.generator = PrefixCachedGenerator(loaded.model, EngineKVStore(engine, loaded.identity))

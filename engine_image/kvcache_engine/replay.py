@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib.resources
-import io
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -90,22 +89,19 @@ def load_trace(path: str | Path | None = None) -> Iterator[list[int]]:
     """The ``hash_ids`` of each request, in file order (gzip detected by its magic bytes; the
     default is the packaged conversation trace). Raises ValueError naming the line on bad data."""
     with _open_trace(path) as raw:
-        head = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
-        stream: IO[bytes] | gzip.GzipFile = raw
-        if head == b"\x1f\x8b":
-            stream = gzip.GzipFile(fileobj=raw)
-        for lineno, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                ids = json.loads(line)["hash_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(
-                    f"trace line {lineno}: expected a JSON object with hash_ids ({exc})"
-                ) from None
-            if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise ValueError(f"trace line {lineno}: hash_ids must be a list of non-negative ints")
-            yield ids
+        data = raw.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ids = json.loads(line)["hash_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"trace line {lineno}: expected a JSON object with hash_ids ({exc})") from None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"trace line {lineno}: hash_ids must be a list of non-negative ints")
+        yield ids
 
 
 class _ReplayCache:

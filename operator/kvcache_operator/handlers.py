@@ -8,7 +8,10 @@ Two entry points act on a KVCache, serialised by one lock per cache:
   (±10 % jitter) scrape the ready engines, keep the samples, ask ``policy`` for decisions, record
   each one (status + Event) and, in ``Auto``, apply it (drain, then scale; or retune live).
 
-Clients, metrics and per-cache state live in ``memo`` (created at startup, never at import).
+The annotation ``kvcache.dev/reconcile: paused`` stops every write to children and engines (status
+still reports, with Progressing=False/ReconcilePaused); ``spec.replicas: 0`` hibernates (the
+StatefulSet goes to zero, its PVCs stay). Clients, metrics and per-cache state live in ``memo``
+(created at startup, never at import).
 """
 
 from __future__ import annotations
@@ -207,15 +210,8 @@ async def converge(
     token = await _token(kube, kvc)
     if not paused:
         await _push_live_config(memo.http, pods, config.to_file_dict(), token, logger)
-    jobs = (
-        await kube.list(
-            k8s.JOBS,
-            namespace,
-            resources.selector_string(name).replace("component=engine", "component=backup"),
-        )
-        if kvc.spec.backup.enabled
-        else []
-    )
+    backup_selector = ",".join(f"{k}={v}" for k, v in resources.selector_labels(name, "backup").items())
+    jobs = await kube.list(k8s.JOBS, namespace, backup_selector) if kvc.spec.backup.enabled else []
     new_status = status_mod.build_status(
         kvc=kvc,
         generation=int(meta.get("generation") or 1),
@@ -342,6 +338,9 @@ async def control_loop(
         except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as exc:
             memo.metrics.errors.labels("control").inc()
             logger.warning(f"control pass failed, retrying next interval: {exc}")
+        except Exception:  # a supervisor loop: one bad pass must not stop scraping for good
+            memo.metrics.errors.labels("control").inc()
+            logger.exception("control pass crashed, retrying next interval")
 
 
 async def control_pass(body: dict[str, Any], memo: Any, state: CacheState, logger: Logger) -> None:
@@ -359,7 +358,7 @@ async def control_pass(body: dict[str, Any], memo: Any, state: CacheState, logge
     memo.metrics.scrape_failures.inc(len(current.failed))
     observation = scrape.observe(state.last_scrape, current)
     state.last_scrape, state.observation = current, observation
-    if state.samples or observation.sample.hit_rate is not None or current.pods:
+    if observation.sample.ready_replicas > 0:  # no engine answered: no figures, never a "pressure 0"
         state.samples.append(observation.sample)
     while state.samples and state.samples[0].time_s < current.time_s - SAMPLE_HISTORY_S:
         state.samples.popleft()
@@ -392,6 +391,7 @@ async def _decide(
         rolling_out=rolling,
     )
     if scale is not None:
+        # DryRun starts the same cooldown an applied change would: recorded once per window, not per scrape
         state.last_scale_s = now
         _record(body, memo, state, scale)
         if scale.applied and scale.to_replicas is not None:

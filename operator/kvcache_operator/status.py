@@ -86,12 +86,10 @@ def backup_record(jobs: Sequence[Mapping[str, Any]]) -> Manifest | None:
     if not finished:
         return None
     when, ok, job = max(finished, key=lambda item: item[0])
-    return {
-        "time": when or None,
-        "succeeded": ok,
-        "job": job["metadata"]["name"],
-        "message": None if ok else "the backup Job failed; see its pod logs",
-    }
+    record: Manifest = {"time": when or None, "succeeded": ok, "job": job["metadata"]["name"]}
+    if not ok:  # a None would delete the key in a merge patch: leave it out instead
+        record["message"] = "the backup Job failed; see its pod logs"
+    return record
 
 
 def build_status(

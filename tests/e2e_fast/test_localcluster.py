@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import os
 import time
 import urllib.request
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from e2e.localcluster.cluster import ApplyError, LocalCluster
 from e2e.localcluster.controllers import is_ready
 
@@ -31,8 +31,15 @@ http.server.HTTPServer((sys.argv[2], 8080), http.server.SimpleHTTPRequestHandler
 """
 
 
-def make_statefulset(name: str, replicas: int, *, policy: str = "Parallel", grace: int = 2,
-                     when_scaled: str = "Retain", env: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def make_statefulset(
+    name: str,
+    replicas: int,
+    *,
+    policy: str = "Parallel",
+    grace: int = 2,
+    when_scaled: str = "Retain",
+    env: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     container = {
         "name": "app",
         "image": "python:3.11",
@@ -53,10 +60,13 @@ def make_statefulset(name: str, replicas: int, *, policy: str = "Parallel", grac
             "podManagementPolicy": policy,
             "selector": {"matchLabels": {"app": name}},
             "persistentVolumeClaimRetentionPolicy": {"whenScaled": when_scaled, "whenDeleted": "Retain"},
-            "template": {"metadata": {"labels": {"app": name}},
-                         "spec": {"terminationGracePeriodSeconds": grace, "containers": [container]}},
-            "volumeClaimTemplates": [{"metadata": {"name": "data"},
-                                      "spec": {"resources": {"requests": {"storage": "1Gi"}}}}],
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"terminationGracePeriodSeconds": grace, "containers": [container]},
+            },
+            "volumeClaimTemplates": [
+                {"metadata": {"name": "data"}, "spec": {"resources": {"requests": {"storage": "1Gi"}}}}
+            ],
         },
     }
 
@@ -67,8 +77,14 @@ def sts_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
 
 
 def wait_ready(cluster: LocalCluster, name: str, n: int, timeout_s: float = 30) -> None:
-    cluster.wait_for(lambda: sts_status(cluster, name).get("readyReplicas") == n
-                     and sts_status(cluster, name).get("replicas") == n, timeout_s, what=f"{name}: {n} ready")
+    cluster.wait_for(
+        lambda: (
+            sts_status(cluster, name).get("readyReplicas") == n
+            and sts_status(cluster, name).get("replicas") == n
+        ),
+        timeout_s,
+        what=f"{name}: {n} ready",
+    )
 
 
 def events(cluster: LocalCluster, claim: str) -> list[str]:
@@ -78,12 +94,26 @@ def events(cluster: LocalCluster, claim: str) -> list[str]:
 
 def test_statefulset_pods_get_env_volumes_ips_and_probes(bare_cluster: LocalCluster) -> None:
     c = bare_cluster
-    c.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "greet"},
-             "data": {"greeting": "hello", "FROM_ENVFROM": "yes"}})
-    c.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"},
-             "data": {"token": base64.b64encode(b"s3cret").decode()}})
-    env = [{"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "greet", "key": "greeting"}}},
-           {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}}]
+    c.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "greet"},
+            "data": {"greeting": "hello", "FROM_ENVFROM": "yes"},
+        }
+    )
+    c.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "tok"},
+            "data": {"token": base64.b64encode(b"s3cret").decode()},
+        }
+    )
+    env = [
+        {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "greet", "key": "greeting"}}},
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}},
+    ]
     sts = make_statefulset("web", 2, env=env)
     sts["spec"]["template"]["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "greet"}}]
     c.apply(sts)
@@ -94,7 +124,10 @@ def test_statefulset_pods_get_env_volumes_ips_and_probes(bare_cluster: LocalClus
     assert len(set(ips)) == 2 and all(ip.startswith("127.") and ip != "127.0.0.1" for ip in ips)
     for ip in ips:  # each pod serves on its own address, same port
         assert urllib.request.urlopen(f"http://{ip}:8080/", timeout=5).status == 200
-    assert sorted(p["metadata"]["name"] for p in c.list("PersistentVolumeClaim")) == ["data-web-0", "data-web-1"]
+    assert sorted(p["metadata"]["name"] for p in c.list("PersistentVolumeClaim")) == [
+        "data-web-0",
+        "data-web-1",
+    ]
     assert events(c, "data-web-0") == ["start hello s3cret yes"]
     assert pods[0]["metadata"]["labels"]["statefulset.kubernetes.io/pod-name"] == "web-0"
     assert pods[0]["metadata"]["ownerReferences"][0]["kind"] == "StatefulSet"
@@ -105,8 +138,11 @@ def test_kill_9_restarts_the_container_and_its_pvc_survives(bare_cluster: LocalC
     c.apply(make_statefulset("crash", 1))
     wait_ready(c, "crash", 1)
     pid = c.kill_container("crash-0")
-    c.wait_for(lambda: (c.container_pid("crash-0") or pid) != pid and is_ready(c.get("Pod", "crash-0")), 30,
-               what="restart")
+    c.wait_for(
+        lambda: (c.container_pid("crash-0") or pid) != pid and is_ready(c.get("Pod", "crash-0")),
+        30,
+        what="restart",
+    )
     status = c.get("Pod", "crash-0")["status"]["containerStatuses"][0]
     assert status["restartCount"] == 1
     assert status["lastState"]["terminated"]["exitCode"] == 137  # 128 + SIGKILL
@@ -129,8 +165,11 @@ def test_rolling_update_goes_one_pod_at_a_time_highest_ordinal_first(bare_cluste
             if pod["metadata"]["labels"]["controller-revision-hash"] != old and name not in order:
                 order.append(name)
         status = sts_status(c, "roll")
-        if status.get("updateRevision") != old and status.get("updatedReplicas") == 3 \
-                and status.get("readyReplicas") == 3:
+        if (
+            status.get("updateRevision") != old
+            and status.get("updatedReplicas") == 3
+            and status.get("readyReplicas") == 3
+        ):
             break
         time.sleep(0.1)
     status = sts_status(c, "roll")
@@ -146,15 +185,27 @@ def test_scale_down_honours_when_scaled_delete(bare_cluster: LocalCluster) -> No
     c.apply(make_statefulset("shrink", 3, when_scaled="Delete"))
     wait_ready(c, "shrink", 3)
     c.patch("StatefulSet", "shrink", {"spec": {"replicas": 1}})
-    c.wait_for(lambda: [p["metadata"]["name"] for p in c.pods({"app": "shrink"})] == ["shrink-0"]
-               and sorted(p["metadata"]["name"] for p in c.list("PersistentVolumeClaim")
-                          if "shrink" in p["metadata"]["name"]) == ["data-shrink-0"], 30, what="scale to 1")
+    c.wait_for(
+        lambda: (
+            [p["metadata"]["name"] for p in c.pods({"app": "shrink"})] == ["shrink-0"]
+            and sorted(
+                p["metadata"]["name"]
+                for p in c.list("PersistentVolumeClaim")
+                if "shrink" in p["metadata"]["name"]
+            )
+            == ["data-shrink-0"]
+        ),
+        30,
+        what="scale to 1",
+    )
     c.patch("StatefulSet", "shrink", {"spec": {"replicas": 2}})
     wait_ready(c, "shrink", 2)
     assert events(c, "data-shrink-1") == ["start None None None"]  # a fresh claim, not the old data
 
 
-def test_deletion_runs_prestop_then_sigterm_and_sigkills_after_the_grace_period(bare_cluster: LocalCluster) -> None:
+def test_deletion_runs_prestop_then_sigterm_and_sigkills_after_the_grace_period(
+    bare_cluster: LocalCluster,
+) -> None:
     c = bare_cluster
     sts = make_statefulset("stubborn", 1, grace=2, env=[{"name": "IGNORE_TERM", "value": "1"}])
     c.apply(sts)
@@ -173,18 +224,37 @@ def test_deletion_runs_prestop_then_sigterm_and_sigkills_after_the_grace_period(
 
 
 def make_cronjob(name: str, command: str, backoff_limit: int = 0) -> dict[str, Any]:
-    pod = {"restartPolicy": "Never",
-           "containers": [{"name": "job", "image": "busybox", "command": ["sh", "-c", command],
-                           "volumeMounts": [{"name": "out", "mountPath": "/out"}]}],
-           "volumes": [{"name": "out", "persistentVolumeClaim": {"claimName": f"{name}-out"}}]}
-    return {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": name},
-            "spec": {"schedule": "0 3 * * *", "concurrencyPolicy": "Forbid",
-                     "jobTemplate": {"spec": {"backoffLimit": backoff_limit, "template": {"spec": pod}}}}}
+    pod = {
+        "restartPolicy": "Never",
+        "containers": [
+            {
+                "name": "job",
+                "image": "busybox",
+                "command": ["sh", "-c", command],
+                "volumeMounts": [{"name": "out", "mountPath": "/out"}],
+            }
+        ],
+        "volumes": [{"name": "out", "persistentVolumeClaim": {"claimName": f"{name}-out"}}],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {"name": name},
+        "spec": {
+            "schedule": "0 3 * * *",
+            "concurrencyPolicy": "Forbid",
+            "jobTemplate": {"spec": {"backoffLimit": backoff_limit, "template": {"spec": pod}}},
+        },
+    }
 
 
 def make_pvc(name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
 
 
 def job_condition(cluster: LocalCluster, name: str) -> str | None:
@@ -200,13 +270,47 @@ def test_cronjob_runs_on_demand_and_records_the_last_success(bare_cluster: Local
     c.apply(make_pvc("nightly-out"))
     c.apply(make_cronjob("nightly", "echo backed-up >> /out/log"))
     c.trigger_cronjob("nightly", "run-1")  # the annotation route, through the CronJob controller
-    c.wait_for(lambda: (c.get("CronJob", "nightly").get("status") or {}).get("lastSuccessfulTime"), 30,
-               what="lastSuccessfulTime")
+    c.wait_for(
+        lambda: (c.get("CronJob", "nightly").get("status") or {}).get("lastSuccessfulTime"),
+        30,
+        what="lastSuccessfulTime",
+    )
     job = c.run_cronjob("nightly", "nightly-by-hand")  # the `kubectl create job --from` route
     c.wait_for(lambda: job_condition(c, job) == "Complete", 30, what="manual job")
     assert (c.pvc_dir("nightly-out") / "log").read_text() == "backed-up\nbacked-up\n"
     jobs = [j for j in c.list("Job") if j["metadata"]["name"].startswith("nightly")]
     assert len(jobs) == 2 and all(j["metadata"]["ownerReferences"][0]["kind"] == "CronJob" for j in jobs)
+
+
+def test_cronjob_runs_when_its_schedule_is_due(bare_cluster: LocalCluster) -> None:
+    c = bare_cluster
+    c.apply(make_pvc("minutely-out"))
+    cronjob = make_cronjob("minutely", "echo tick >> /out/log")
+    cronjob["spec"]["schedule"] = "* * * * *"
+    c.apply(cronjob)
+    # As if the last run was two minutes ago: the next minute is already due.
+    past = datetime.datetime.now(tz=datetime.UTC) - datetime.timedelta(minutes=2)
+    last = past.replace(second=0, microsecond=0)
+    c.patch(
+        "CronJob",
+        "minutely",
+        {"status": {"lastScheduleTime": last.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+        subresource="status",
+    )
+    c.wait_for(
+        lambda: (c.get("CronJob", "minutely").get("status") or {}).get("lastSuccessfulTime"),
+        30,
+        what="scheduled job done",
+    )
+    status = c.get("CronJob", "minutely")["status"]
+    ran = datetime.datetime.fromisoformat(status["lastScheduleTime"].replace("Z", "+00:00"))
+    assert last + datetime.timedelta(minutes=1) < ran <= datetime.datetime.now(tz=datetime.UTC)
+    jobs = {j["metadata"]["name"] for j in c.list("Job") if j["metadata"]["name"].startswith("minutely-")}
+    # Only the most recent missed time ran, not every minute since `last` (no catch-up burst).
+    assert f"minutely-{int(ran.timestamp()) // 60}" in jobs
+    assert f"minutely-{int((last + datetime.timedelta(minutes=1)).timestamp()) // 60}" not in jobs
+    assert (c.pvc_dir("minutely-out") / "log").read_text().startswith("tick\n")
+    c.patch("CronJob", "minutely", {"spec": {"suspend": True}})  # no more runs from this test
 
 
 def test_job_retries_a_failing_pod_up_to_its_backoff_limit(bare_cluster: LocalCluster) -> None:
@@ -222,9 +326,15 @@ def test_job_retries_a_failing_pod_up_to_its_backoff_limit(bare_cluster: LocalCl
 
 
 def test_invalid_kvcache_is_rejected_naming_the_field(bare_cluster: LocalCluster) -> None:
-    manifest = {"apiVersion": "kvcache.dev/v1alpha1", "kind": "KVCache", "metadata": {"name": "bad"},
-                "spec": {"autoscaling": {"mode": "Auto", "minReplicas": 3, "maxReplicas": 2}}}
-    with pytest.raises(ApplyError, match=r'KVCache.kvcache.dev "bad" is invalid: .*spec\.autoscaling\.minReplicas'):
+    manifest = {
+        "apiVersion": "kvcache.dev/v1alpha1",
+        "kind": "KVCache",
+        "metadata": {"name": "bad"},
+        "spec": {"autoscaling": {"mode": "Auto", "minReplicas": 3, "maxReplicas": 2}},
+    }
+    with pytest.raises(
+        ApplyError, match=r'KVCache.kvcache.dev "bad" is invalid: .*spec\.autoscaling\.minReplicas'
+    ):
         bare_cluster.apply(manifest)
     with pytest.raises(ApplyError, match=r'unknown field "spec.cache.maxTokenz"'):
         bare_cluster.apply({**manifest, "spec": {"cache": {"maxTokenz": 5}}})

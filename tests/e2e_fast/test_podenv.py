@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from e2e.localcluster import podenv
 
 MOUNTS = {"/etc/kvcache": "/s/cfg", "/var/lib/kvcache": "/s/pvc", "/tmp": "/s/tmp"}
@@ -29,7 +28,10 @@ def test_remap_paths_rewrites_mount_prefixes_at_path_boundaries(text: str, expec
 
 def test_remap_paths_is_one_pass_even_when_host_paths_contain_mount_paths() -> None:
     mounts = {"/tmp": "/tmp/localcluster-1/pod/tmp", "/data": "/tmp/localcluster-1/pvc"}
-    assert podenv.remap_paths("/tmp/a /data/b", mounts) == "/tmp/localcluster-1/pod/tmp/a /tmp/localcluster-1/pvc/b"
+    assert (
+        podenv.remap_paths("/tmp/a /data/b", mounts)
+        == "/tmp/localcluster-1/pod/tmp/a /tmp/localcluster-1/pvc/b"
+    )
 
 
 def test_rewrite_hosts_pod_addresses_and_service_names() -> None:
@@ -60,7 +62,9 @@ def test_container_argv_uses_command_or_the_image_entrypoint() -> None:
 
 def test_resolve_executable_prefers_the_venv(tmp_path: Path) -> None:
     (tmp_path / "kvcache-engine").write_text("")
-    assert podenv.resolve_executable("/opt/venv/bin/kvcache-engine", tmp_path) == str(tmp_path / "kvcache-engine")
+    assert podenv.resolve_executable("/opt/venv/bin/kvcache-engine", tmp_path) == str(
+        tmp_path / "kvcache-engine"
+    )
 
 
 def test_quantities_and_resource_field_refs() -> None:

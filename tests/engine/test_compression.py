@@ -139,3 +139,17 @@ def test_unknown_codec_and_bad_payload_are_named() -> None:
     payload["k_q"] = payload["k_q"][..., :-1]
     with pytest.raises(ValueError, match="payload: field k_q"):
         codec.check_payload(payload)
+
+
+def test_sizing_helpers_import_no_torch() -> None:
+    # The operator sizes pods with payload_layout/pool_bytes and has no torch.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from kvcache_engine.config import payload_layout, pool_bytes, KVCacheConfig;"
+        "pool_bytes(KVCacheConfig(compression_codec='int4'));"
+        "payload_layout('int8', num_layers=1, block_tokens=16, num_kv_heads=1, head_dim=8);"
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -425,3 +425,31 @@ def test_engine_invariants(script: list[tuple[str, int, int]], strategy: str, co
         assert len(survivors) == min(len(kept), new_slots) or len(survivors) < new_slots
         engine.compact_cache()
         assert sorted(e.slot for e in engine._index) == list(range(len(engine.cached_hashes())))
+
+
+def test_gc_thread_ends_when_an_unclosed_engine_is_dropped() -> None:
+    import gc
+
+    engine = make_engine(enable_gc=True, gc_threshold=0.5)
+    for chain in range(8):
+        put_chain(engine, chain, 1)
+    thread = engine._gc_thread
+    assert thread is not None
+    del engine
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_put_blocks_raw_keeps_the_parents_whole_chain(engine_factory: Any) -> None:
+    engine = engine_factory(cache_strategy="LRU", max_tokens=16)  # 4 slots
+    a = make_tokens(1, 3)
+    kv = make_kv(12)
+    engine.put(a[:8], kv[:, :, :8])
+    b = put_chain(engine, 2, 2)
+    engine.lookup(b)  # LRU order now: a's tail, a's root, b's tail, b's root
+    hashes = engine.block_hashes(a)
+    assert engine.put_blocks_raw(hashes[2:], kv[:, :, 8:], parent=hashes[1]) == 1
+    assert engine.lookup(a) == 12 and engine.lookup(b) == 4
+    assert torch.equal(engine.get(a), kv)
+    assert engine.validate_cache_integrity()["is_valid"]

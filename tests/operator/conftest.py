@@ -26,6 +26,7 @@ import kmock
 import kopf
 import kubernetes.config.kube_config
 import pytest
+
 from tests.kube_emulator import KubeEmulator, write_kubeconfig
 
 NS = "team-a"
@@ -105,6 +106,7 @@ class Cluster:
 @pytest.fixture
 async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
     async with KubeEmulator() as emu, kmock.Server(emu) as server:
+        emu.create("v1/namespaces", {"metadata": {"name": NS}})  # Kopf serves namespaces that exist
         kubeconfig = write_kubeconfig(tmp_path, str(server.url), namespace=NS)
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         # the kubernetes client reads KUBECONFIG once, at import: point its default at ours

@@ -11,6 +11,7 @@ import aiohttp
 import kmock
 import kopf
 import pytest
+
 from tests.kube_emulator import KubeEmulator, match_labels
 from tests.operator.conftest import KVCACHES, NS, Cluster, running_operator, wait_for
 
@@ -240,3 +241,14 @@ async def test_kopf_runs_each_handler_exactly_once(cluster: Cluster) -> None:
     assert calls == Counter(
         {"create": 1, "update": 1, "replicas None->1": 1, "replicas 1->2": 1, "delete": 1}
     )
+
+
+async def test_kmock_reactions_still_take_priority(cluster: Cluster) -> None:
+    emu = cluster.emu
+    emu.create(CM, make_cm("a", namespace=NS))
+    emu[f"get /api/v1/namespaces/{NS}/configmaps/a"] << 418
+    async with aiohttp.ClientSession(cluster.url) as http:
+        async with http.get(f"/api/v1/namespaces/{NS}/configmaps/a") as response:
+            assert response.status == 418
+        async with http.get(f"/api/v1/namespaces/{NS}/configmaps") as response:
+            assert response.status == 200 and len((await response.json())["items"]) == 1

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import kopf
+import pytest
+
+from kvcache_operator.handlers import configure
 from tests.operator.conftest import (
     KVCACHES,
     NS,
@@ -22,6 +28,8 @@ from tests.operator.conftest import (
     free_port,
     make_kvcache,
     run_pods,
+    running_operator,
+    settle_statefulset,
     wait_for,
 )
 
@@ -286,3 +294,292 @@ async def test_sustained_pressure_scales_out_with_an_event(
     events = [e for e in emu.list("v1/events", NS) if e.get("reason") == "ScaleApplied"]
     assert len(events) == 1 and "replicas 2 -> 3" in events[0]["message"]
     assert emu.get(KVCACHES, "busy", NS)["spec"]["replicas"] == 2  # spec is never rewritten (GitOps)
+
+
+def _used_blocks(port: int, token: str) -> int:
+    """Blocking read of one engine's used blocks (called from an emulator hook, so no await)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/stats", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return int(json.loads(response.read())["used_blocks"])
+
+
+def _fill(url: str, token: str, sequences: int) -> None:
+    import torch
+
+    from kvcache_engine.client import KVCacheClient
+
+    client = KVCacheClient([url], token=token, strict=True, timeout_s=5.0)
+    try:
+        for i in range(sequences):
+            client.put(
+                [i * 1000 + t for t in range(32)],
+                torch.zeros((2, 2, 32, 2, 16), dtype=torch.float16),
+                wait=True,
+            )
+    finally:
+        client.close()
+
+
+async def test_scale_in_drains_the_leaving_replica_before_lowering_replicas(
+    cluster: Cluster, operator: kopf.Memo, engines: Engines
+) -> None:
+    emu = cluster.emu
+    autoscaling = {
+        "mode": "Auto",
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        "targetMemoryPressure": 0.8,
+        "scaleDownStabilizationSeconds": 1,
+    }
+    emu.create(KVCACHES, make_kvcache("quiet", autoscaling=autoscaling))
+    await wait_for(lambda: emu.get("v1/configmaps", "quiet-config", NS), what="ConfigMap")
+    ports = await engines.start(emu, "quiet", 2)
+    await asyncio.to_thread(_fill, f"http://127.0.0.1:{ports[1]}", engines.token, 2)  # 4 blocks on ordinal 1
+    assert _used_blocks(ports[0], engines.token) == 0
+    seen_at_scale_in: list[int] = []
+
+    def on_scale(event: str, resource: str, obj: dict[str, Any]) -> None:
+        if resource == "apps/v1/statefulsets" and obj["spec"].get("replicas") == 1 and not seen_at_scale_in:
+            seen_at_scale_in.append(_used_blocks(ports[0], engines.token))
+
+    emu.subscribe(on_scale)
+    run_pods(emu, "quiet", ports)
+    await wait_for(lambda: seen_at_scale_in, timeout=30, what="scale-in to 1")
+    assert seen_at_scale_in == [4]  # ordinal 1's blocks were already on ordinal 0 when replicas dropped
+    decisions = await wait_for(
+        lambda: (emu.get(KVCACHES, "quiet", NS).get("status") or {}).get("decisions"),
+        what="decision in status",
+    )
+    assert decisions[-1]["action"] == "replicas 2 -> 1" and "draining ordinals 1" in decisions[-1]["reason"]
+
+
+async def test_pause_annotation_freezes_children_and_hibernation_keeps_the_claims(
+    cluster: Cluster, operator: kopf.Memo
+) -> None:
+    emu = cluster.emu
+    emu.create(KVCACHES, make_kvcache("sleepy", persistence={"enabled": True}))
+    await wait_for(lambda: _counts(children(emu, "sleepy")) == EXPECTED, what="children")
+    emu.patch(
+        KVCACHES,
+        "sleepy",
+        {
+            "metadata": {"annotations": {"kvcache.dev/reconcile": "paused"}},
+            "spec": {"image": "registry.example/kvcache-engine:2"},
+        },
+        NS,
+    )
+    progressing = await wait_for(
+        lambda: (
+            (c := condition(emu.get(KVCACHES, "sleepy", NS), "Progressing"))
+            and c["reason"] == "ReconcilePaused"
+            and c
+        ),
+        what="paused condition",
+    )
+    assert "paused" in progressing["message"]
+    image = emu.get("apps/v1/statefulsets", "sleepy", NS)["spec"]["template"]["spec"]["containers"][0][
+        "image"
+    ]
+    assert image != "registry.example/kvcache-engine:2"
+
+    # a PVC the StatefulSet made for ordinal 0 (owned by the StatefulSet, not by the KVCache)
+    emu.create(
+        "v1/persistentvolumeclaims",
+        {
+            "metadata": {
+                "name": "data-sleepy-0",
+                "namespace": NS,
+                "labels": {"app.kubernetes.io/instance": "sleepy"},
+            }
+        },
+    )
+    emu.patch(
+        KVCACHES,
+        "sleepy",
+        {"metadata": {"annotations": {"kvcache.dev/reconcile": None}}, "spec": {"replicas": 0}},
+        NS,
+    )
+    sts = await wait_for(
+        lambda: (s := emu.get("apps/v1/statefulsets", "sleepy", NS))["spec"]["replicas"] == 0 and s,
+        what="hibernation",
+    )
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/kvcache-engine:2"
+    settle_statefulset(emu, "sleepy", 0)  # what the StatefulSet controller reports once it is done
+    ready = await wait_for(
+        lambda: (
+            (c := condition(emu.get(KVCACHES, "sleepy", NS), "Ready")) and c["reason"] == "Hibernating" and c
+        ),
+        what="Ready=Hibernating",
+        timeout=30,
+    )
+    assert ready["status"] == "True"
+    assert emu.get("v1/persistentvolumeclaims", "data-sleepy-0", NS)
+
+
+def _peering_state(log: Path) -> str:
+    text = log.read_text()
+    return "active" if text.rfind("Resuming operations") > text.rfind("Pausing operations") else "paused"
+
+
+async def test_two_replicas_peer_and_only_the_higher_priority_one_acts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    emu = cluster.emu
+    emu.create("kopf.dev/v1/kopfpeerings", {"metadata": {"name": "kvcache-operator", "namespace": NS}})
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONWARNINGS": "ignore"}
+    command = [
+        sys.executable,
+        "-m",
+        "kvcache_operator.cli",
+        "run",
+        "--namespace",
+        NS,
+        "--liveness",
+        "",
+        "--metrics-port",
+        "0",
+    ]
+    logs = {name: tmp_path / f"{name}.log" for name in ("high", "low")}
+    procs = []
+    for name, priority in (("high", 10), ("low", 5)):
+        with logs[name].open("wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [*command, "--priority", str(priority)], stdout=log, stderr=subprocess.STDOUT, env=env
+                )
+            )
+    try:
+        # a peer starts paused, resumes when it sees no higher peer, and pauses on seeing one
+        await wait_for(
+            lambda: _peering_state(logs["high"]) == "active" and _peering_state(logs["low"]) == "paused",
+            timeout=30,
+            what="only the high-priority replica active",
+        )
+        emu.create(KVCACHES, make_kvcache("peered"))
+        await wait_for(lambda: _counts(children(emu, "peered")) == EXPECTED, timeout=30, what="children")
+        await wait_for(
+            lambda: "create StatefulSet peered" in logs["high"].read_text(),
+            timeout=10,
+            what="the high-priority replica's log",
+        )
+        assert _peering_state(logs["low"]) == "paused"
+        assert "create StatefulSet peered" not in logs["low"].read_text()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            await asyncio.to_thread(proc.wait, 20)
+
+
+async def test_watch_streams_time_out_and_reconnect(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server-side watch timeouts are set, so a dead stream is replaced rather than waited on."""
+    monkeypatch.setenv("KVCACHE_OPERATOR_WATCH_TIMEOUT_S", "1")
+    emu = cluster.emu
+    async with running_operator():
+        await wait_for(lambda: emu.count("watch", "kvcaches") >= 3, timeout=15, what="watch reconnects")
+        emu.create(KVCACHES, make_kvcache("late"))
+        await wait_for(lambda: _counts(children(emu, "late")) == EXPECTED, what="children after reconnects")
+
+
+def test_operator_settings() -> None:
+    settings = kopf.OperatorSettings()
+    configure(settings)
+    assert settings.watching.server_timeout == 300
+    assert settings.watching.client_timeout is not None and settings.watching.client_timeout > 300
+    assert settings.persistence.finalizer == "kvcache.dev/finalizer"
+
+
+async def test_kubectl_scale_goes_through_the_scale_subresource(
+    cluster: Cluster, operator: kopf.Memo
+) -> None:
+    emu = cluster.emu
+    emu.create(KVCACHES, make_kvcache("scaled"))
+    status = await wait_for(lambda: emu.get(KVCACHES, "scaled", NS).get("status"), what="status")
+    url = f"/apis/kvcache.dev/v1alpha1/namespaces/{NS}/kvcaches/scaled/scale"
+    async with aiohttp.ClientSession(cluster.url) as http:
+        async with http.get(url) as response:
+            scale = await response.json()
+        assert scale["status"]["selector"] == status["selector"] and scale["spec"]["replicas"] == 2
+        async with http.patch(
+            url, json={"spec": {"replicas": 3}}, headers={"Content-Type": "application/merge-patch+json"}
+        ) as response:
+            assert response.status == 200
+    await wait_for(
+        lambda: emu.get("apps/v1/statefulsets", "scaled", NS)["spec"]["replicas"] == 3,
+        what="StatefulSet follows spec.replicas",
+    )
+
+
+def test_run_needs_a_namespace_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvcache_operator.cli import main
+
+    assert main(["run"]) == 2
+    assert "--namespace" in capsys.readouterr().err
+
+
+async def test_last_backup_comes_from_the_cronjobs_last_finished_job(
+    cluster: Cluster, operator: kopf.Memo
+) -> None:
+    emu = cluster.emu
+    emu.create(KVCACHES, make_kvcache("saved", persistence={"enabled": True}, backup={"enabled": True}))
+    cronjob = await wait_for(lambda: emu.get("batch/v1/cronjobs", "saved-backup", NS), what="CronJob")
+    assert emu.get("v1/persistentvolumeclaims", "saved-backups", NS)  # retained claim, created once
+    labels = cronjob["spec"]["jobTemplate"]["metadata"]["labels"]
+    emu.create("batch/v1/jobs", {"metadata": {"name": "saved-backup-1", "namespace": NS, "labels": labels}})
+    emu.patch(
+        "batch/v1/jobs",
+        "saved-backup-1",
+        {"status": {"succeeded": 1, "completionTime": "2026-11-27T03:00:00Z"}},
+        NS,
+        subresource="status",
+    )
+    last = await wait_for(
+        lambda: (emu.get(KVCACHES, "saved", NS).get("status") or {}).get("lastBackup"),
+        timeout=20,
+        what="lastBackup",
+    )
+    assert last == {"time": "2026-11-27T03:00:00Z", "succeeded": True, "job": "saved-backup-1"}
+    assert condition(emu.get(KVCACHES, "saved", NS), "BackupSucceeded")["status"] == "True"
+
+
+async def test_dry_run_records_the_decision_and_an_event_but_changes_nothing(
+    cluster: Cluster, operator: kopf.Memo, engines: Engines
+) -> None:
+    emu = cluster.emu
+    autoscaling = {
+        "mode": "DryRun",
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "targetMemoryPressure": 0.5,
+        "targetHitRate": 0.5,
+        "scaleUpStabilizationSeconds": 2,
+    }
+    emu.create(KVCACHES, make_kvcache("shadow", autoscaling=autoscaling))
+    await wait_for(lambda: emu.get("v1/configmaps", "shadow-config", NS), what="ConfigMap")
+    ports = await engines.start(emu, "shadow", 2)
+    run_pods(emu, "shadow", ports)
+    stop = threading.Event()
+    load = asyncio.create_task(
+        asyncio.to_thread(_drive_load, [f"http://127.0.0.1:{p}" for p in ports], engines.token, stop)
+    )
+    try:
+        events = await wait_for(
+            lambda: [e for e in emu.list("v1/events", NS) if e.get("reason") == "ScaleRecommended"],
+            timeout=40,
+            what="a recommendation Event",
+        )
+    finally:
+        stop.set()
+        await load
+    assert "replicas 2 -> 3" in events[0]["message"]
+    decisions = await wait_for(
+        lambda: (emu.get(KVCACHES, "shadow", NS).get("status") or {}).get("decisions"),
+        what="decision in status",
+    )
+    assert decisions[-1]["mode"] == "DryRun" and decisions[-1]["applied"] is False
+    sts = emu.get("apps/v1/statefulsets", "shadow", NS)
+    assert sts["spec"]["replicas"] == 2 and sts["metadata"]["generation"] == 1

@@ -211,3 +211,31 @@ def test_admin_validate_compact_clear(live_server) -> None:
     assert http_json("POST", srv.url + "/admin/compact")[0] == 200
     assert http_json("POST", srv.url + "/admin/clear") == (200, {"ok": True})
     assert srv.engine.get_stats()["used_blocks"] == 0
+
+
+def test_client_from_service_name_and_token_file(live_server, tmp_path) -> None:
+    srv = live_server()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    tokens = make_tokens(8, seed=9)
+    with KVCacheClient(service=f"127.0.0.1:{srv.port}", token_file=str(token_file), strict=True, timeout_s=2.0) as c:
+        assert c.stats()["endpoints"] == [srv.url]
+        assert c.put(tokens, make_kv(srv.engine.config, 8), wait=True) == 2  # geometry from /v1/config
+        assert c.lookup(tokens) == 8
+
+
+def test_serve_sets_aside_a_cache_of_another_geometry(live_server, tmp_path) -> None:
+    from kvcache_engine.engine import KVCacheEngine
+
+    old = KVCacheEngine(make_config(persistence_path=str(tmp_path), head_dim=16), load_on_start=False)
+    old.put(make_tokens(8), torch.zeros(2, 2, 8, 2, 16, dtype=torch.float16))
+    assert old.persist()
+    old.close()
+    srv = live_server(make_config(persistence_path=str(tmp_path)))
+    status, ready = http_json("GET", srv.url + "/readyz", token=None)
+    assert status == 200 and "head_dim is 16" in ready["load_error"]
+    assert not (tmp_path / "manifest.json").exists()
+    (aside,) = (tmp_path / "quarantine").glob("set-aside-*")
+    assert (aside / "manifest.json").exists() and "head_dim" in (aside / "REASON").read_text()
+    status, report = http_json("POST", srv.url + "/admin/validate")
+    assert not report["is_valid"] and any("set aside" in e for e in report["errors"])

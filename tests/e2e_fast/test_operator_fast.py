@@ -1,0 +1,31 @@
+"""The fast end-to-end subset (``make test``): the real operator and real engine processes on the
+local cluster. The same scenario code runs in ``make e2e`` (e2e/test_scenarios.py) and on kind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from e2e import scenarios
+from e2e.localcluster.cluster import LocalCluster
+from e2e.localcluster.driver import LocalDriver
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[LocalDriver]:
+    with LocalCluster(shutdown_grace_s=5.0) as cluster:
+        yield LocalDriver(cluster)
+
+
+def test_apply_sample_ready_load_matches_engine_counters_then_delete(driver: LocalDriver) -> None:
+    manifest = scenarios.create_ready(
+        driver, "fast", replicas=2, autoscaling={"mode": "Off"}, tuning={"mode": "Off"}
+    )
+    scenarios.hit_rate_matches_engine_counters(driver, "fast", manifest)
+    scenarios.delete_cleans_up(driver, "fast", data_pvcs_kept=False, backup_pvc_kept=True, replicas=2)
+
+
+def test_invalid_manifest_is_rejected_naming_the_field(driver: LocalDriver) -> None:
+    scenarios.invalid_manifest_rejected(driver, "broken")
