@@ -8,7 +8,10 @@ is active (HA); ``--standalone`` skips peering.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import os
+import socket
 
 import kopf
 
@@ -30,7 +33,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="kvcache-operator",
         help="KopfPeering name shared by the replicas of one installation",
     )
-    parser.add_argument("--priority", type=int, default=0, help="peering priority (highest is active)")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority, highest is active (default: derived from $POD_ID, distinct per replica)",
+    )
     parser.add_argument("--standalone", action="store_true", help="no peering (single replica)")
     parser.add_argument(
         "--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL ('' to disable)"
@@ -38,6 +46,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--metrics-port", type=int, default=8082, help="operator metrics port (0: off)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.set_defaults(handler=cmd_run)
+
+
+def default_priority(pod_id: str | None = None) -> int:
+    """A stable priority per replica. Kopf pauses every peer that shares the highest priority, so
+    replicas of one Deployment (same args) must differ: hash the pod name (``$POD_ID``, set by the
+    chart from metadata.name; the hostname otherwise) into 1..2^31-1."""
+    ident = pod_id or os.environ.get("POD_ID") or socket.gethostname()
+    digest = hashlib.blake2b(ident.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % (2**31 - 1) + 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -55,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         namespaces=args.namespace,
         standalone=args.standalone,
         peering_name=None if args.standalone else args.peering,
-        priority=args.priority,
+        priority=args.priority if args.priority is not None else default_priority(),
         liveness_endpoint=args.liveness or None,
         memo=kopf.Memo(metrics_port=args.metrics_port or None),
     )

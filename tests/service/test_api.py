@@ -218,7 +218,9 @@ def test_client_from_service_name_and_token_file(live_server, tmp_path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     tokens = make_tokens(8, seed=9)
-    with KVCacheClient(service=f"127.0.0.1:{srv.port}", token_file=str(token_file), strict=True, timeout_s=2.0) as c:
+    with KVCacheClient(
+        service=f"127.0.0.1:{srv.port}", token_file=str(token_file), strict=True, timeout_s=2.0
+    ) as c:
         assert c.stats()["endpoints"] == [srv.url]
         assert c.put(tokens, make_kv(srv.engine.config, 8), wait=True) == 2  # geometry from /v1/config
         assert c.lookup(tokens) == 8
