@@ -19,6 +19,7 @@ BENCHES: list[str] = [
     "bench.service_bench",
     "bench.operator_bench",
     "bench.inference_bench",
+    "bench.inference_gpu",
 ]
 
 

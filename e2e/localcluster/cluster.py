@@ -177,16 +177,17 @@ class LocalCluster:
                     proxy.run(),
                 )
             ]
-            kubelet_task = asyncio.create_task(self.kubelet.run())
+            kubelet_task = asyncio.create_task(self.kubelet.run(shutdown_grace_s=self.shutdown_grace_s))
             self._ready.set()
             await self._stop.wait()
-            # Controllers first (nothing new gets created), then the node, then the proxy/server.
+            # Controllers first (nothing new gets created), then the node (its run loop stops every
+            # pod on the way out), then the proxy and the server.
             for task in tasks[:-1]:
                 task.cancel()
-            await self.kubelet.shutdown(grace_cap_s=self.shutdown_grace_s)
             kubelet_task.cancel()
+            await asyncio.gather(kubelet_task, return_exceptions=True)
             tasks[-1].cancel()
-            await asyncio.gather(*tasks, kubelet_task, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _pod_ip(self, namespace: str, name: str) -> str | None:
         worker = self.kubelet.worker(namespace, name) if self.kubelet else None

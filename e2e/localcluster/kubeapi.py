@@ -21,11 +21,6 @@ class Kind:
     plural: str
     namespaced: bool = True
 
-    def collection(self, namespace: str | None) -> str:
-        prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        if self.namespaced and namespace:
-            return f"{prefix}/namespaces/{namespace}/{self.plural}"
-        return f"{prefix}/{self.plural}"
 
 
 KINDS: dict[str, Kind] = {

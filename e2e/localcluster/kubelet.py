@@ -634,6 +634,7 @@ class Kubelet:
         self.ips = ips
         self.resolve_service = resolve_service
         self.workers: dict[tuple[str, str, str], PodWorker] = {}
+        self.shutting_down = False
         self._published: dict[tuple[str, str, str], str] = {}
         self.http: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in run()
 
@@ -645,7 +646,8 @@ class Kubelet:
         live = [w for (ns, n, _), w in self.workers.items() if ns == namespace and n == name]
         return live[-1] if live else None
 
-    async def run(self) -> None:
+    async def run(self, shutdown_grace_s: float = 10.0) -> None:
+        """Sync pods until cancelled; then stop every pod (grace capped at ``shutdown_grace_s``)."""
         async with aiohttp.ClientSession() as self.http:
             last_refresh = 0.0
             try:
@@ -659,7 +661,7 @@ class Kubelet:
                         log.exception("kubelet sync failed")
                     await asyncio.sleep(self.config.sync_period_s)
             finally:
-                await self.shutdown(grace_cap_s=10.0)
+                await self.shutdown(grace_cap_s=shutdown_grace_s)
 
     async def sync_once(self, *, refresh_volumes: bool = False) -> None:
         pods = await self.api.list("Pod")
@@ -687,6 +689,8 @@ class Kubelet:
                 worker.terminating = asyncio.create_task(self._stop(key, worker))
 
     async def _admit(self, key: tuple[str, str, str], pod: dict[str, Any]) -> None:
+        if self.shutting_down:
+            return  # the node is going away: start nothing new
         finalizers = list(pod["metadata"].get("finalizers") or [])
         if FINALIZER not in finalizers:
             patched = await self.api.patch(
@@ -734,6 +738,7 @@ class Kubelet:
 
     async def shutdown(self, grace_cap_s: float) -> None:
         """Stop every pod (the node going away): preStop + SIGTERM, grace capped at ``grace_cap_s``."""
+        self.shutting_down = True
         await asyncio.gather(
             *(self._stop(k, w, grace_cap_s) for k, w in list(self.workers.items())), return_exceptions=True
         )

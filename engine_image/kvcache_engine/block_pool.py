@@ -8,7 +8,8 @@ are O(1) and nothing is allocated per request. ``compact()`` moves live slots to
 
 from __future__ import annotations
 
-import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,11 @@ from kvcache_engine.compression import torch_dtype
 from kvcache_engine.config import PayloadLayout
 from kvcache_engine.hashing import BlockHash
 
-__all__ = ["BlockPool", "StoredBlock", "payload_checksum"]
+__all__ = ["BlockPool", "StoredBlock", "payload_checksum", "payload_checksums"]
 
 Payload = dict[str, torch.Tensor]
+
+_CHECK_BATCH = 64  # slots gathered per checksum pass in checksums() (bounds the scratch copy)
 
 
 @dataclass(frozen=True)
@@ -35,19 +38,114 @@ class StoredBlock:
     last_access: int
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    raw = t.detach().contiguous()
-    if raw.device.type != "cpu":
-        raw = raw.cpu()
-    return raw.reshape(-1).view(torch.uint8).numpy().data
+_MASK64 = (1 << 64) - 1
+# Columns summed per step: bounds the int64 scratch (rows x chunk x 8 bytes) so it stays in cache
+# on the CPU and small on a GPU, whatever the batch.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _field_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``words`` int32 ``[n, W]`` -> (sum x_j, sum x_j * (j + 1)) per row, int64 ``[n]`` on the
+    words' device. int64 arithmetic wraps modulo 2**64, so any summation order (CPU vectorised,
+    CUDA tree reductions, chunking) gives the same result. No host sync."""
+    n, width = words.shape
+    s1 = torch.zeros(n, dtype=torch.int64, device=words.device)
+    s2 = torch.zeros(n, dtype=torch.int64, device=words.device)
+    if n == 0 or width == 0:
+        return s1, s2
+    chunk = max(1, min(width, _CHUNK_ELEMENTS // n))
+    buf = torch.empty((n, chunk), dtype=torch.int64, device=words.device)
+    weights = torch.arange(1, chunk + 1, dtype=torch.int64, device=words.device)
+    for start in range(0, width, chunk):
+        c = min(chunk, width - start)
+        b = buf[:, :c]
+        b.copy_(words[:, start : start + c])
+        part = b.sum(1)
+        s1 += part
+        # sum x_j * (start + j + 1) = sum x_j * (j + 1) + start * sum x_j over this chunk
+        if words.device.type == "cpu":
+            s2 += torch.mv(b, weights[:c])  # int64 mv: one pass, no temporary (CPU only)
+        else:
+            s2 += b.mul_(weights[:c]).sum(1)
+        s2 += part * start
+    return s1, s2
+
+
+def _byte_words(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``raw`` uint8 ``[n, nbytes]`` -> (int32 words ``[n, nbytes // 4]``, int64 value of the
+    zero-padded last partial word ``[n]`` or None when nbytes is a multiple of 4)."""
+    nbytes = raw.shape[1]
+    full = nbytes // 4
+    head = raw[:, : full * 4]
+    if head.shape[0] == 1:  # a single row: its row stride is irrelevant
+        head = head[0]
+    if head.stride(-1) != 1 or head.storage_offset() % 4 or (head.dim() > 1 and head.stride(0) % 4):
+        head = torch.empty_like(head, memory_format=torch.contiguous_format).copy_(head)
+    words = head.view(torch.int32).reshape(raw.shape[0], full)
+    if nbytes % 4 == 0:
+        return words, None
+    tail = raw[:, full * 4 :].to(torch.int64)
+    shifts = torch.arange(tail.shape[1], device=raw.device, dtype=torch.int64) * 8
+    return words, (tail << shifts).sum(1)
+
+
+def _digests(s1: torch.Tensor, s2: torch.Tensor) -> list[str]:
+    """One host sync for the whole batch: the two sums of each row as 32 hex digits."""
+    pairs = torch.stack((s1, s2), dim=1).cpu().tolist()
+    return [f"{a & _MASK64:016x}{b & _MASK64:016x}" for a, b in pairs]
+
+
+def _checksum_rows(fields: list[torch.Tensor]) -> list[str]:
+    """Checksums of n payloads given as their fields' uint8 ``[n, nbytes]`` views, in the
+    payload's sorted-name order (see payload_checksum)."""
+    s1: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    base = 0  # index of the field's first word in the payload's word stream
+    for raw in fields:
+        words, tail = _byte_words(raw)
+        f1, f2 = _field_sums(words)
+        f2 = f2 + f1 * base
+        width = words.shape[1]
+        if tail is not None:
+            f1 = f1 + tail
+            f2 = f2 + tail * (base + width + 1)
+            width += 1
+        base += width
+        s1 = f1 if s1 is None else s1 + f1
+        s2 = f2 if s2 is None else s2 + f2
+    if s1 is None or s2 is None:
+        raise ValueError("payload: expected at least one field")
+    return _digests(s1, s2)
+
+
+def _uint8_rows(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """``t`` (any dtype, leading ``lead`` dims kept as one row dim) as uint8 ``[n, bytes]``."""
+    raw = t.detach()
+    if not raw.is_contiguous():
+        raw = raw.contiguous()
+    n = math.prod(raw.shape[:lead]) if lead else 1
+    return raw.reshape(n, -1).view(torch.uint8) if raw.numel() else raw.reshape(n, 0).view(torch.uint8)
 
 
 def payload_checksum(payload: dict[str, torch.Tensor]) -> str:
-    """blake2b (16-byte digest, hex) over the payload's bytes, fields in sorted-name order."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(payload):
-        h.update(_bytes_of(payload[name]))
-    return h.hexdigest()
+    """Checksum of one payload: 32 hex digits (16 bytes), computed on the tensors' device.
+
+    The payload's bytes, fields in sorted-name order each zero-padded to a multiple of 4 bytes,
+    are read as little-endian int32 words x_0, x_1, ...; the digest is s1 = sum x_i and
+    s2 = sum x_i * (i + 1), both modulo 2**64. Detection guarantees: a change confined to one
+    word (any flipped byte or bits) always changes s1, since |delta| < 2**32; swapping two
+    different words i < j changes s2 by (x_i - x_j) * (j - i) != 0 (|.| < 2**63). Integer sums
+    wrap deterministically, so CPU and CUDA give the same digest for the same bytes.
+    """
+    return payload_checksums({k: v.unsqueeze(0) for k, v in payload.items()})[0]
+
+
+def payload_checksums(payloads: dict[str, torch.Tensor]) -> list[str]:
+    """payload_checksum of each of n payloads given with a leading n on every field (one pass
+    on the tensors' device, one host sync)."""
+    if not payloads:
+        raise ValueError("payload: expected at least one field")
+    return _checksum_rows([_uint8_rows(payloads[name], 1) for name in sorted(payloads)])
 
 
 class BlockPool:
@@ -70,6 +168,13 @@ class BlockPool:
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
         self._in_use = bytearray(num_slots)
         self._fields = [(f.name, f.offset, f.nbytes, torch_dtype(f.dtype), f.shape) for f in layout.fields]
+        # Checksums read the fields in sorted-name order (payload_checksum's order), never padding.
+        self._sum_fields = sorted((f.name, f.offset, f.nbytes) for f in layout.fields)
+        # One field at offset 0 filling the slot: a payload's bytes already are its slot rows.
+        single = layout.fields[0] if len(layout.fields) == 1 else None
+        self.rows_are_payload = (
+            single is not None and single.offset == 0 and single.nbytes == layout.slot_bytes
+        )
 
     @property
     def num_slots(self) -> int:
@@ -120,8 +225,62 @@ class BlockPool:
         for name, view in self.read(slot).items():
             view.copy_(payload[name], non_blocking=non_blocking)
 
+    def rows_of(self, payloads: Payload) -> torch.Tensor:
+        """``[n, slot_bytes]`` uint8 rows on the payloads' device holding n payloads (leading n on
+        every field): a reinterpretation when the layout is one slot-filling field, else one copy
+        per field into a staging tensor whose padding is zero."""
+        first = next(iter(payloads.values()))
+        n = first.shape[0]
+        if self.rows_are_payload:
+            name = self._fields[0][0]
+            return payloads[name].contiguous().reshape(n, -1).view(torch.uint8)
+        rows = torch.zeros((n, self.layout.slot_bytes), dtype=torch.uint8, device=first.device)
+        for name, view in self.views(rows).items():
+            view.copy_(payloads[name])
+        return rows
+
+    def write_rows(self, slots: Sequence[int], rows: torch.Tensor) -> None:
+        """Store ``rows`` (``[len(slots), slot_bytes]``, any device) into ``slots``: a slice copy
+        when the slots are consecutive, else one indexed copy."""
+        if not slots:
+            return
+        first = slots[0]
+        if list(slots) == list(range(first, first + len(slots))):
+            self.storage[first : first + len(slots)].copy_(rows)
+            return
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        self.storage.index_copy_(0, index, rows.to(self.device))
+
+    def store(self, slots: Sequence[int], payloads: Payload) -> torch.Tensor:
+        """Write n payloads (leading n on every field) into ``slots`` and return their rows (for
+        checksumming): encoded straight into the pool when the slots are consecutive, else via
+        one staging tensor and one indexed copy."""
+        first = slots[0]
+        if self.rows_are_payload or list(slots) != list(range(first, first + len(slots))):
+            rows = self.rows_of(payloads)
+            self.write_rows(slots, rows)
+            return rows
+        target = self.storage[first : first + len(slots)]
+        for name, view in self.views(target).items():
+            view.copy_(payloads[name])
+        return target
+
+    def row_checksums(self, rows: torch.Tensor) -> list[str]:
+        """payload_checksum of each ``[n, slot_bytes]`` row's payload (padding ignored), computed
+        on the rows' device with one host sync."""
+        return _checksum_rows([rows[:, off : off + n] for _, off, n in self._sum_fields])
+
+    def checksums(self, slots: Sequence[int]) -> list[str]:
+        """payload_checksum of each slot's payload, ``_CHECK_BATCH`` slots per pass."""
+        out: list[str] = []
+        for i in range(0, len(slots), _CHECK_BATCH):
+            part = list(slots[i : i + _CHECK_BATCH])
+            index = torch.tensor(part, dtype=torch.long, device=self.device)
+            out += self.row_checksums(self.storage.index_select(0, index))
+        return out
+
     def checksum(self, slot: int) -> str:
-        return payload_checksum(self.read(slot))
+        return self.row_checksums(self.storage[slot : slot + 1])[0]
 
     def compact(self) -> dict[int, int]:
         """Move live slots to the front; returns {old slot: new slot} for the moved ones."""

@@ -43,6 +43,7 @@ def _add_serve(sub: Sub) -> None:
     p.add_argument("--max-body-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
     p.add_argument("--max-blocks", type=int, default=4096, help="most blocks per request (default 4096)")
     p.add_argument("--body-timeout-s", type=float, default=60.0, help="body receive timeout (s)")
+    p.add_argument("--staging-mb", type=int, default=256, help="reusable get buffers, MiB (default 256)")
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -150,13 +151,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _add_profile(sub: Sub) -> None:
-    p = sub.add_parser("profile", help="record a running engine's next requests with torch.profiler (Chrome trace)")
+    p = sub.add_parser("profile", help="record a running engine's next requests with torch.profiler")
     _add_url_args(p)
     p.add_argument("--out", default="trace.json", help="where to write the Chrome trace (default trace.json)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--requests", type=int, default=20, help="data-plane requests to record (default 20)")
     what.add_argument("--seconds", type=float, help="record for this many seconds instead")
-    p.add_argument("--timeout", type=float, default=300.0, help="stop after this many seconds anyway (default 300)")
+    p.add_argument("--timeout", type=float, default=300.0, help="stop after this many seconds (default 300)")
     p.set_defaults(handler=_cmd_profile)
 
 

@@ -404,9 +404,9 @@ class _ClientCore:
         self._dns_refresh_s = dns_refresh_s
         self._resolved_at = 0.0
         self._endpoints: list[str] = [self._normalise(e) for e in endpoints] if endpoints is not None else []
+        self._last_warning: dict[str, float] = {}  # before _resolve(), which may warn
         if service is not None:
             self._resolve()
-        self._last_warning: dict[str, float] = {}
 
     # -- configuration ----------------------------------------------------------------
 

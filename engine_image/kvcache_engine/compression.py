@@ -103,6 +103,14 @@ class Codec(ABC):
         result: torch.Tensor = self._run("decode", self._decode, payload, first.is_cuda)
         return result
 
+    def decode_sequence(self, payload: Payload) -> torch.Tensor:
+        """Payload of N consecutive blocks of a chain -> their KV as one sequence,
+        ``[2, L, N * T, H, D]`` contiguous (the engine's get layout), written in one pass: no
+        ``[N, 2, ...]`` intermediate to permute and copy."""
+        first = next(iter(payload.values()))
+        result: torch.Tensor = self._run("decode_sequence", self._decode_sequence, payload, first.is_cuda)
+        return result
+
     _compiled: dict[str, Callable[[Any], Any]]
 
     def _run(self, op: str, fn: Callable[[Any], Any], arg: Any, on_cuda: bool) -> Any:
@@ -112,7 +120,12 @@ class Codec(ABC):
             self._compiled = {}
         compiled = self._compiled.get(op)
         if compiled is None:
-            compiled = self._compiled[op] = torch.compile(fn, dynamic=True)
+            # Static shapes except the batch dim (marked below): the block geometry is fixed per
+            # codec, so index math compiles to constants and transposes get tiled kernels
+            # (dynamic=True made every dim symbolic: ~4x slower decode kernels on an H100).
+            compiled = self._compiled[op] = torch.compile(fn)
+        for t in arg.values() if isinstance(arg, dict) else (arg,):
+            torch._dynamo.maybe_mark_dynamic(t, 0)  # one graph for every batch size > 1
         try:
             return compiled(arg)
         except Exception as exc:  # a missing compiler or an unsupported op: eager is correct, only slower
@@ -125,6 +138,11 @@ class Codec(ABC):
 
     @abstractmethod
     def _decode(self, payload: Payload) -> torch.Tensor: ...
+
+    def _decode_sequence(self, payload: Payload) -> torch.Tensor:
+        blocks = self._decode(payload)  # [N, 2, L, T, H, D]
+        layers, _, heads, dim = self.geometry
+        return blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, layers, -1, heads, dim)
 
     def check_payload(self, payload: Payload) -> None:
         """Raise ValueError naming ``payload`` unless it has exactly this layout's fields."""
@@ -197,10 +215,13 @@ class _GroupQuantCodec(Codec):
         codes = torch.sub(g, zero.float()[..., None]).mul_(inv[..., None]).round_().clamp_(0, self.qmax)
         return codes.to(torch.uint8).reshape(x.shape), scale, zero
 
-    @staticmethod
-    def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
-        g = codes.reshape(*scale.shape, group)
-        return torch.addcmul(zero.float()[..., None], g, scale.float()[..., None]).reshape(codes.shape)
+    def _dequantize(
+        self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
+    ) -> torch.Tensor:
+        """zero + code * scale in float32, rounded once to the codec dtype (one pointwise
+        expression: under torch.compile it fuses into the kernel that writes the output)."""
+        g = codes.reshape(*scale.shape, group).float()
+        return (zero.float()[..., None] + g * scale.float()[..., None]).to(self.dtype).reshape(codes.shape)
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         return codes
@@ -222,17 +243,25 @@ class _GroupQuantCodec(Codec):
             "v_q": self._pack(v_codes),
         }
 
-    def _decode(self, payload: Payload) -> torch.Tensor:
+    def _halves(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded keys and values, each ``[N, L, T, H, D]`` (keys as a permuted view)."""
         n = payload["k_q"].shape[0]
         layers, tokens, heads, dim = self.geometry
         k_codes = self._unpack(payload["k_q"], (n, layers, heads, dim, tokens))
         v_codes = self._unpack(payload["v_q"], (n, layers, tokens, heads, dim))
         keys = self._dequantize(k_codes, payload["k_scale"], payload["k_zero"], self.key_group)
         values = self._dequantize(v_codes, payload["v_scale"], payload["v_zero"], self.value_group)
-        out = torch.empty((n, *self.block_shape), dtype=self.dtype, device=keys.device)
-        out[:, 0] = keys.permute(0, 1, 4, 2, 3)
-        out[:, 1] = values
-        return out
+        return keys.permute(0, 1, 4, 2, 3), values
+
+    def _decode(self, payload: Payload) -> torch.Tensor:
+        keys, values = self._halves(payload)
+        return torch.stack((keys, values), dim=1)
+
+    def _decode_sequence(self, payload: Payload) -> torch.Tensor:
+        keys, values = self._halves(payload)
+        layers, _, heads, dim = self.geometry
+        out = torch.stack((keys.transpose(0, 1), values.transpose(0, 1)), dim=0)  # [2, L, N, T, H, D]
+        return out.reshape(2, layers, -1, heads, dim)
 
 
 class Int8Codec(_GroupQuantCodec):
@@ -256,8 +285,14 @@ class Int4Codec(_GroupQuantCodec):
         return (flat[:, 0::2] | (flat[:, 1::2] << 4)).contiguous()
 
     def _unpack(self, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        both = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-        return both[:, : math.prod(shape[1:])].reshape(shape)
+        # One broadcast shift-and-mask (low nibble first): a plain pointwise expression that
+        # torch.compile folds into the dequantising kernel instead of materialising a stack.
+        shifts = torch.arange(2, dtype=torch.uint8, device=packed.device) * 4
+        flat = ((packed.unsqueeze(-1) >> shifts) & 0x0F).reshape(packed.shape[0], -1)
+        count = math.prod(shape[1:])
+        if flat.shape[1] != count:  # an odd element count: drop the pad nibble
+            flat = flat[:, :count]
+        return flat.reshape(shape)
 
 
 CODECS: dict[str, type[Codec]] = {"none": NoneCodec, "fp8": Fp8Codec, "int8": Int8Codec, "int4": Int4Codec}

@@ -151,7 +151,9 @@ def set_log_level(level: str, logger_name: str = ENGINE_LOGGER) -> dict[str, str
     if name not in LOG_LEVELS:
         raise DebugError(f"level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
     if logger_name != ENGINE_LOGGER and not logger_name.startswith(ENGINE_LOGGER + "."):
-        raise DebugError(f"logger: expected {ENGINE_LOGGER!r} or a child ('{ENGINE_LOGGER}.x'), got {logger_name!r}")
+        raise DebugError(
+            f"logger: expected {ENGINE_LOGGER!r} or a child ('{ENGINE_LOGGER}.x'), got {logger_name!r}"
+        )
     logging.getLogger(logger_name).setLevel(name)
     log.warning("log level of %s set to %s", logger_name, name)
     return log_levels()
@@ -199,11 +201,17 @@ def _profile_request(doc: Mapping[str, Any]) -> tuple[int | None, float | None, 
     """(requests, seconds, deadline_s) from a POST /admin/profile body, validated."""
     unknown = sorted(set(doc) - {"requests", "seconds", "timeout_s"})
     if unknown:
-        raise DebugError(f"unknown field(s) {', '.join(unknown)}; expected 'requests' or 'seconds' (and 'timeout_s')")
+        raise DebugError(
+            f"unknown field(s) {', '.join(unknown)}; expected 'requests' or 'seconds' (and 'timeout_s')"
+        )
     if ("requests" in doc) == ("seconds" in doc):
         raise DebugError("give exactly one of 'requests' (count) or 'seconds' (duration)")
     timeout = doc.get("timeout_s", MAX_PROFILE_SECONDS)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_PROFILE_SECONDS:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_PROFILE_SECONDS
+    ):
         raise DebugError(f"timeout_s: expected a number in (0, {MAX_PROFILE_SECONDS:g}], got {timeout!r}")
     if "requests" in doc:
         n = doc["requests"]
@@ -230,24 +238,29 @@ class Profiler:
         self._prof: Any = None
         self._done: asyncio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._finishing: asyncio.Future[None] | None = None
 
     @property
     def recording(self) -> bool:
         return self._prof is not None
 
     async def start(self, requests: int | None, seconds: float | None, deadline_s: float) -> ProfileSession:
-        if self.recording or self.session is not None and self.session.state == "starting":
+        if self.recording or (self.session is not None and self.session.state == "starting"):
             raise DebugError("a profile is already recording; wait for it (GET /admin/profile)", 409)
-        self.session = ProfileSession(requests, seconds, deadline_s, state="starting")
-        await _start_all_workers(self.executor)
-        self._prof = _make_profiler()
-        self._prof.start()
-        self.session.state = "recording"
+        session = self.session = ProfileSession(requests, seconds, deadline_s, state="starting")
+        try:
+            await _start_all_workers(self.executor)
+            prof = _make_profiler()
+            prof.start()
+        except Exception as exc:  # e.g. another profiler active in the process: report, do not stick
+            session.state, session.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise DebugError(f"cannot start the profiler: {session.error}", 503) from exc
+        self._prof, session.state = prof, "recording"
         self._done = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(deadline_s, lambda: asyncio.ensure_future(self.finish()))
-        log.warning("profiling started: %s", self.session.to_dict())
-        return self.session
+        self._timer = loop.call_later(deadline_s, self._finish_soon)
+        log.warning("profiling started: %s", session.to_dict())
+        return session
 
     def request_done(self) -> None:
         """Count one finished data-plane request; finish the session at the requested count."""
@@ -256,7 +269,10 @@ class Profiler:
             return
         s.recorded += 1
         if s.requests is not None and s.recorded >= s.requests:
-            asyncio.ensure_future(self.finish())
+            self._finish_soon()
+
+    def _finish_soon(self) -> None:
+        self._finishing = asyncio.ensure_future(self.finish())  # kept so the task is not collected
 
     async def finish(self) -> None:
         """Stop recording and export the trace (idempotent)."""
@@ -352,7 +368,11 @@ def memory_report(engine: KVCacheEngine, top: int = TOP_SITES) -> dict[str, Any]
     info = psutil.Process().memory_info()
     report: dict[str, Any] = {
         "pool": pool,
-        "process": {"rss_bytes": int(info.rss), "vms_bytes": int(info.vms), "threads": len(psutil.Process().threads())},
+        "process": {
+            "rss_bytes": int(info.rss),
+            "vms_bytes": int(info.vms),
+            "threads": len(psutil.Process().threads()),
+        },
         "cuda": _cuda_memory(torch, engine.device) if engine.device.type == "cuda" else None,
         "gc": {"counts": list(gc.get_count()), "uncollectable": len(gc.garbage)},
         "tracemalloc": _tracemalloc_report(top),
@@ -386,7 +406,11 @@ def _tracemalloc_report(top: int) -> dict[str, Any]:
         "traced_bytes": current,
         "peak_bytes": peak,
         "top": [
-            {"site": f"{s.traceback[0].filename}:{s.traceback[0].lineno}", "size_bytes": s.size, "count": s.count}
+            {
+                "site": f"{s.traceback[0].filename}:{s.traceback[0].lineno}",
+                "size_bytes": s.size,
+                "count": s.count,
+            }
             for s in stats
         ],
     }
@@ -461,7 +485,9 @@ class _DebugRoutes:
         if unknown:
             raise DebugError(f"unknown field(s) {', '.join(unknown)}; expected 'level', 'logger', 'format'")
         if "level" not in doc and "format" not in doc:
-            raise DebugError("give 'level' (DEBUG, INFO, WARNING, ERROR, CRITICAL) and/or 'format' (text, json)")
+            raise DebugError(
+                "give 'level' (DEBUG, INFO, WARNING, ERROR, CRITICAL) and/or 'format' (text, json)"
+            )
         if "format" in doc:
             configure_log_format(str(doc["format"]))
         if "level" in doc:
@@ -470,7 +496,11 @@ class _DebugRoutes:
 
     async def get_log_level(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"levels": log_levels(), "format": current_log_format(), "config_log_level": self.engine.config.log_level}
+            {
+                "levels": log_levels(),
+                "format": current_log_format(),
+                "config_log_level": self.engine.config.log_level,
+            }
         )
 
     async def get_memory(self, request: web.Request) -> web.Response:
@@ -525,7 +555,9 @@ def register_debug_routes(
     ``profile_dir`` (default ``$KVCACHE_PROFILE_DIR``, else ``<tmp>/kvcache-profiles``) keeps
     the traces. ``$KVCACHE_LOG_FORMAT=json`` switches the logs to JSON lines now."""
     env = os.environ if environ is None else environ
-    out = Path(profile_dir or env.get("KVCACHE_PROFILE_DIR") or Path(tempfile.gettempdir()) / "kvcache-profiles")
+    out = Path(
+        profile_dir or env.get("KVCACHE_PROFILE_DIR") or Path(tempfile.gettempdir()) / "kvcache-profiles"
+    )
     profiler = Profiler(out, executor)
     routes = _DebugRoutes(engine, profiler, request_id_key)
     app.middlewares.append(routes.middleware)
@@ -553,7 +585,9 @@ def cmd_profile(args: Any) -> int:
 
     from kvcache_engine.backup import _read_token
 
-    body: dict[str, Any] = {"seconds": args.seconds} if args.seconds is not None else {"requests": args.requests}
+    body: dict[str, Any] = (
+        {"seconds": args.seconds} if args.seconds is not None else {"requests": args.requests}
+    )
     body["timeout_s"] = args.timeout
     parts = urlsplit(args.url if "//" in args.url else "http://" + args.url)
     if parts.scheme != "http" or not parts.hostname:
@@ -570,7 +604,9 @@ def cmd_profile(args: Any) -> int:
     finally:
         conn.close()
     if resp.status != 200:
-        raise ValueError(f"POST {args.url}/admin/profile: HTTP {resp.status}: {data[:300].decode('utf-8', 'replace')}")
+        raise ValueError(
+            f"POST {args.url}/admin/profile: HTTP {resp.status}: {data[:300].decode('utf-8', 'replace')}"
+        )
     Path(args.out).write_bytes(data)
     events = len(json.loads(data).get("traceEvents", []))
     print(

@@ -328,11 +328,11 @@ class KVCacheEngine:
                     blocks.to(self.device, non_blocking=self._config.non_blocking)
                 )
                 pool = self._tiers[PRIMARY].pool
+                # One batched write and one batched checksum (on the device, one host sync).
+                checksums = pool.row_checksums(pool.store(slots, payload))
                 prev = hashes[present - 1] if present else parent
-                for i, (h, slot) in enumerate(zip(new, slots, strict=True)):
-                    block_payload = {k: v[i] for k, v in payload.items()}
-                    pool.write(slot, block_payload)
-                    self._index.add(BlockEntry(h, prev, PRIMARY, slot, payload_checksum(block_payload)))
+                for h, slot, checksum in zip(new, slots, checksums, strict=True):
+                    self._index.add(BlockEntry(h, prev, PRIMARY, slot, checksum))
                     prev = h
             for h in reversed(hashes[: present + len(new)]):
                 self._touch(h, inserted=h in new)
@@ -370,13 +370,22 @@ class KVCacheEngine:
         (possibly 0), config dtype, on the CPU."""
         return self.get_hashes(self.block_hashes(tokens))
 
-    def get_hashes(self, hashes: Sequence[BlockHash]) -> torch.Tensor:
-        """Decoded KV of the leading cached blocks of this chain, ``[2, L, n * T, H, D]``."""
+    def get_hashes(self, hashes: Sequence[BlockHash], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded KV of the leading cached blocks of this chain, ``[2, L, n * T, H, D]``.
+
+        ``out`` (optional): a contiguous CPU buffer of the config dtype with at least that many
+        elements; the result is then decoded straight into its front and returned as a view of it
+        (the server reuses warm staging buffers this way instead of faulting in fresh pages)."""
         hs = _as_hashes(hashes)
         t0 = time.perf_counter()
         with self._lock:
             n = self._index.leading(hs)
-            out = self._decode_entries([self._entry(h) for h in hs[:n]])
+            entries = [self._entry(h) for h in hs[:n]]
+            need = n * self._config.block_tokens * self._token_elems()
+            if out is not None and entries and out.numel() >= need:
+                out = self._decode_into(entries, out)
+            else:
+                out = self._decode_entries(entries)
             for h in reversed(hs[:n]):
                 self._touch(h)
             self._prefetch(hs, n)
@@ -389,18 +398,54 @@ class KVCacheEngine:
         assert e is not None, "caller checked the index under the lock"
         return e
 
+    def _token_elems(self) -> int:
+        c = self._config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim
+
+    def _decode_into(self, entries: list[BlockEntry], buf: torch.Tensor) -> torch.Tensor:
+        """Like _decode_entries, block by block into the front of ``buf`` (one copy per block)."""
+        c = self._config
+        if buf.dtype != self._codec.dtype or buf.device.type != "cpu" or not buf.is_contiguous():
+            raise ValueError(f"out: expected a contiguous CPU {self._codec.dtype} buffer")
+        self._copier.host_sync()
+        n, t = len(entries), c.block_tokens
+        dst = buf.view(-1)[: n * t * self._token_elems()]
+        dst = dst.view(2, c.num_layers, n, t, c.num_kv_heads, c.head_dim)
+        views = self._tiers[PRIMARY].pool.views
+        for j, e in enumerate(entries):
+            row = self._tiers[e.tier].pool.storage[e.slot].to(self.device, non_blocking=True).unsqueeze(0)
+            dst[:, :, j].copy_(self._codec.decode_batch(views(row))[0])
+        return dst.view(2, c.num_layers, n * t, c.num_kv_heads, c.head_dim)
+
     def _decode_entries(self, entries: list[BlockEntry]) -> torch.Tensor:
         """Gather the slots of ``entries`` onto the primary device, decode, return on the CPU."""
         c = self._config
         if not entries:
             return torch.empty((2, c.num_layers, 0, c.num_kv_heads, c.head_dim), dtype=self._codec.dtype)
-        self._copier.host_sync()
-        rows = torch.stack(
-            [self._tiers[e.tier].pool.storage[e.slot].to(self.device, non_blocking=True) for e in entries]
-        )
-        blocks = self._codec.decode_batch(self._tiers[PRIMARY].pool.views(rows))  # [n, 2, L, T, H, D]
-        out = blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, c.num_layers, -1, c.num_kv_heads, c.head_dim)
-        return out.cpu() if out.device.type != "cpu" else out.contiguous()
+        self._copier.sync()  # queued tier copies land before the gathers below read the slots
+        primary = self._tiers[PRIMARY].pool
+        where = [i for i, e in enumerate(entries) if e.tier == PRIMARY]
+        if len(where) == len(entries):  # one gather (a view when the slots are consecutive)
+            rows = primary.storage
+            slots = [e.slot for e in entries]
+            if slots != list(range(slots[0], slots[0] + len(slots))):
+                rows = rows.index_select(0, torch.tensor(slots, dtype=torch.long, device=self.device))
+            else:
+                rows = rows[slots[0] : slots[0] + len(slots)]
+        else:  # some blocks sit in the CPU tier: assemble the rows on the device
+            rows = torch.empty(
+                (len(entries), primary.layout.slot_bytes), dtype=torch.uint8, device=self.device
+            )
+            for i, e in enumerate(entries):
+                rows[i].copy_(self._tiers[e.tier].pool.storage[e.slot], non_blocking=True)
+        out = self._codec.decode_sequence(primary.views(rows))  # [2, L, n * T, H, D], one pass
+        if out.device.type == "cpu":
+            return out
+        # Into pinned host memory (about twice as fast as a pageable copy), then wait for it.
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
 
     def _touch(self, h: BlockHash, inserted: bool = False) -> None:
         e = self._entry(h)
@@ -420,20 +465,33 @@ class KVCacheEngine:
         CPU tier when there is one). Blocks not yet in the strategy cannot be chosen."""
         tier = self._tiers[PRIMARY]
         slots: list[int] = []
+        demoted: list[tuple[int, int]] = []
         while len(slots) < count:
             slot = tier.pool.allocate()
             if slot is None:
                 victim = tier.strategy.victim(protected)
                 if victim is None:
                     break
-                self._evict(victim, tier, protected)
+                self._evict(victim, tier, protected, demoted)
                 continue
             slots.append(slot)
-        self._copier.sync()
+        self._flush_demotions(demoted)
         return slots
 
-    def _evict(self, h: BlockHash, tier: Tier, protected: Collection[BlockHash] = ()) -> None:
-        """Move ``h`` down a tier, or drop it (and its descendants) from the last tier."""
+    def _flush_demotions(self, demoted: list[tuple[int, int]]) -> None:
+        """Queue the (primary slot, CPU-tier slot) copies of the blocks just demoted as one batch,
+        then order later default-stream work (the writes reusing the freed slots) after them."""
+        if demoted:
+            src, dst = self._tiers[PRIMARY].pool, self._tiers[SECONDARY].pool
+            self._copier.copy_many(src, [s for s, _ in demoted], dst, [d for _, d in demoted])
+        self._copier.sync()
+
+    def _evict(
+        self, h: BlockHash, tier: Tier, protected: Collection[BlockHash], demoted: list[tuple[int, int]]
+    ) -> None:
+        """Move ``h`` down a tier, or drop it (and its descendants) from the last tier. A demotion's
+        slot copy is appended to ``demoted`` (the caller flushes them with _flush_demotions before
+        the freed primary slot is written)."""
         if tier.level == PRIMARY and len(self._tiers) > 1:
             lower = self._tiers[SECONDARY]
             slot = lower.pool.allocate()
@@ -445,7 +503,7 @@ class KVCacheEngine:
                 slot = lower.pool.allocate()
             if slot is not None and h in self._index:
                 e = self._entry(h)
-                self._copier.copy(tier.pool, e.slot, lower.pool, slot)
+                demoted.append((e.slot, slot))
                 tier.pool.free(e.slot)
                 tier.strategy.evicted(h)
                 e.tier, e.slot = SECONDARY, slot
@@ -520,13 +578,14 @@ class KVCacheEngine:
         with self._lock:
             tier = self._tiers[PRIMARY]
             done = 0
+            demoted: list[tuple[int, int]] = []
             while self._over_threshold() and (limit is None or done < limit):
                 victim = tier.strategy.victim()
                 if victim is None:
                     break
-                self._evict(victim, tier)
+                self._evict(victim, tier, (), demoted)
                 done += 1
-            self._copier.sync()
+            self._flush_demotions(demoted)
             return done
 
     # ------------------------------------------------------------------ block-level API
@@ -779,11 +838,16 @@ class KVCacheEngine:
             errors = self._index.check()
             dangling = [e.hash for e in self._index if e.parent is not None and e.parent not in self._index]
             corrupt: list[BlockHash] = []
-            for e in self._index:
-                pool = self._tiers[e.tier].pool
-                if not pool.in_use(e.slot):
+            entries = list(self._index)
+            actual: dict[BlockHash, str] = {}
+            for t in self._tiers:  # checksums in batches per tier, on the tier's device
+                held = [e for e in entries if e.tier == t.level and t.pool.in_use(e.slot)]
+                sums = t.pool.checksums([e.slot for e in held])
+                actual.update(zip((e.hash for e in held), sums, strict=True))
+            for e in entries:
+                if not self._tiers[e.tier].pool.in_use(e.slot):
                     errors.append(f"block {e.hash:016x}: slot {e.slot} of tier {e.tier} is marked free")
-                elif pool.checksum(e.slot) != e.checksum:
+                elif actual[e.hash] != e.checksum:
                     errors.append(f"block {e.hash:016x}: checksum mismatch (stored data corrupted)")
                     corrupt.append(e.hash)
                 if e.hash not in self._tiers[e.tier].strategy:

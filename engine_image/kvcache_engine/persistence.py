@@ -136,25 +136,83 @@ def _opt_int(value: int | None) -> int | None:
     return None if value is None else int(value)
 
 
-def iter_segments(
+def iter_batches(
     blocks: Iterable[StoredBlock], max_bytes: int = SEGMENT_BYTES
-) -> Iterator[tuple[bytes, list[BlockMeta]]]:
-    """Encode blocks into segments of at most ``max_bytes`` payload each (at least one block)."""
+) -> Iterator[list[StoredBlock]]:
+    """Group blocks into batches of at most ``max_bytes`` payload each (at least one block)."""
     batch: list[StoredBlock] = []
     size = 0
     for block in blocks:
         nbytes = sum(t.numel() * t.element_size() for t in block.payload.values())
         if batch and size + nbytes > max_bytes:
-            yield encode_segment(batch)
+            yield batch
             batch, size = [], 0
         batch.append(block)
         size += nbytes
     if batch:
+        yield batch
+
+
+_ST_DTYPES = {
+    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "uint8": "U8", "int8": "I8",
+    "int16": "I16", "int32": "I32", "int64": "I64", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+
+
+def write_segment_file(path: Path, blocks: list[StoredBlock]) -> tuple[int, list[BlockMeta]]:
+    """Write ``blocks`` as one safetensors segment, atomically, straight from the tensors'
+    memory (the header is built here, so no serialised copy of the payload is made).
+    Returns (file size, block metadata)."""
+    from kvcache_engine.client import byte_view
+
+    header: dict[str, Any] = {}
+    parts: list[bytes | memoryview] = []
+    metas: list[BlockMeta] = []
+    offset = 0
+    for block in blocks:
+        keys = tuple(block.payload)
+        nbytes = 0
+        for key in keys:
+            t = block.payload[key].detach().cpu().contiguous()
+            n = t.numel() * t.element_size()
+            dtype = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+            if dtype is None:
+                raise ValueError(f"payload {key!r}: dtype {t.dtype} has no safetensors name")
+            header[tensor_key(block.hash, key)] = {
+                "dtype": dtype,
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + n],
+            }
+            if n:
+                parts.append(byte_view(t))
+            offset += n
+            nbytes += n
+        metas.append(
+            BlockMeta(int(block.hash), _opt_int(block.parent), block.codec, block.checksum, keys, nbytes)
+        )
+    header["__metadata__"] = segment_metadata(metas)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    write_atomic(path, [len(raw).to_bytes(8, "little"), raw, *parts])
+    return 8 + len(raw) + offset, metas
+
+
+def iter_segments(
+    blocks: Iterable[StoredBlock], max_bytes: int = SEGMENT_BYTES
+) -> Iterator[tuple[bytes, list[BlockMeta]]]:
+    """Encode blocks into segments of at most ``max_bytes`` payload each (at least one block)."""
+    for batch in iter_batches(blocks, max_bytes):
         yield encode_segment(batch)
 
 
 def _blocks_from_tensors(
-    metas: list[BlockMeta], tensors: Mapping[str, torch.Tensor], wanted: set[int] | None, source: str
+    metas: list[BlockMeta],
+    tensors: Mapping[str, torch.Tensor],
+    wanted: set[int] | None,
+    source: str,
+    *,
+    verify: bool = True,
 ) -> list[StoredBlock]:
     from kvcache_engine.block_pool import StoredBlock, payload_checksum
     from kvcache_engine.hashing import BlockHash
@@ -169,7 +227,7 @@ def _blocks_from_tensors(
             raise SegmentError(
                 f"{source}: block {meta.hash:016x} is missing tensor {exc.args[0]!r}"
             ) from None
-        if payload_checksum(payload) != meta.checksum:
+        if verify and payload_checksum(payload) != meta.checksum:
             raise SegmentError(f"{source}: block {meta.hash:016x} fails its checksum")
         out.append(
             StoredBlock(
@@ -214,8 +272,11 @@ def _header_metadata(data: bytes) -> dict[str, str] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def read_segment_file(path: Path, expected_size: int | None, wanted: set[int] | None) -> list[StoredBlock]:
-    """Blocks of a segment file, verified (size, metadata, every block's checksum)."""
+def read_segment_file(
+    path: Path, expected_size: int | None, wanted: set[int] | None, *, verify: bool = True
+) -> list[StoredBlock]:
+    """Blocks of a segment file, checked for size and metadata and, with ``verify``, every
+    block's checksum (load leaves that to ``engine.import_blocks``, which checks it anyway)."""
     from safetensors import safe_open
 
     try:
@@ -239,7 +300,7 @@ def read_segment_file(path: Path, expected_size: int | None, wanted: set[int] | 
         raise
     except Exception as exc:  # safetensors' own errors on garbage or truncation
         raise SegmentError(f"{path.name}: not a readable safetensors segment ({exc})") from None
-    return _blocks_from_tensors(needed, tensors, None, path.name)
+    return _blocks_from_tensors(needed, tensors, None, path.name, verify=verify)
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -253,12 +314,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
+def write_atomic(path: Path, data: bytes | memoryview | list[bytes | memoryview]) -> None:
+    """Write ``data`` (or its parts, in order) to ``path`` via temp file + fsync + rename +
+    directory fsync."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            for part in data if isinstance(data, list) else [data]:
+                fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -459,11 +522,11 @@ class Persister:
             return 0  # nothing changed since the last manifest
         self._generation += 1
         written = 0
-        for i, (data, metas) in enumerate(iter_segments(self._export(new))):
+        for i, batch in enumerate(iter_batches(self._export(new))):
             name = f"seg-{self._generation:08d}-{i:04d}.safetensors"
-            write_atomic(self.path / name, data)
-            written += len(data)
-            segments.append(_Segment(name, len(data), {m.hash: m for m in metas}))
+            size, metas = write_segment_file(self.path / name, batch)
+            written += size
+            segments.append(_Segment(name, size, {m.hash: m for m in metas}))
         self._write_manifest(segments)
         self._segments = segments
         self._on_disk = {h: s.file for s in segments for h in s.blocks}
@@ -578,7 +641,13 @@ class Persister:
         deferred: list[tuple[_Segment, set[int]]] = []
         for seg in segments:
             try:
-                blocks = read_segment_file(directory / seg.file, seg.size, set(seg.blocks))
+                blocks = read_segment_file(directory / seg.file, seg.size, set(seg.blocks), verify=False)
+                rejected = self._rejected()
+                got = self.engine.import_blocks(blocks)  # verifies every checksum
+                if self._rejected() > rejected:
+                    raise SegmentError(
+                        f"{seg.file}: {self._rejected() - rejected} block(s) fail their checksum"
+                    )
             except SegmentError as exc:
                 self._errors.append(str(exc))
                 log.error("segment rejected: %s", exc)
@@ -587,13 +656,16 @@ class Persister:
                     self._quarantine(directory / seg.file, str(exc))
                 continue
             good.append(seg)
-            got = self.engine.import_blocks(blocks)
             loaded += got
             if got < len(blocks):
                 deferred.append((seg, {int(b.hash) for b in blocks}))
         if deferred:
             loaded += self._import_deferred(directory, deferred)
         return good, loaded
+
+    def _rejected(self) -> int:
+        """Blocks the engine refused on import so far (checksum, codec or geometry)."""
+        return int(self.engine.get_stats().get("import_rejected", 0))
 
     def _import_deferred(self, directory: Path, deferred: list[tuple[_Segment, set[int]]]) -> int:
         loaded = 0

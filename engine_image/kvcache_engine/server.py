@@ -24,6 +24,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -84,7 +85,8 @@ T = TypeVar("T")
 REQUEST_ID = web.RequestKey("request_id", str)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_WRITE_CHUNK = 8 * 1024 * 1024
+_WRITE_CHUNK = 256 * 1024
+_DIRECT_SEND_BYTES = 1024 * 1024
 SNAPSHOT_SEGMENT_BYTES = 64 * 1024 * 1024
 """Segment size inside snapshot/drain streams (bounds the server's memory per stream)."""
 
@@ -102,6 +104,7 @@ class ServerSettings:
     max_blocks_per_request: int = 4096
     body_timeout_s: float = 60.0
     drain_timeout_s: float = 60.0
+    staging_bytes: int = 256 * 1024 * 1024
 
 
 def resolve_token(
@@ -228,6 +231,41 @@ class _EngineCollector:
         return fam
 
 
+class Staging:
+    """Warm CPU buffers reused for get responses, at most ``max_bytes`` in total.
+
+    A fresh 128 MiB tensor per get costs more in page faults than the copy itself; a reused one
+    is already mapped. A buffer is held by one response at a time (take ... give); when the budget
+    is spent, ``take`` answers None and the engine allocates as before."""
+
+    def __init__(self, max_bytes: int, dtype_name: str) -> None:
+        self.max_bytes = max_bytes
+        self.dtype_name = dtype_name
+        self._free: list[torch.Tensor] = []
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def take(self, numel: int) -> torch.Tensor | None:
+        import torch
+
+        dtype = torch_dtype(self.dtype_name)
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= numel]
+            if fits:
+                buf = min(fits, key=lambda b: b.numel())
+                self._free.remove(buf)
+                return buf
+            size = numel * dtype.itemsize
+            if numel == 0 or self._held + size > self.max_bytes:
+                return None
+            self._held += size
+        return torch.empty(numel, dtype=dtype)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
 # --- the server ---------------------------------------------------------------------------------
 
 
@@ -254,6 +292,7 @@ class EngineServer:
             ["route", "status"],
             registry=self.registry,
         )
+        self.staging = Staging(settings.staging_bytes, engine.config.dtype)
         self.app = self._build_app()
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -430,9 +469,19 @@ class EngineServer:
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         kind, values = self._chain(await self._json(request))
-        fn = self.engine.get_hashes if kind == "hashes" else self.engine.get
-        kv = await self._run(fn, values)
-        return await self._send_tensor(request, kv)
+        if kind == "tokens":
+            values = [int(h) for h in self.engine.block_hashes(values)]
+        buf = self.staging.take(len(values) * self._token_elems())
+        try:
+            kv = await self._run(self.engine.get_hashes, values, buf)
+            return await self._send_tensor(request, kv)
+        finally:
+            if buf is not None:
+                self.staging.give(buf)
+
+    def _token_elems(self) -> int:
+        cfg = self.engine.config
+        return cfg.block_tokens * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
 
     async def _send_tensor(self, request: web.Request, kv: torch.Tensor) -> web.StreamResponse:
         payload = byte_view(kv.contiguous()) if kv.numel() else memoryview(b"")
@@ -443,9 +492,10 @@ class EngineServer:
         )
         resp.content_length = len(head) + payload.nbytes
         await resp.prepare(request)
-        await resp.write(head)
-        for start in range(0, payload.nbytes, _WRITE_CHUNK):
-            await resp.write(payload[start : start + _WRITE_CHUNK])
+        await resp.write(head)  # the status line and headers leave with it
+        if payload.nbytes < _DIRECT_SEND_BYTES or not await _send_direct(request, payload):
+            for start in range(0, payload.nbytes, _WRITE_CHUNK):
+                await resp.write(payload[start : start + _WRITE_CHUNK])
         await resp.write_eof()
         return resp
 
@@ -683,6 +733,34 @@ class EngineServer:
         self.engine.close()
 
 
+async def _send_direct(request: web.Request, payload: memoryview) -> bool:
+    """Send a large body straight from the tensor's memory with ``loop.sock_sendall`` on a dup of
+    the connection's socket: no user-space copy (asyncio's transport copies whatever the socket
+    does not take at once) and no per-chunk round trips through aiohttp's writer. Only on plain
+    TCP with the transport's buffer already flushed (the headers must leave first); False when
+    that does not hold, and the caller falls back to chunked writes."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if transport is None or sock is None or transport.get_extra_info("sslcontext") is not None:
+        return False
+    for _ in range(2000):  # the headers are a few hundred bytes: normally already gone
+        if not transport.get_write_buffer_size():
+            break
+        await asyncio.sleep(0.0005)
+    else:
+        return False
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        await asyncio.get_running_loop().sock_sendall(dup, payload)
+    finally:
+        dup.close()
+    # Tell aiohttp's writer the declared length went out, so the connection stays keep-alive.
+    writer = request._payload_writer
+    if writer.length is not None:
+        writer.length = max(0, writer.length - payload.nbytes)
+    return True
+
+
 async def _read_exact(reader: Any, n: int) -> bytes:
     try:
         return bytes(await reader.readexactly(n))
@@ -769,6 +847,7 @@ def settings_from_args(args: Any, environ: dict[str, str] | None = None) -> Serv
         max_body_bytes=args.max_body_mb * 1024 * 1024,
         max_blocks_per_request=args.max_blocks,
         body_timeout_s=args.body_timeout_s,
+        staging_bytes=args.staging_mb * 1024 * 1024,
     )
 
 

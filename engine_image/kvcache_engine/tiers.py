@@ -61,16 +61,21 @@ class TierCopier:
         self.copy_many(src, [src_slot], dst, [dst_slot])
 
     def copy_many(self, src: BlockPool, src_slots: list[int], dst: BlockPool, dst_slots: list[int]) -> None:
-        """Queue one slot copy per pair; on CUDA the side stream first waits for work already
-        queued on the current stream (the writes that filled the source slots)."""
+        """Queue the slot copies ``src_slots[i] -> dst_slots[i]`` as if done in order (a
+        destination named twice ends with its last source), batched: the source rows are gathered
+        in one kernel and copied as one transfer per run of consecutive destination slots. On CUDA
+        the side stream first waits for work already queued on the current stream (the writes
+        that filled the source slots)."""
+        last = dict(zip(dst_slots, src_slots, strict=True))
+        if not last:
+            return
+        pairs = sorted((d, s) for d, s in last.items())
         if self.stream is None:
-            for s, d in zip(src_slots, dst_slots, strict=True):
-                dst.storage[d].copy_(src.storage[s])
+            _copy_rows(src, [s for _, s in pairs], dst, [d for d, _ in pairs], non_blocking=False)
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
-            for s, d in zip(src_slots, dst_slots, strict=True):
-                dst.storage[d].copy_(src.storage[s], non_blocking=self.non_blocking)
+            _copy_rows(src, [s for _, s in pairs], dst, [d for d, _ in pairs], self.non_blocking)
 
     def sync(self) -> None:
         """Order later default-stream work (and reuse of source slots) after queued copies."""
@@ -81,3 +86,42 @@ class TierCopier:
         """Block until queued copies finished (before the host reads a pinned destination)."""
         if self.stream is not None:
             self.stream.synchronize()
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """(start index, length) of each maximal run of consecutive values in ``slots``."""
+    runs: list[tuple[int, int]] = []
+    for i, slot in enumerate(slots):
+        if runs and slots[i - 1] + 1 == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _rows(pool: BlockPool, slots: list[int]) -> torch.Tensor:
+    """The rows of ``slots`` in order: a view when consecutive, else one gather on the pool's device."""
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return pool.storage[slots[0] : slots[0] + len(slots)]
+    return pool.storage.index_select(0, torch.tensor(slots, dtype=torch.long, device=pool.device))
+
+
+def _copy_rows(
+    src: BlockPool, src_slots: list[int], dst: BlockPool, dst_slots: list[int], non_blocking: bool
+) -> None:
+    """Copy rows ``src_slots[i] -> dst_slots[i]`` (destinations distinct and ascending)."""
+    if src.device.type == "cpu" and dst.device.type != "cpu":
+        # Host -> device: pinned source runs straight into a device staging tensor (a gather on
+        # the host would land in pageable memory and make the upload synchronous).
+        staged = torch.empty((len(src_slots), src.storage.shape[1]), dtype=torch.uint8, device=dst.device)
+        for start, length in _runs(src_slots):
+            first = src_slots[start]
+            staged[start : start + length].copy_(
+                src.storage[first : first + length], non_blocking=non_blocking
+            )
+        dst.write_rows(dst_slots, staged)
+        return
+    rows = _rows(src, src_slots)
+    for start, length in _runs(dst_slots):
+        first = dst_slots[start]
+        dst.storage[first : first + length].copy_(rows[start : start + length], non_blocking=non_blocking)

@@ -92,7 +92,9 @@ def parse(path: Path) -> list[Block]:
             end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
             if end is None:
                 raise DocFormatError(f"{path.name}:{i + 1}: unterminated code block")
-            block = Block(path.name, i + 1, lang, tags, "\n".join(lines[i + 1 : end]) + "\n", section, pending)
+            block = Block(
+                path.name, i + 1, lang, tags, "\n".join(lines[i + 1 : end]) + "\n", section, pending
+            )
             i = _directives_after(lines, end + 1, block)
             blocks.append(block)
             continue
@@ -111,7 +113,9 @@ def _directives_after(lines: list[str], i: int, block: Block) -> int:
             break
         kind, value = directive.groups()
         if block.lang != "sh":
-            raise DocFormatError(f"{block.doc}:{i + 1}: {kind} after a {block.lang} block (only sh blocks run)")
+            raise DocFormatError(
+                f"{block.doc}:{i + 1}: {kind} after a {block.lang} block (only sh blocks run)"
+            )
         if kind == "expect":
             re.compile(value)
             block.expects.append(value)

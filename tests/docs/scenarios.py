@@ -41,6 +41,11 @@ GEOMETRY: dict[str, Any] = {
 }
 
 
+LIVE: set[EngineProcess] = set()
+"""Engines started and not closed yet (tests/docs/conftest.py closes them after each test, so a
+scenario that fails half-way leaves no process behind)."""
+
+
 class EngineProcess:
     """One ``kvcache-engine serve`` subprocess; ``start()`` returns once /readyz answers 200."""
 
@@ -66,6 +71,7 @@ class EngineProcess:
         env.pop("KVCACHE_TOKEN", None)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=env, cwd=self.workdir)
+        LIVE.add(self)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         match = re.search(r"listening on (http://\S+)", line)
@@ -90,6 +96,8 @@ class EngineProcess:
         self.stop()
         for undo in reversed(self.cleanups):
             undo()
+        self.cleanups.clear()
+        LIVE.discard(self)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
         proc, self.proc = self.proc, None
@@ -300,7 +308,9 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("high-latency", _high_latency, True, "int4 compression on every put and get"),
         Scenario("gpu-missing", _gpu_missing, True, "device: cuda on a host without CUDA"),
         Scenario("full-pool", _full_pool, True, "a pool full and evicting (bounded memory)"),
-        Scenario("readonly-persistence", _readonly_persistence, False, "a persistence dir the engine cannot write"),
+        Scenario(
+            "readonly-persistence", _readonly_persistence, False, "a persistence dir the engine cannot write"
+        ),
         Scenario("corrupt-segment", _corrupt_segment, False, "a persisted segment corrupted on disk"),
         Scenario("killed-mid-persist", _killed_mid_persist, True, "SIGKILL during a persist, then restart"),
         Scenario("geometry-changed", _geometry_changed, True, "persisted for another model geometry"),

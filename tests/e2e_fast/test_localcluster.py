@@ -71,6 +71,12 @@ def make_statefulset(
     }
 
 
+def must(cluster: LocalCluster, kind: str, name: str) -> dict[str, Any]:
+    found = cluster.get(kind, name)
+    assert found is not None, f"{kind} {name} not found"
+    return found
+
+
 def sts_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
     sts = cluster.get("StatefulSet", name)
     return (sts or {}).get("status") or {}
@@ -143,7 +149,7 @@ def test_kill_9_restarts_the_container_and_its_pvc_survives(bare_cluster: LocalC
         30,
         what="restart",
     )
-    status = c.get("Pod", "crash-0")["status"]["containerStatuses"][0]
+    status = must(c, "Pod", "crash-0")["status"]["containerStatuses"][0]
     assert status["restartCount"] == 1
     assert status["lastState"]["terminated"]["exitCode"] == 137  # 128 + SIGKILL
     assert events(c, "data-crash-0") == ["start None None None"] * 2  # same directory both times
@@ -271,7 +277,7 @@ def test_cronjob_runs_on_demand_and_records_the_last_success(bare_cluster: Local
     c.apply(make_cronjob("nightly", "echo backed-up >> /out/log"))
     c.trigger_cronjob("nightly", "run-1")  # the annotation route, through the CronJob controller
     c.wait_for(
-        lambda: (c.get("CronJob", "nightly").get("status") or {}).get("lastSuccessfulTime"),
+        lambda: (must(c, "CronJob", "nightly").get("status") or {}).get("lastSuccessfulTime"),
         30,
         what="lastSuccessfulTime",
     )
@@ -298,11 +304,11 @@ def test_cronjob_runs_when_its_schedule_is_due(bare_cluster: LocalCluster) -> No
         subresource="status",
     )
     c.wait_for(
-        lambda: (c.get("CronJob", "minutely").get("status") or {}).get("lastSuccessfulTime"),
+        lambda: (must(c, "CronJob", "minutely").get("status") or {}).get("lastSuccessfulTime"),
         30,
         what="scheduled job done",
     )
-    status = c.get("CronJob", "minutely")["status"]
+    status = must(c, "CronJob", "minutely")["status"]
     ran = datetime.datetime.fromisoformat(status["lastScheduleTime"].replace("Z", "+00:00"))
     assert last + datetime.timedelta(minutes=1) < ran <= datetime.datetime.now(tz=datetime.UTC)
     jobs = {j["metadata"]["name"] for j in c.list("Job") if j["metadata"]["name"].startswith("minutely-")}

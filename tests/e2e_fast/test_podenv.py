@@ -36,7 +36,10 @@ def test_remap_paths_is_one_pass_even_when_host_paths_contain_mount_paths() -> N
 
 def test_rewrite_hosts_pod_addresses_and_service_names() -> None:
     names = {"demo.ns.svc": "127.9.9.2", "demo-0.demo-headless.ns.svc": "127.9.9.5"}
-    fix = lambda s: podenv.rewrite_hosts(s, "127.9.9.7", names.get)  # noqa: E731
+
+    def fix(text: str) -> str:
+        return podenv.rewrite_hosts(text, "127.9.9.7", names.get)
+
     assert fix("0.0.0.0") == "127.9.9.7"
     assert fix("http://127.0.0.1:8080") == "http://127.9.9.7:8080"
     assert fix("http://localhost:8080/x") == "http://127.9.9.7:8080/x"

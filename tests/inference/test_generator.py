@@ -19,6 +19,8 @@ from kvcache_engine.inference import (
 )
 from tests.inference.conftest import EOS, TINY_GEOMETRY, DictKVStore, make_tiny_llama
 
+pytestmark = pytest.mark.model  # loads a transformers model
+
 
 @torch.inference_mode()
 def reference_greedy(model: Any, ids: list[int], max_new_tokens: int) -> list[int]:

@@ -16,6 +16,8 @@ from kvcache_engine.integrations.transformers import ClientKVStore, generate_wit
 from tests.inference.conftest import TINY_GEOMETRY, make_model_dir
 from tests.inference.test_generator import reference_greedy
 
+pytestmark = pytest.mark.model  # loads a transformers model
+
 SYSTEM = "Shared instructions for every request of this test, long enough to span blocks. "
 
 

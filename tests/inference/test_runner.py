@@ -13,6 +13,8 @@ from kvcache_engine.inference import load_model
 from tests.inference.conftest import TINY_GEOMETRY, make_model_dir
 from tests.inference.test_generator import reference_greedy
 
+pytestmark = pytest.mark.model  # loads a transformers model
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.inference.conftest import TINY_GEOMETRY, make_model_dir
+
+pytestmark = pytest.mark.model  # loads a transformers model
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM = "System: you are the helpful assistant of the kvcache project; answer briefly. " * 2
