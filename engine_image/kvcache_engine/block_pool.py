@@ -39,9 +39,11 @@ class StoredBlock:
 
 
 _MASK64 = (1 << 64) - 1
-# Columns summed per step: bounds the int64 scratch (rows x chunk x 8 bytes) so it stays in cache
-# on the CPU and small on a GPU, whatever the batch.
+# Words summed per step (rows x columns): bounds the int64 scratch (8 bytes a word). On the CPU it
+# stays in cache (2 MiB); on a GPU, 128 MiB covers a whole put in a few large kernels (measured on
+# an H100: 256 K-word steps ran at 13.5 GB/s, launch-bound).
 _CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS_GPU = 1 << 24
 
 
 def _field_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +55,8 @@ def _field_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s2 = torch.zeros(n, dtype=torch.int64, device=words.device)
     if n == 0 or width == 0:
         return s1, s2
-    chunk = max(1, min(width, _CHUNK_ELEMENTS // n))
+    budget = _CHUNK_ELEMENTS if words.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+    chunk = max(1, min(width, budget // n))
     buf = torch.empty((n, chunk), dtype=torch.int64, device=words.device)
     weights = torch.arange(1, chunk + 1, dtype=torch.int64, device=words.device)
     for start in range(0, width, chunk):

@@ -103,13 +103,17 @@ class Codec(ABC):
         result: torch.Tensor = self._run("decode", self._decode, payload, first.is_cuda)
         return result
 
-    def decode_sequence(self, payload: Payload) -> torch.Tensor:
+    def decode_sequence(self, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         """Payload of N consecutive blocks of a chain -> their KV as one sequence,
         ``[2, L, N * T, H, D]`` contiguous (the engine's get layout), written in one pass: no
-        ``[N, 2, ...]`` intermediate to permute and copy."""
+        ``[N, 2, ...]`` intermediate to permute and copy. ``out`` (that shape, contiguous, same
+        device) receives the result: written directly on the eager path, copied into after a
+        compiled CUDA kernel."""
         first = next(iter(payload.values()))
+        if out is not None and not (first.is_cuda and COMPILE_ON_CUDA and self.name != "none"):
+            return self._decode_sequence(payload, out)
         result: torch.Tensor = self._run("decode_sequence", self._decode_sequence, payload, first.is_cuda)
-        return result
+        return result if out is None else out.copy_(result)
 
     _compiled: dict[str, Callable[[Any], Any]]
 
@@ -139,10 +143,16 @@ class Codec(ABC):
     @abstractmethod
     def _decode(self, payload: Payload) -> torch.Tensor: ...
 
-    def _decode_sequence(self, payload: Payload) -> torch.Tensor:
+    def _decode_sequence(self, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         blocks = self._decode(payload)  # [N, 2, L, T, H, D]
         layers, _, heads, dim = self.geometry
-        return blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, layers, -1, heads, dim)
+        seq = blocks.permute(1, 2, 0, 3, 4, 5)
+        if out is None:  # always a fresh tensor: the "none" codec's blocks are views of the pool
+            out = torch.empty(
+                (2, layers, seq.shape[2] * seq.shape[3], heads, dim), dtype=seq.dtype, device=seq.device
+            )
+        out.view(seq.shape).copy_(seq)
+        return out
 
     def check_payload(self, payload: Payload) -> None:
         """Raise ValueError naming ``payload`` unless it has exactly this layout's fields."""
@@ -257,11 +267,14 @@ class _GroupQuantCodec(Codec):
         keys, values = self._halves(payload)
         return torch.stack((keys, values), dim=1)
 
-    def _decode_sequence(self, payload: Payload) -> torch.Tensor:
+    def _decode_sequence(self, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         keys, values = self._halves(payload)
         layers, _, heads, dim = self.geometry
-        out = torch.stack((keys.transpose(0, 1), values.transpose(0, 1)), dim=0)  # [2, L, N, T, H, D]
-        return out.reshape(2, layers, -1, heads, dim)
+        halves = (keys.transpose(0, 1), values.transpose(0, 1))  # each [L, N, T, H, D]
+        if out is not None:  # eager only (see decode_sequence): stack straight into the buffer
+            torch.stack(halves, dim=0, out=out.view(2, *halves[0].shape))
+            return out
+        return torch.stack(halves, dim=0).reshape(2, layers, -1, heads, dim)
 
 
 class Int8Codec(_GroupQuantCodec):
@@ -279,7 +292,13 @@ class Int4Codec(_GroupQuantCodec):
     bits = 4
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        flat = codes.reshape(codes.shape[0], -1)
+        n, last = codes.shape[0], codes.shape[-1]
+        if last % 2 == 0:
+            # Pair neighbours along the last dim: the same bytes as pairing over the flattened
+            # field (the last dim is even), but the kernel keeps the field's shape, so the
+            # compiler can tile the keys' token/channel transpose instead of striding through it.
+            return (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(n, -1)
+        flat = codes.reshape(n, -1)
         if flat.shape[1] % 2:
             flat = torch.nn.functional.pad(flat, (0, 1))
         return (flat[:, 0::2] | (flat[:, 1::2] << 4)).contiguous()
@@ -287,7 +306,11 @@ class Int4Codec(_GroupQuantCodec):
     def _unpack(self, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         # One broadcast shift-and-mask (low nibble first): a plain pointwise expression that
         # torch.compile folds into the dequantising kernel instead of materialising a stack.
+        # With an even last dim it runs in the field's own shape (see _pack).
         shifts = torch.arange(2, dtype=torch.uint8, device=packed.device) * 4
+        if shape[-1] % 2 == 0:
+            pairs = packed.reshape(*shape[:-1], shape[-1] // 2, 1)
+            return ((pairs >> shifts) & 0x0F).reshape(shape)
         flat = ((packed.unsqueeze(-1) >> shifts) & 0x0F).reshape(packed.shape[0], -1)
         count = math.prod(shape[1:])
         if flat.shape[1] != count:  # an odd element count: drop the pad nibble

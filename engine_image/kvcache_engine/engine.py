@@ -383,7 +383,7 @@ class KVCacheEngine:
             entries = [self._entry(h) for h in hs[:n]]
             need = n * self._config.block_tokens * self._token_elems()
             if out is not None and entries and out.numel() >= need:
-                out = self._decode_into(entries, out)
+                out = self._decode_entries(entries, self._front(out, n))
             else:
                 out = self._decode_entries(entries)
             for h in reversed(hs[:n]):
@@ -402,23 +402,19 @@ class KVCacheEngine:
         c = self._config
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim
 
-    def _decode_into(self, entries: list[BlockEntry], buf: torch.Tensor) -> torch.Tensor:
-        """Like _decode_entries, block by block into the front of ``buf`` (one copy per block)."""
+    def _front(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        """The front of ``buf`` as a ``[2, L, n * T, H, D]`` view. Raises ValueError naming ``out``
+        unless ``buf`` is a contiguous CPU buffer of the config dtype."""
         c = self._config
         if buf.dtype != self._codec.dtype or buf.device.type != "cpu" or not buf.is_contiguous():
             raise ValueError(f"out: expected a contiguous CPU {self._codec.dtype} buffer")
-        self._copier.host_sync()
-        n, t = len(entries), c.block_tokens
-        dst = buf.view(-1)[: n * t * self._token_elems()]
-        dst = dst.view(2, c.num_layers, n, t, c.num_kv_heads, c.head_dim)
-        views = self._tiers[PRIMARY].pool.views
-        for j, e in enumerate(entries):
-            row = self._tiers[e.tier].pool.storage[e.slot].to(self.device, non_blocking=True).unsqueeze(0)
-            dst[:, :, j].copy_(self._codec.decode_batch(views(row))[0])
-        return dst.view(2, c.num_layers, n * t, c.num_kv_heads, c.head_dim)
+        dst = buf.view(-1)[: n * c.block_tokens * self._token_elems()]
+        return dst.view(2, c.num_layers, n * c.block_tokens, c.num_kv_heads, c.head_dim)
 
-    def _decode_entries(self, entries: list[BlockEntry]) -> torch.Tensor:
-        """Gather the slots of ``entries`` onto the primary device, decode, return on the CPU."""
+    def _decode_entries(self, entries: list[BlockEntry], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Gather the slots of ``entries`` onto the primary device (one gather), decode them in one
+        pass into the sequence layout, return on the CPU: in ``out`` (a ``[2, L, n * T, H, D]``
+        CPU tensor, e.g. the server's warm staging buffer) when given."""
         c = self._config
         if not entries:
             return torch.empty((2, c.num_layers, 0, c.num_kv_heads, c.head_dim), dtype=self._codec.dtype)
@@ -438,12 +434,14 @@ class KVCacheEngine:
             )
             for i, e in enumerate(entries):
                 rows[i].copy_(self._tiers[e.tier].pool.storage[e.slot], non_blocking=True)
-        out = self._codec.decode_sequence(primary.views(rows))  # [2, L, n * T, H, D], one pass
-        if out.device.type == "cpu":
-            return out
-        # Into pinned host memory (about twice as fast as a pageable copy), then wait for it.
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
+        payload = primary.views(rows)
+        if self.device.type == "cpu":
+            return self._codec.decode_sequence(payload, out)  # [2, L, n * T, H, D], one pass
+        decoded = self._codec.decode_sequence(payload)
+        # Into the caller's buffer, else pinned host memory (about twice as fast as a pageable
+        # copy); then wait for it.
+        host = out if out is not None else torch.empty(decoded.shape, dtype=decoded.dtype, pin_memory=True)
+        host.copy_(decoded, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         return host
 

@@ -492,11 +492,15 @@ class EngineServer:
         )
         resp.content_length = len(head) + payload.nbytes
         await resp.prepare(request)
-        await resp.write(head)  # the status line and headers leave with it
-        if payload.nbytes < _DIRECT_SEND_BYTES or not await _send_direct(request, payload):
-            for start in range(0, payload.nbytes, _WRITE_CHUNK):
-                await resp.write(payload[start : start + _WRITE_CHUNK])
-        await resp.write_eof()
+        try:
+            await resp.write(head)  # the status line and headers leave with it
+            if payload.nbytes < _DIRECT_SEND_BYTES or not await _send_direct(request, payload):
+                for start in range(0, payload.nbytes, _WRITE_CHUNK):
+                    await resp.write(payload[start : start + _WRITE_CHUNK])
+            await resp.write_eof()
+        except ConnectionError as exc:
+            # The client went away mid-body: nothing to answer; aiohttp drops the connection.
+            raise ConnectionResetError(str(exc)) from exc
         return resp
 
     async def put(self, request: web.Request) -> web.Response:

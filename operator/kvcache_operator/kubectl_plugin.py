@@ -18,8 +18,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import yaml
-
 from kvcache_operator import api
 from kvcache_operator.reconcile import PAUSE_ANNOTATION, PAUSE_VALUE
 

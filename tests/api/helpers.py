@@ -46,6 +46,7 @@ def make_kvcache(
 
 # The one prometheus-operator CRD we emit is not in kubernetes-validate's schemas; this is the subset of
 # monitoring.coreos.com/v1 ServiceMonitor we use (field names and types as in the upstream CRD).
+LABEL_NAME = "^[a-zA-Z_][a-zA-Z0-9_]*$"  # a Prometheus label name
 SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -106,7 +107,7 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
                                     "properties": {
                                         "sourceLabels": {
                                             "type": "array",
-                                            "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"},
+                                            "items": {"type": "string", "pattern": LABEL_NAME},
                                         },
                                         "targetLabel": {"type": "string"},
                                     },

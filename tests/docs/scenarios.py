@@ -66,7 +66,8 @@ class EngineProcess:
         token_file.write_text(TOKEN)
         argv = [str(BIN / "kvcache-engine"), "serve", "--config", str(cfg_path), "--host", "127.0.0.1",
                 "--port", "0", "--token-file", str(token_file)]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOME": str(self.workdir)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOME": str(self.workdir),
+               "KVCACHE_PROFILE_DIR": str(self.workdir / "profiles")}  # fmt: skip
         env.pop("KVCACHE_TOKEN_FILE", None)
         env.pop("KVCACHE_TOKEN", None)
         with self.log_path.open("ab") as log:

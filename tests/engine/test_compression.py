@@ -131,6 +131,23 @@ def test_int4_packing_is_lossless_for_codes() -> None:
     assert torch.equal(codec._unpack(packed, tuple(codes.shape)), codes)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 3, 5, 16), (2, 1, 3, 4, 5), (1, 1, 3, 5, 7)])
+def test_int4_bytes_are_the_flattened_low_nibble_first_format(shape: tuple[int, ...]) -> None:
+    """The stored format (what persisted segments hold): codes of the flattened field paired
+    (2i, 2i + 1) into one byte, low nibble first, a zero pad nibble for an odd count. The
+    shape-preserving fast path must produce exactly these bytes."""
+    codec = make_geometry_codec("int4", layers=1, tokens=16, heads=1, dim=32)
+    codes = torch.randint(0, 16, shape, dtype=torch.uint8)
+    flat = codes.reshape(shape[0], -1).tolist()
+    expected = [
+        [row[i] | ((row[i + 1] if i + 1 < len(row) else 0) << 4) for i in range(0, len(row), 2)]
+        for row in flat
+    ]
+    packed = codec._pack(codes)
+    assert packed.tolist() == expected
+    assert torch.equal(codec._unpack(packed, shape), codes)
+
+
 def test_unknown_codec_and_bad_payload_are_named() -> None:
     with pytest.raises(ValueError, match=r"codec.*none, fp8, int8, int4"):
         make_geometry_codec("zstd")

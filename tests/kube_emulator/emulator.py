@@ -434,6 +434,14 @@ class KubeEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 raise _error(400, f"request body is not JSON: {exc}") from exc
         return request.data
 
+    async def _serve_version(self, request: rendering.Request) -> Any:
+        """kmock 0.8 reports the core group's groupVersion as "/v1"; kubectl then finds no core
+        resource ("the server doesn't have a resource type pods"). The API server says "v1"."""
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and str(payload.get("groupVersion", "")).startswith("/"):
+            payload["groupVersion"] = payload["groupVersion"].lstrip("/")
+        return payload
+
     async def _serve_list(self, request: rendering.Request) -> dict[str, Any]:
         key = self._key(request)
         spec = self._spec(key)
@@ -791,7 +799,7 @@ class KubeEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 meta.update(
                     {
                         "deletionTimestamp": _now(),
-                        "deletionGracePeriodSeconds": 0,
+                        "deletionGracePeriodSeconds": _grace_period(key, obj),
                         "resourceVersion": str(self._next_rv()),
                     }
                 )
@@ -957,3 +965,11 @@ def write_kubeconfig(directory: Path, server_url: str, *, namespace: str = "defa
     path = directory / "kubeconfig"
     path.write_text(json.dumps(config))  # JSON is YAML: every kubeconfig reader accepts it
     return path
+
+
+def _grace_period(key: ResourceKey, obj: dict[str, Any]) -> int:
+    """What the API server records: a pod's own terminationGracePeriodSeconds (30 by default),
+    zero for every other kind."""
+    if key[2] != "pods":
+        return 0
+    return int((obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30))

@@ -252,3 +252,23 @@ async def test_kmock_reactions_still_take_priority(cluster: Cluster) -> None:
             assert response.status == 418
         async with http.get(f"/api/v1/namespaces/{NS}/configmaps") as response:
             assert response.status == 200 and len((await response.json())["items"]) == 1
+
+
+async def test_core_discovery_names_group_version_v1(cluster: Cluster) -> None:
+    """kubectl resolves core kinds from /api/v1's groupVersion; it must be "v1", not "/v1"."""
+    async with aiohttp.ClientSession(cluster.url) as http:
+        async with http.get("/api/v1") as response:
+            doc = await response.json()
+    assert doc["kind"] == "APIResourceList" and doc["groupVersion"] == "v1"
+    assert "configmaps" in {r["name"] for r in doc["resources"]}
+
+
+def test_graceful_pod_delete_records_the_pods_grace_period(cluster: Cluster) -> None:
+    emu = cluster.emu
+    pod = {
+        "metadata": {"name": "p", "namespace": NS, "finalizers": ["test/hold"]},
+        "spec": {"terminationGracePeriodSeconds": 45, "containers": [{"name": "c", "image": "x"}]},
+    }
+    emu.create("v1/pods", pod)
+    deleting = emu.delete("v1/pods", "p", NS)
+    assert deleting["metadata"]["deletionGracePeriodSeconds"] == 45

@@ -241,3 +241,79 @@ def test_serve_sets_aside_a_cache_of_another_geometry(live_server, tmp_path) -> 
     assert (aside / "manifest.json").exists() and "head_dim" in (aside / "REASON").read_text()
     status, report = http_json("POST", srv.url + "/admin/validate")
     assert not report["is_valid"] and any("set aside" in e for e in report["errors"])
+
+
+@pytest.mark.parametrize("staging_bytes", [0, 8 * 1024, 1 << 20])
+def test_concurrent_gets_with_and_without_staging_buffers(live_server, staging_bytes: int) -> None:
+    import threading
+
+    srv = live_server(staging_bytes=staging_bytes)
+    cfg = srv.engine.config
+    chains = {s: make_tokens(64, seed=s) for s in range(6)}
+    errors: list[str] = []
+    with _client(srv.url) as c:
+        for s, tokens in chains.items():
+            assert c.put(tokens, make_kv(cfg, 64, seed=s), wait=True) == 16
+
+        def worker(s: int) -> None:
+            with _client(srv.url) as own:
+                for _ in range(10):
+                    got = own.get(chains[s])
+                    if got is None or not torch.equal(got, make_kv(cfg, 64, seed=s)):
+                        errors.append(f"chain {s}")
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in chains]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
+def test_large_get_is_sent_directly_and_keeps_the_connection(live_server, monkeypatch) -> None:
+    import kvcache_engine.server as server_module
+
+    direct: list[bool] = []
+    original = server_module._send_direct
+
+    async def counting(request, payload):  # type: ignore[no-untyped-def]
+        direct.append(await original(request, payload))
+        return direct[-1]
+
+    monkeypatch.setattr(server_module, "_send_direct", counting)
+    # 256 KiB blocks: an 8-block get is 2 MiB, above the direct-send threshold.
+    cfg = make_config(num_layers=8, num_kv_heads=8, head_dim=64, block_tokens=16, max_tokens=512)
+    srv = live_server(cfg)
+    tokens = make_tokens(128, seed=4)
+    kv = make_kv(cfg, 128, seed=4)
+    with _client(srv.url, pool_size=1) as c:
+        assert c.put(tokens, kv, wait=True) == 8
+        for _ in range(3):
+            got = c.get(tokens)
+            assert got is not None and torch.equal(got, kv)
+        (conn,) = c._pool[srv.url]  # one pooled socket served every call: keep-alive held
+        assert conn.reused
+        assert c.lookup(tokens) == 128
+    assert direct == [True, True, True]
+
+
+def test_client_vanishing_mid_body_leaves_the_server_healthy(live_server) -> None:
+    import socket
+
+    cfg = make_config(num_layers=8, num_kv_heads=8, head_dim=64, block_tokens=16, max_tokens=512)
+    srv = live_server(cfg)
+    tokens = make_tokens(128, seed=5)
+    with _client(srv.url) as c:
+        assert c.put(tokens, make_kv(cfg, 128, seed=5), wait=True) == 8
+    body = json.dumps({"tokens": tokens}).encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(
+                f"POST /v1/get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+    with _client(srv.url) as c:
+        got = c.get(tokens)
+        assert got is not None and torch.equal(got, make_kv(cfg, 128, seed=5))
+    assert http("GET", srv.url + "/healthz", token=None)[0] == 200
