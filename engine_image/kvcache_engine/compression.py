@@ -230,8 +230,9 @@ class _GroupQuantCodec(Codec):
     ) -> torch.Tensor:
         """zero + code * scale in float32, rounded once to the codec dtype (one pointwise
         expression: under torch.compile it fuses into the kernel that writes the output)."""
-        g = codes.reshape(*scale.shape, group).float()
-        return (zero.float()[..., None] + g * scale.float()[..., None]).to(self.dtype).reshape(codes.shape)
+        g = codes.reshape(*scale.shape, group)
+        deq = torch.addcmul(zero.float()[..., None], g, scale.float()[..., None])  # one eager CPU op
+        return deq.to(self.dtype).reshape(codes.shape)
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         return codes
@@ -304,14 +305,14 @@ class Int4Codec(_GroupQuantCodec):
         return (flat[:, 0::2] | (flat[:, 1::2] << 4)).contiguous()
 
     def _unpack(self, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        # One broadcast shift-and-mask (low nibble first): a plain pointwise expression that
-        # torch.compile folds into the dequantising kernel instead of materialising a stack.
-        # With an even last dim it runs in the field's own shape (see _pack).
-        shifts = torch.arange(2, dtype=torch.uint8, device=packed.device) * 4
+        # Low nibble first; with an even last dim it runs in the field's own shape (see _pack),
+        # which torch.compile folds into the dequantising kernel.
+        # (A stack of two plain ops, not a broadcast against [0, 4]: eager CPU runs that at half
+        # the speed, its inner loop being 2 long.)
         if shape[-1] % 2 == 0:
-            pairs = packed.reshape(*shape[:-1], shape[-1] // 2, 1)
-            return ((pairs >> shifts) & 0x0F).reshape(shape)
-        flat = ((packed.unsqueeze(-1) >> shifts) & 0x0F).reshape(packed.shape[0], -1)
+            pairs = packed.reshape(*shape[:-1], shape[-1] // 2)
+            return torch.stack((pairs & 0x0F, pairs >> 4), dim=-1).reshape(shape)
+        flat = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
         count = math.prod(shape[1:])
         if flat.shape[1] != count:  # an odd element count: drop the pad nibble
             flat = flat[:, :count]

@@ -20,8 +20,8 @@ Two binary formats, no pickle and no JSON tensors:
   checksum and payload keys. The same segments are the files of the persisted cache, so one
   decoder serves load, restore, backup validation and drain.
 
-Shard placement (:func:`rendezvous_order`) lives here too because the client and the
-server's drain must agree on it byte for byte.
+Shard placement (:func:`route_key`, :func:`rendezvous_order`) lives here too because the client
+and the server's drain must agree on it byte for byte.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ __all__ = [
     "parse_tokens",
     "rendezvous_order",
     "rendezvous_owner",
+    "route_key",
 ]
 
 FRAME_MAGIC = b"KVC1"
@@ -153,13 +154,34 @@ def node_id(endpoint: str) -> str:
     return f"{host}:{port}"
 
 
+def route_key(hashes: Sequence[int], route_depth: int) -> int:
+    """The hash a chain is placed by: its block at depth ``route_depth`` (1-based), or its last
+    block when the chain is shorter.
+
+    Why not the first block: every prompt sharing a system prompt shares block 1, so placing by
+    it puts all of them on one replica. Placing by a deeper block spreads chains while the shared
+    shallow blocks (depth < ``route_depth``) are stored on every replica that owns a chain
+    through them (each put carries its whole chain; that first miss-then-put per replica is the
+    price). Consistency: every chain that shares its first ``route_depth`` blocks has one key,
+    so lookup, get and put of a prompt and of its longer continuations meet on one replica. A
+    prompt shorter than ``route_depth`` blocks is keyed by its last block and may therefore sit
+    on another replica than the longer chains through it: its lookup then misses unless it was
+    itself put before (a short prompt is the cheapest to recompute).
+    """
+    if route_depth < 1:
+        raise ValueError(f"route_depth must be >= 1, got {route_depth}")
+    if not hashes:
+        raise ValueError("route_key: empty chain")
+    return int(hashes[min(route_depth, len(hashes)) - 1])
+
+
 def _score(node: str, root: int) -> int:
     digest = hashlib.blake2b(f"{node}|{root:016x}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
 def rendezvous_order(root: int, endpoints: Sequence[str]) -> list[str]:
-    """Endpoints by descending rendezvous score for a chain root (highest random weight).
+    """Endpoints by descending rendezvous score for a chain's :func:`route_key` (``root``).
 
     Invariant: adding a replica moves only the chains whose new top scorer is that replica
     (about 1/N of them); removing one moves only its own chains. Ties (never in practice) break
@@ -169,7 +191,7 @@ def rendezvous_order(root: int, endpoints: Sequence[str]) -> list[str]:
 
 
 def rendezvous_owner(root: int, endpoints: Sequence[str]) -> str:
-    """The replica that owns the chain whose first block hash is ``root``."""
+    """The replica that owns the chain whose :func:`route_key` is ``root``."""
     if not endpoints:
         raise ValueError("rendezvous_owner: no endpoints")
     return rendezvous_order(root, endpoints)[0]

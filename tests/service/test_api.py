@@ -310,7 +310,8 @@ def test_client_vanishing_mid_body_leaves_the_server_healthy(live_server) -> Non
         with socket.create_connection(("127.0.0.1", srv.port)) as s:
             s.sendall(
                 f"POST /v1/get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
             )
             assert s.recv(100).startswith(b"HTTP/1.1 200")
     with _client(srv.url) as c:
