@@ -6,10 +6,11 @@ when an engine is down, slow, restarting or answering garbage; ``put`` is fire-a
 through a bounded queue that drops (and counts) instead of blocking. ``strict=True`` turns
 failures into :class:`KVCacheClientError` subclasses for tools that want them.
 
-Placement: a chain lives on one replica, chosen by rendezvous hashing on the chain's first
-block hash (:func:`kvcache_engine.wire.rendezvous_order`, the same function the server's drain
-uses). When the owner's circuit breaker is open the next replica in rendezvous order is used,
-so all calls for a chain agree on one fallback.
+Placement: a chain lives on one replica, chosen by rendezvous hashing on its block at depth
+``route_depth`` (its last block when shorter; :func:`kvcache_engine.wire.route_key`, the same
+function the server's drain uses), so prompts sharing a system prompt spread over the replicas
+while the shared blocks are stored on each. When the owner's circuit breaker is open the next
+replica in rendezvous order is used, so all calls for a chain agree on one fallback.
 
 Transport: HTTP/1.1 keep-alive over pooled sockets, with a tiny purpose-built HTTP client so that
 the deadline bounds every send and receive (``socket.settimeout(remaining)`` per syscall) and
@@ -44,6 +45,7 @@ from kvcache_engine.wire import (
     encode_frame_header,
     node_id,
     rendezvous_order,
+    route_key,
 )
 
 if TYPE_CHECKING:
@@ -213,10 +215,14 @@ class ClientGeometry:
     num_kv_heads: int
     head_dim: int
     dtype: str
+    route_depth: int = 2
 
     @classmethod
     def from_config(cls, cfg: KVCacheConfig) -> ClientGeometry:
-        return cls(cfg.namespace, cfg.block_tokens, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+        return cls(
+            cfg.namespace, cfg.block_tokens, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
+            cfg.route_depth,
+        )  # fmt: skip
 
     def block_bytes(self) -> int:
         return (
@@ -480,7 +486,8 @@ class _ClientCore:
     # -- routing ----------------------------------------------------------------
 
     def route(self, root: int) -> list[str]:
-        """Endpoints to try for a chain: rendezvous order, those with an open breaker removed."""
+        """Endpoints to try for a chain whose :func:`route_key` is ``root``, in rendezvous order
+        (callers skip those whose breaker is open)."""
         return rendezvous_order(root, self.endpoints())
 
     def deadline_for(self, nbytes: int) -> float:
@@ -729,7 +736,7 @@ class KVCacheClient:
             hashes = self._core.hashes(geo, tokens)
             if not hashes:
                 return 0
-            doc = self._call_json(hashes[0], "POST", "/v1/lookup", {"hashes": hashes}, self._core.timeout_s)
+            doc = self._call_json(route_key(hashes, geo.route_depth), "POST", "/v1/lookup", {"hashes": hashes}, self._core.timeout_s)
             blocks = _int_field(doc, "cached_blocks", high=len(hashes))
         except Exception as exc:  # never into inference (strict re-raises in fail())
             self._core.fail("lookup", exc, started)
@@ -832,7 +839,10 @@ class KVCacheClient:
             head, payload = self._core.put_frame(geo, hashes, kv)
             budget = self._core.deadline_for(payload.nbytes)
             doc = self._call(
-                hashes[0], _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]), budget, None
+                route_key(hashes, geo.route_depth),
+                _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]),
+                budget,
+                None,
             )
             stored = _int_field(_json_body(doc), "stored_blocks", high=len(hashes))
         except Exception as exc:
@@ -905,7 +915,8 @@ class KVCacheClient:
             M_BYTES.labels("received").inc(head.content_length)
             holder.append(out)
 
-        self._call(hashes[0], _Req("POST", "/v1/get", "application/json", [body]), budget, receive)
+        key = route_key(hashes, geo.route_depth)
+        self._call(key, _Req("POST", "/v1/get", "application/json", [body]), budget, receive)
         return holder[0] if holder else None
 
     def _call(
@@ -1104,7 +1115,7 @@ class AsyncKVCacheClient:
                 return 0
             body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
             req = _Req("POST", "/v1/lookup", "application/json", [body])
-            raw = await self._call(hashes[0], req, self._core.timeout_s, None)
+            raw = await self._call(route_key(hashes, geo.route_depth), req, self._core.timeout_s, None)
             blocks = _int_field(_json_body(raw), "cached_blocks", high=len(hashes))
         except Exception as exc:
             self._core.fail("lookup", exc, started)
@@ -1137,7 +1148,8 @@ class AsyncKVCacheClient:
                 holder.append(kv)
 
             budget = self._core.deadline_for(len(hashes) * geo.block_bytes())
-            await self._call(hashes[0], _Req("POST", "/v1/get", "application/json", [body]), budget, receive)
+            get_req = _Req("POST", "/v1/get", "application/json", [body])
+            await self._call(route_key(hashes, geo.route_depth), get_req, budget, receive)
         except Exception as exc:
             self._core.fail("get", exc, started)
             self._core.count_lookup(0, 0)
@@ -1213,7 +1225,10 @@ class AsyncKVCacheClient:
             head, payload = self._core.put_frame(geo, hashes, kv)
             budget = self._core.deadline_for(payload.nbytes)
             raw = await self._call(
-                hashes[0], _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]), budget, None
+                route_key(hashes, geo.route_depth),
+                _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]),
+                budget,
+                None,
             )
             stored = _int_field(_json_body(raw), "stored_blocks", high=len(hashes))
         except Exception as exc:

@@ -213,6 +213,16 @@ class KVCacheConfig(BaseModel):
         max_length=253,
         description="Model/namespace key mixed into every block hash, so two models never share entries.",
     )
+    route_depth: int = Field(
+        2,
+        ge=1,
+        le=4096,
+        description=(
+            "Replica placement key: a chain lives on the replica chosen by its block at this depth "
+            "(its last block when shorter), so shared leading blocks (a system prompt) are stored "
+            "on every replica while chains spread; 1 places by the first block."
+        ),
+    )
 
     # --- eviction ------------------------------------------------------------------------------
     cache_strategy: CacheStrategy = Field(

@@ -420,8 +420,7 @@ class KVCacheEngine:
             return torch.empty((2, c.num_layers, 0, c.num_kv_heads, c.head_dim), dtype=self._codec.dtype)
         self._copier.sync()  # queued tier copies land before the gathers below read the slots
         primary = self._tiers[PRIMARY].pool
-        where = [i for i, e in enumerate(entries) if e.tier == PRIMARY]
-        if len(where) == len(entries):  # one gather (a view when the slots are consecutive)
+        if all(e.tier == PRIMARY for e in entries):  # one gather (a view when the slots are consecutive)
             rows = primary.storage
             slots = [e.slot for e in entries]
             if slots != list(range(slots[0], slots[0] + len(slots))):

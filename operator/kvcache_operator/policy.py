@@ -268,8 +268,22 @@ def decide_tuning(
     )
     if not changes:
         return None
-    action = ", ".join(f"{_camel(k)} {effective.get(k)} -> {v}" for k, v in sorted(changes.items()))
-    return Decision("Tune", mode, action, "; ".join(reasons), numbers, changes=changes)
+    return Decision(
+        "Tune", mode, _describe_changes(effective, changes), "; ".join(reasons), numbers, changes=changes
+    )
+
+
+def _describe_changes(effective: Mapping[str, Any], changes: Mapping[str, Any]) -> str:
+    """``field old -> new`` for the fields that really change; a ratio while compression was off
+    reads ``off``, so switching compression on says what it switches to."""
+    parts = []
+    for key, new in sorted(changes.items()):
+        old = effective.get(key)
+        if key == "compression_ratio" and not effective.get("use_compression", False):
+            old = "off"
+        if old != new:
+            parts.append(f"{_camel(key)} {old} -> {new}")
+    return ", ".join(parts)
 
 
 def _tune_compression(

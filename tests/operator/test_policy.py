@@ -279,7 +279,8 @@ def test_tuning_enables_compression_under_pressure_when_latency_allows() -> None
         make_tuning(), {"max_tokens": 8192, "use_compression": False, "compression_ratio": 0.5}, [0.95] * 7
     )
     assert d is not None and dict(d.changes) == {"use_compression": True, "compression_ratio": 0.5}
-    assert "compressionRatio" in d.action and d.numbers["p95LatencyMs"] == 5.0
+    assert d.action == "compressionRatio off -> 0.5, useCompression False -> True"
+    assert d.numbers["p95LatencyMs"] == 5.0
 
 
 def test_tuning_holds_when_latency_is_over_budget_or_at_the_bound() -> None:
