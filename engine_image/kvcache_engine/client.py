@@ -24,11 +24,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -61,6 +63,9 @@ __all__ = [
     "ClientGeometry",
     "KVCacheClient",
     "KVCacheClientError",
+    "connection_config",
+    "connection_token_file",
+    "read_connection",
 ]
 
 log = logging.getLogger("kvcache_engine.client")
@@ -233,6 +238,114 @@ class ClientGeometry:
             * self.head_dim
             * DTYPE_BYTES[self.dtype]
         )
+
+
+# --- the connection contract (the operator's ``<name>-connection`` ConfigMap) --------------------
+
+SUPPORTED_CONNECTION_VERSIONS = frozenset({1})
+_CONNECTION_REQUIRED = (
+    "formatVersion", "headlessService", "port", "tokenSecretKey", "numLayers", "numKvHeads", "headDim",
+    "blockTokens", "dtype", "cacheNamespace",
+)  # fmt: skip
+_CONNECTION_INTS = frozenset({"formatVersion", "port", "numLayers", "numKvHeads", "headDim", "blockTokens",
+                              "routeDepth"})  # fmt: skip
+
+
+def read_connection(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The connection contract from a mounted ConfigMap: a directory holding ``connection.json``
+    or one file per key (kubelet's ``..data`` symlink layout is read through), or the JSON file.
+
+    Raises ValueError naming the file and the missing keys, or an unsupported ``formatVersion``.
+    """
+    where = Path(path)
+    if where.is_dir() and not (where / "connection.json").is_file():
+        info = _read_key_files(where)
+        source = f"{where}/*"
+    else:
+        file = where / "connection.json" if where.is_dir() else where
+        source = str(file)
+        try:
+            info = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"connection: cannot read {file}: {exc}") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"connection: {file} must hold a JSON object")
+    version = info.get("formatVersion")
+    if version not in SUPPORTED_CONNECTION_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_CONNECTION_VERSIONS))
+        raise ValueError(
+            f"connection: formatVersion {version!r} in {source} is not supported by this client "
+            f"(supported: {supported}); upgrade kvcache-engine on the inference side"
+        )
+    missing = [k for k in _CONNECTION_REQUIRED if k not in info]
+    if missing:
+        raise ValueError(f"connection: {source} lacks the keys {missing}")
+    return info
+
+
+def _read_key_files(directory: Path) -> dict[str, Any]:
+    """One key per file; kubelet's bookkeeping entries (``..data``, ``..2026_...``) start with '..'."""
+    info: dict[str, Any] = {}
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith("..") or not entry.is_file():
+            continue
+        text = entry.read_text(encoding="utf-8").strip()
+        if entry.name in _CONNECTION_INTS:
+            try:
+                info[entry.name] = int(text)
+            except ValueError:
+                raise ValueError(f"connection: {entry}: expected an integer, got {text!r}") from None
+        else:
+            info[entry.name] = text
+    if not info:
+        raise ValueError(f"connection: {directory} holds neither connection.json nor any key file")
+    return info
+
+
+def connection_config(info: dict[str, Any]) -> KVCacheConfig:
+    """The client-side config (geometry, block size, namespace, placement) of a connection."""
+    fields: dict[str, Any] = {
+        "num_layers": info["numLayers"],
+        "num_kv_heads": info["numKvHeads"],
+        "head_dim": info["headDim"],
+        "block_tokens": info["blockTokens"],
+        "dtype": info["dtype"],
+        "namespace": info["cacheNamespace"],
+    }
+    if "routeDepth" in info:  # absent from contracts published before placement by depth
+        fields["route_depth"] = info["routeDepth"]
+    try:
+        return KVCacheConfig(max_tokens=max(8192, int(info["blockTokens"])), **fields)
+    except ValueError as exc:
+        raise ValueError(f"connection: invalid geometry: {exc}") from None
+
+
+def connection_token_file(
+    path: str | os.PathLike[str], info: dict[str, Any], environ: dict[str, str] | None = None
+) -> str | None:
+    """Where the token Secret is mounted: ``$KVCACHE_TOKEN_FILE``, else ``<path>-token/<tokenSecretKey>``
+    (the layout of ``crds/samples/inference-deployment.yaml``) when that file exists, else None."""
+    env = os.environ if environ is None else environ
+    if env.get("KVCACHE_TOKEN_FILE"):
+        return env["KVCACHE_TOKEN_FILE"]
+    base = Path(path)
+    directory = base if base.is_dir() else base.parent
+    candidate = directory.with_name(directory.name + "-token") / str(info["tokenSecretKey"])
+    return str(candidate) if candidate.is_file() else None
+
+
+def _connection_kwargs(path: str | os.PathLike[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments for a client built from a mounted connection; ``overrides`` win."""
+    info = read_connection(path)
+    kwargs: dict[str, Any] = {"config": connection_config(info)}
+    if "endpoints" not in overrides:
+        kwargs["service"] = f"{info['headlessService']}:{int(info['port'])}"
+    if "token" not in overrides and "token_file" not in overrides:
+        kwargs["token_file"] = connection_token_file(path, info)
+        if kwargs["token_file"] is None:
+            log.warning("kvcache client: no token file for %s (set KVCACHE_TOKEN_FILE)", path)
+    kwargs.update(overrides)
+    return kwargs
 
 
 # --- HTTP plumbing shared by both clients ----------------------------------------------------
@@ -718,6 +831,15 @@ class KVCacheClient:
         self._worker: threading.Thread | None = None
         self._closed = False
 
+    @classmethod
+    def from_connection(cls, path: str | os.PathLike[str], **overrides: Any) -> KVCacheClient:
+        """A client for the KVCache whose ``<name>-connection`` ConfigMap is mounted at ``path``
+        (see :func:`read_connection`): the headless Service and port, the geometry (no
+        ``/v1/config`` round trip), and the token file (:func:`connection_token_file`).
+        ``overrides`` are constructor arguments (``timeout_s=...``, ``endpoints=[...]``, ...).
+        ValueError when the contract is unreadable or of an unknown ``formatVersion``."""
+        return cls(**_connection_kwargs(path, overrides))
+
     @property
     def strict(self) -> bool:
         return self._core.strict
@@ -1097,6 +1219,15 @@ class AsyncKVCacheClient:
         self._pool_size = pool_size
         self._queue: asyncio.Queue[tuple[Any, Any]] | None = None
         self._worker: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_connection(cls, path: str | os.PathLike[str], **overrides: Any) -> AsyncKVCacheClient:
+        """A client for the KVCache whose ``<name>-connection`` ConfigMap is mounted at ``path``
+        (see :func:`read_connection`): the headless Service and port, the geometry (no
+        ``/v1/config`` round trip), and the token file (:func:`connection_token_file`).
+        ``overrides`` are constructor arguments (``timeout_s=...``, ``endpoints=[...]``, ...).
+        ValueError when the contract is unreadable or of an unknown ``formatVersion``."""
+        return cls(**_connection_kwargs(path, overrides))
 
     @property
     def strict(self) -> bool:
