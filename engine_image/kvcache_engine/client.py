@@ -858,7 +858,8 @@ class KVCacheClient:
             hashes = self._core.hashes(geo, tokens)
             if not hashes:
                 return 0
-            doc = self._call_json(route_key(hashes, geo.route_depth), "POST", "/v1/lookup", {"hashes": hashes}, self._core.timeout_s)
+            key = route_key(hashes, geo.route_depth)
+            doc = self._call_json(key, "POST", "/v1/lookup", {"hashes": hashes}, self._core.timeout_s)
             blocks = _int_field(doc, "cached_blocks", high=len(hashes))
         except Exception as exc:  # never into inference (strict re-raises in fail())
             self._core.fail("lookup", exc, started)
