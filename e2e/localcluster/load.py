@@ -7,9 +7,10 @@ when they share leading ids. Per request the generator does what an inference se
 ``lookup`` (how much is cached), then ``put`` of the whole prompt (the engine stores the missing
 blocks and touches the rest).
 
-One transform, on purpose: every request of this trace starts with the same block (id 0, a
-system prompt). Chains are placed on replicas by their first block, so with it every chain would
-live on one replica and scale-out could never help; the generator drops that shared first block.
+Every request of this trace starts with the same block (id 0, a system prompt); it is replayed
+as is. Chains are placed on replicas by their block at depth ``route_depth`` (default 2, see
+:func:`kvcache_engine.wire.route_key`), so they spread over the replicas while block 0 is
+stored once on each.
 
 Counting: ``LoadStats`` adds up what the lookups returned (requested full-block tokens and hit
 tokens), which is exactly what the engines count for lookups, so the two can be compared.
@@ -32,14 +33,12 @@ TRACE_RESOURCE = "conversation_trace.jsonl.gz"
 
 
 def load_trace(limit: int | None = None) -> list[list[int]]:
-    """The trace's requests as lists of block ids, the universal first block dropped."""
+    """The trace's requests as lists of block ids (the first ``limit`` of them)."""
     data = importlib.resources.files("kvcache_engine") / "data" / TRACE_RESOURCE
     out: list[list[int]] = []
     with data.open("rb") as raw, gzip.open(raw, "rt") as lines:
         for line in lines:
             ids = list(json.loads(line)["hash_ids"])
-            if ids and ids[0] == 0:
-                ids = ids[1:]
             if ids:
                 out.append(ids)
             if limit is not None and len(out) >= limit:

@@ -259,7 +259,7 @@ class BlockPool:
         checksumming): encoded straight into the pool when the slots are consecutive, else via
         one staging tensor and one indexed copy."""
         first = slots[0]
-        if self.rows_are_payload or list(slots) != list(range(first, first + len(slots))):
+        if list(slots) != list(range(first, first + len(slots))):
             rows = self.rows_of(payloads)
             self.write_rows(slots, rows)
             return rows

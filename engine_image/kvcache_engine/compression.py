@@ -97,6 +97,11 @@ class Codec(ABC):
         result: Payload = self._run("encode", self._encode, kv, kv.is_cuda)
         return result
 
+    def encode_for_store(self, kv: torch.Tensor) -> Payload:
+        """Like encode_batch, but fields may be non-contiguous views of ``kv``: for a caller that
+        copies them straight into pool slots (saves the "none" codec a whole intermediate copy)."""
+        return self.encode_batch(kv)
+
     def decode_batch(self, payload: Payload) -> torch.Tensor:
         """Payload with a leading N -> ``[N, 2, L, T, H, D]``."""
         first = next(iter(payload.values()))
@@ -176,6 +181,9 @@ class NoneCodec(Codec):
 
     def _encode(self, kv: torch.Tensor) -> Payload:
         return {"kv": kv.to(self.dtype).contiguous()}
+
+    def encode_for_store(self, kv: torch.Tensor) -> Payload:
+        return {"kv": kv.to(self.dtype)}
 
     def _decode(self, payload: Payload) -> torch.Tensor:
         return payload["kv"]

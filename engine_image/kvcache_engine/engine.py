@@ -324,7 +324,7 @@ class KVCacheEngine:
                 span = kv[:, :, start : start + len(new) * bt]
                 shape = (2, c.num_layers, len(new), bt, c.num_kv_heads, c.head_dim)
                 blocks = span.reshape(shape).permute(2, 0, 1, 3, 4, 5)
-                payload = self._codec.encode_batch(
+                payload = self._codec.encode_for_store(
                     blocks.to(self.device, non_blocking=self._config.non_blocking)
                 )
                 pool = self._tiers[PRIMARY].pool

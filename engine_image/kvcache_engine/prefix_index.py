@@ -26,7 +26,7 @@ class BlockEntry:
     parent: BlockHash | None
     tier: int  # 0: the primary tier (device), 1: the pinned CPU tier behind a CUDA tier
     slot: int
-    checksum: str  # blake2b-16 over the stored payload (see block_pool.payload_checksum)
+    checksum: str  # 16-byte word-sum digest of the stored payload (block_pool.payload_checksum)
     hits: int = 0
     last_access: int = 0
 

@@ -68,6 +68,7 @@ from kvcache_engine.wire import (
     parse_hashes,
     parse_tokens,
     rendezvous_owner,
+    route_key,
     split_frame,
 )
 
@@ -653,29 +654,72 @@ class EngineServer:
         return web.json_response(report)
 
     def _drain(self, targets: list[str]) -> dict[str, Any]:
-        """Push every block to the replica owning its chain (rendezvous on the chain root, the
-        client's function). Chains stay whole: export order is parents first and one chain
-        has one owner, so each push carries parents before (or with) their children."""
-        roots: dict[int, int] = {}
+        """Push every block to the replica owning its chain (:func:`route_key` at the engine's
+        ``route_depth``, the client's function). A block at depth d >= route_depth goes to the
+        owner of its ancestor at depth route_depth, preceded by the shallow ancestors (depth <
+        route_depth) that target has not been sent yet, so every push keeps the parent rule: a
+        shared system-prompt block goes to each target owning a chain through it, and nowhere
+        else. A shallow block without children ended a short chain and goes to its own key's
+        owner (after its ancestors). Export order is parents first, so one pass plus the
+        short-chain tail suffices; only the shallow blocks are held in memory."""
+        depth = self.engine.config.route_depth
+        shallow: dict[int, tuple[int, ...]] = {}  # block -> its chain's first min(d, depth) hashes
+        shallow_blocks: dict[int, StoredBlock] = {}  # blocks at depth < route_depth (ancestors to carry)
+        has_child: set[int] = set()
+        sent: dict[str, set[int]] = {t: set() for t in targets}
         pending: dict[str, list[StoredBlock]] = {t: [] for t in targets}
         sizes = dict.fromkeys(targets, 0)
         result: dict[str, dict[str, Any]] = {t: {"blocks": 0, "ok": True, "error": None} for t in targets}
-        for block in self.engine.export_blocks(None):
-            h, parent = int(block.hash), block.parent
-            root = roots.get(int(parent), h) if parent is not None else h
-            roots[h] = root
-            owner = rendezvous_owner(root, targets)
+
+        def add(owner: str, block: StoredBlock) -> None:
+            sent[owner].add(int(block.hash))
             pending[owner].append(block)
             sizes[owner] += sum(t.numel() * t.element_size() for t in block.payload.values())
             if sizes[owner] >= SNAPSHOT_SEGMENT_BYTES:
                 self._push(owner, pending[owner], result[owner])
                 pending[owner], sizes[owner] = [], 0
+
+        for block in self.engine.export_blocks(None):
+            h = int(block.hash)
+            above = shallow.get(int(block.parent), ()) if block.parent is not None else ()
+            path = (*above, h) if len(above) < depth else above
+            shallow[h] = path
+            if block.parent is not None:
+                has_child.add(int(block.parent))
+            if len(path) < depth:
+                shallow_blocks[h] = block
+                continue
+            self._drain_with_ancestors(
+                block, path, shallow_blocks=shallow_blocks, sent=sent, targets=targets, add=add
+            )
+        for h, block in shallow_blocks.items():
+            if h not in has_child:
+                self._drain_with_ancestors(
+                    block, shallow[h], shallow_blocks=shallow_blocks, sent=sent, targets=targets, add=add
+                )
         for owner, blocks in pending.items():
             if blocks:
                 self._push(owner, blocks, result[owner])
         ok = all(r["ok"] for r in result.values())
         drained = sum(int(r["blocks"]) for r in result.values())
         return {"ok": ok, "targets": result, "drained_blocks": drained}
+
+    @staticmethod
+    def _drain_with_ancestors(
+        block: StoredBlock,
+        path: tuple[int, ...],
+        *,
+        shallow_blocks: dict[int, StoredBlock],
+        sent: dict[str, set[int]],
+        targets: list[str],
+        add: Callable[[str, StoredBlock], None],
+    ) -> None:
+        """Queue ``block`` for the owner of its chain's key, after the shallow ancestors it lacks."""
+        owner = rendezvous_owner(route_key(path, len(path)), targets)
+        for ancestor in path:
+            if ancestor in shallow_blocks and ancestor != int(block.hash) and ancestor not in sent[owner]:
+                add(owner, shallow_blocks[ancestor])
+        add(owner, block)
 
     def _push(self, target: str, blocks: list[StoredBlock], result: dict[str, Any]) -> None:
         if not result["ok"]:

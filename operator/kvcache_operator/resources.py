@@ -564,7 +564,8 @@ def connection_info(kvc: KVCache, config: KVCacheConfig) -> dict[str, Any]:
 
     Keys (format version 1): formatVersion, name, namespace, url (client Service), service,
     headlessService, port, tokenSecretName, tokenSecretKey, numLayers, numKvHeads, headDim,
-    blockTokens, dtype, codec, cacheNamespace (the model/namespace key mixed into block hashes).
+    blockTokens, dtype, codec, cacheNamespace (the model/namespace key mixed into block hashes),
+    routeDepth (placement: chains are sharded by their block at this depth; engines drain by it too).
     """
     ns = kvc.namespace
     return {
@@ -584,6 +585,7 @@ def connection_info(kvc: KVCache, config: KVCacheConfig) -> dict[str, Any]:
         "dtype": config.dtype,
         "codec": config.codec,
         "cacheNamespace": config.namespace,
+        "routeDepth": config.route_depth,
     }
 
 

@@ -256,9 +256,8 @@ async def test_kmock_reactions_still_take_priority(cluster: Cluster) -> None:
 
 async def test_core_discovery_names_group_version_v1(cluster: Cluster) -> None:
     """kubectl resolves core kinds from /api/v1's groupVersion; it must be "v1", not "/v1"."""
-    async with aiohttp.ClientSession(cluster.url) as http:
-        async with http.get("/api/v1") as response:
-            doc = await response.json()
+    async with aiohttp.ClientSession(cluster.url) as http, http.get("/api/v1") as response:
+        doc = await response.json()
     assert doc["kind"] == "APIResourceList" and doc["groupVersion"] == "v1"
     assert "configmaps" in {r["name"] for r in doc["resources"]}
 

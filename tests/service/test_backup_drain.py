@@ -11,7 +11,7 @@ import torch
 from kvcache_engine.backup import BackupError, pull_backup, push_backup
 from kvcache_engine.cli import main
 from kvcache_engine.client import KVCacheClient
-from kvcache_engine.wire import rendezvous_owner
+from kvcache_engine.wire import rendezvous_owner, route_key
 from tests.service.conftest import TOKEN, http_json, make_config, make_kv, make_tokens
 
 
@@ -91,7 +91,8 @@ def test_drain_pushes_each_chain_to_its_rendezvous_owner(live_server) -> None:
     chains = _fill(source.url, cfg, range(20))
     status, report = http_json("POST", source.url + "/admin/drain", {"targets": urls})
     assert status == 200 and report["ok"] is True and report["drained_blocks"] == 80
-    owners = {s: rendezvous_owner(int(source.engine.block_hashes(t)[0]), urls) for s, t in chains.items()}
+    keys = {s: route_key(source.engine.block_hashes(t), cfg.route_depth) for s, t in chains.items()}
+    owners = {s: rendezvous_owner(key, urls) for s, key in keys.items()}
     assert len(set(owners.values())) == 2  # both replicas own some of 20 chains
     for s, tokens in chains.items():
         for t in targets:

@@ -3,6 +3,7 @@ engine. Calls keep their deadlines, never raise by default, and the breaker open
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from kvcache_engine.client import (
     M_PUT_DROPPED,
     AsyncKVCacheClient,
     CacheProtocolError,
+    CacheServerError,
     CacheTimeoutError,
     CacheUnavailableError,
     CircuitBreaker,
@@ -140,20 +142,29 @@ def test_malformed_answers_degrade_to_a_miss(fake_engine, name: str, reply) -> N
         times, results = timed(lambda: (c.lookup(TOKENS), c.get(TOKENS)), 5)
         assert results == [(0, None)] * 5
         assert max(times) < 2 * DEADLINE + MARGIN  # lookup + get, each within its deadline
+        assert c.breaker(fake.url).state == "open"  # garbage counts as the endpoint's failure
     with (
         client(fake.url, strict=True) as c,
-        pytest.raises((CacheProtocolError, CacheTimeoutError, Exception)) as info,
+        pytest.raises((CacheProtocolError, CacheTimeoutError, CacheServerError)) as info,
     ):
         c.lookup(TOKENS)
-    assert type(info.value).__module__ == "kvcache_engine.client"
+    # A short body waits for bytes that never come (a timeout); the rest are recognised at once.
+    expected = {"short body": CacheTimeoutError, "server error": CacheServerError}.get(
+        name, CacheProtocolError
+    )
+    assert type(info.value) is expected
 
 
 def test_slow_engine_deadline_kept(fake_engine) -> None:
     fake = fake_engine(lambda _: http_reply(b'{"cached_blocks": 4, "cached_tokens": 64}'), delay=0.5)
     with client(fake.url, failure_threshold=1000) as c:
         times, results = timed(lambda: c.lookup(TOKENS), 20)
-    assert results == [0] * 20
+        get_times, gets = timed(lambda: c.get(TOKENS), 10)
+        put_times, puts = timed(lambda: c.put(TOKENS, make_kv(make_config(), 64), wait=True), 5)
+    assert results == [0] * 20 and gets == [None] * 10 and puts == [0] * 5
     assert p99(times) <= DEADLINE + MARGIN
+    # get/put budgets add the transfer time at min_bandwidth (8 KiB here: negligible).
+    assert p99(get_times) <= DEADLINE + MARGIN and p99(put_times) <= DEADLINE + MARGIN
     with client(fake.url, strict=True) as c, pytest.raises(CacheTimeoutError):
         c.lookup(TOKENS)
 
@@ -239,7 +250,9 @@ def test_no_endpoint_and_strict_errors() -> None:
 
 async def test_async_client_keeps_deadlines_against_a_hanging_engine(fake_engine) -> None:
     fake = fake_engine(lambda _: None)
-    async with AsyncKVCacheClient([fake.url], token=TOKEN, config=make_config(), timeout_s=DEADLINE) as c:
+    async with AsyncKVCacheClient(
+        [fake.url], token=TOKEN, config=make_config(), timeout_s=DEADLINE, reset_timeout_s=0.2
+    ) as c:
         times = []
         for _ in range(10):
             t0 = time.monotonic()
@@ -248,6 +261,12 @@ async def test_async_client_keeps_deadlines_against_a_hanging_engine(fake_engine
             times.append(time.monotonic() - t0)
         assert p99(times) <= 2 * DEADLINE + MARGIN
         assert c.breaker(fake.url).state == "open"
+        fake.reply = lambda _: http_reply(b'{"cached_blocks": 2, "cached_tokens": 8}')  # it comes back
+        deadline = time.monotonic() + 5
+        while await c.lookup(TOKENS) != 8:  # the half-open probe succeeds after 0.2 s
+            assert time.monotonic() < deadline, "breaker never recovered"
+            await asyncio.sleep(0.05)
+        assert c.breaker(fake.url).state == "closed"
     async with AsyncKVCacheClient([fake.url], config=make_config(), timeout_s=DEADLINE, strict=True) as c:
         with pytest.raises(CacheTimeoutError):
             await c.lookup(TOKENS)

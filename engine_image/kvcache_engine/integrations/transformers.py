@@ -130,21 +130,17 @@ class ClientKVStore:
         cls, model: Any, path: str | os.PathLike[str], *, token_file: str | None = None, **kwargs: Any
     ) -> ClientKVStore:
         """Connect from a mounted ``<name>-connection`` ConfigMap (a directory holding
-        ``connection.json``, or the file itself). The token comes from ``token_file`` or
-        ``$KVCACHE_TOKEN_FILE`` (the Secret named in the ConfigMap, mounted as a file)."""
-        info = _read_connection(Path(path))
-        config = KVCacheConfig(
-            num_layers=info["numLayers"],
-            num_kv_heads=info["numKvHeads"],
-            head_dim=info["headDim"],
-            block_tokens=info["blockTokens"],
-            dtype=info["dtype"],
-            namespace=info["cacheNamespace"],
-        )
-        token_file = token_file or os.environ.get("KVCACHE_TOKEN_FILE")
+        ``connection.json`` or one file per key, or the JSON file itself; see
+        :func:`kvcache_engine.client.read_connection`). The token comes from ``token_file``, else
+        :func:`kvcache_engine.client.connection_token_file` (``$KVCACHE_TOKEN_FILE`` or the
+        Secret mounted beside the ConfigMap)."""
+        from kvcache_engine.client import connection_config, connection_token_file, read_connection
+
+        info = read_connection(path)
+        token_file = token_file or connection_token_file(path, info)
         return cls.connect(
             model, service=info["headlessService"] + f":{info['port']}", token_file=token_file,
-            engine_config=config, **kwargs,
+            engine_config=connection_config(info), **kwargs,
         )  # fmt: skip
 
 
@@ -152,22 +148,6 @@ def _service_url(service: str) -> str:
     from kvcache_engine.client import DEFAULT_PORT
 
     return f"http://{service}" if ":" in service else f"http://{service}:{DEFAULT_PORT}"
-
-
-def _read_connection(path: Path) -> dict[str, Any]:
-    file = path / "connection.json" if path.is_dir() else path
-    try:
-        info: dict[str, Any] = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"connection: cannot read {file}: {exc}") from None
-    needed = ("formatVersion", "headlessService", "port", "numLayers", "numKvHeads", "headDim", "blockTokens",
-              "dtype", "cacheNamespace")  # fmt: skip
-    missing = [k for k in needed if k not in info]
-    if missing:
-        raise ValueError(f"connection: {file} lacks {missing}")
-    if info["formatVersion"] != 1:
-        raise ValueError(f"connection: formatVersion {info['formatVersion']} is not supported (expected 1)")
-    return info
 
 
 def _fetch_engine_config(urls: Sequence[str], token: str | None, timeout_s: float = 5.0) -> KVCacheConfig:
