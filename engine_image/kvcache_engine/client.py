@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("kvcache_engine.client")
+T = TypeVar("T")
 
 DEFAULT_PORT = 8080
 _MAX_HEAD_BYTES = 64 * 1024
@@ -439,6 +440,12 @@ def _int_field(doc: dict[str, Any], name: str, *, high: int) -> int:
             f"response field {name!r}: expected an integer in [0, {high}], got {value!r}"
         )
     return value
+
+
+def _field_parser(name: str, high: int) -> Callable[[bytes], int]:
+    """Parser of a JSON answer's integer field (run inside the breaker's scope: an endpoint that
+    answers well-formed HTTP with a garbage body counts as failing)."""
+    return lambda raw: _int_field(_json_body(raw), name, high=high)
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -858,9 +865,10 @@ class KVCacheClient:
             hashes = self._core.hashes(geo, tokens)
             if not hashes:
                 return 0
-            key = route_key(hashes, geo.route_depth)
-            doc = self._call_json(key, "POST", "/v1/lookup", {"hashes": hashes}, self._core.timeout_s)
-            blocks = _int_field(doc, "cached_blocks", high=len(hashes))
+            body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
+            req = _Req("POST", "/v1/lookup", "application/json", [body])
+            parse = _field_parser("cached_blocks", len(hashes))
+            blocks = self._call(route_key(hashes, geo.route_depth), req, self._core.timeout_s, None, parse)
         except Exception as exc:  # never into inference (strict re-raises in fail())
             self._core.fail("lookup", exc, started)
             return 0
@@ -961,13 +969,13 @@ class KVCacheClient:
                 return 0
             head, payload = self._core.put_frame(geo, hashes, kv)
             budget = self._core.deadline_for(payload.nbytes)
-            doc = self._call(
+            stored = self._call(
                 route_key(hashes, geo.route_depth),
                 _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]),
                 budget,
                 None,
+                _field_parser("stored_blocks", len(hashes)),
             )
-            stored = _int_field(_json_body(doc), "stored_blocks", high=len(hashes))
         except Exception as exc:
             self._core.fail("put", exc, started)
             return 0
@@ -1017,10 +1025,6 @@ class KVCacheClient:
                 last = exc
         raise last
 
-    def _call_json(self, root: int, method: str, path: str, doc: Any, budget: float) -> dict[str, Any]:
-        body = json.dumps(doc, separators=(",", ":")).encode()
-        return _json_body(self._call(root, _Req(method, path, "application/json", [body]), budget, None))
-
     def _call_get(
         self, geo: ClientGeometry, hashes: list[int], budget: float, buffer: torch.Tensor | None
     ) -> torch.Tensor | None:
@@ -1039,20 +1043,26 @@ class KVCacheClient:
             holder.append(out)
 
         key = route_key(hashes, geo.route_depth)
-        self._call(key, _Req("POST", "/v1/get", "application/json", [body]), budget, receive)
+        self._call(key, _Req("POST", "/v1/get", "application/json", [body]), budget, receive, bytes)
         return holder[0] if holder else None
 
     def _call(
-        self, root: int, req: _Req, budget: float, receive: Callable[[_SyncConn, _Head, float], None] | None
-    ) -> bytes:
-        """Route to the chain's replica (first with a closed/probing breaker) and exchange."""
+        self,
+        root: int,
+        req: _Req,
+        budget: float,
+        receive: Callable[[_SyncConn, _Head, float], None] | None,
+        parse: Callable[[bytes], T],
+    ) -> T:
+        """Route to the chain's replica (first with a closed/probing breaker), exchange, and
+        ``parse`` the body — a garbage answer is that endpoint's failure for its breaker."""
         deadline = time.monotonic() + budget
         for endpoint in self._core.route(root):
             br = self._core.breaker(endpoint)
             if not br.allow():
                 continue
             try:
-                out = self._exchange(endpoint, req, deadline, receive)
+                out = parse(self._exchange(endpoint, req, deadline, receive))
             except CacheServerError as exc:
                 # 5xx is the endpoint's fault; 4xx is ours (the endpoint is healthy).
                 (br.record_failure if exc.status >= 500 else br.record_success)()
@@ -1247,8 +1257,10 @@ class AsyncKVCacheClient:
                 return 0
             body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
             req = _Req("POST", "/v1/lookup", "application/json", [body])
-            raw = await self._call(route_key(hashes, geo.route_depth), req, self._core.timeout_s, None)
-            blocks = _int_field(_json_body(raw), "cached_blocks", high=len(hashes))
+            parse = _field_parser("cached_blocks", len(hashes))
+            blocks = await self._call(
+                route_key(hashes, geo.route_depth), req, self._core.timeout_s, None, parse
+            )
         except Exception as exc:
             self._core.fail("lookup", exc, started)
             return 0
@@ -1281,7 +1293,7 @@ class AsyncKVCacheClient:
 
             budget = self._core.deadline_for(len(hashes) * geo.block_bytes())
             get_req = _Req("POST", "/v1/get", "application/json", [body])
-            await self._call(route_key(hashes, geo.route_depth), get_req, budget, receive)
+            await self._call(route_key(hashes, geo.route_depth), get_req, budget, receive, bytes)
         except Exception as exc:
             self._core.fail("get", exc, started)
             self._core.count_lookup(0, 0)
@@ -1356,13 +1368,13 @@ class AsyncKVCacheClient:
                 return 0
             head, payload = self._core.put_frame(geo, hashes, kv)
             budget = self._core.deadline_for(payload.nbytes)
-            raw = await self._call(
+            stored = await self._call(
                 route_key(hashes, geo.route_depth),
                 _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]),
                 budget,
                 None,
+                _field_parser("stored_blocks", len(hashes)),
             )
-            stored = _int_field(_json_body(raw), "stored_blocks", high=len(hashes))
         except Exception as exc:
             self._core.fail("put", exc, started)
             return 0
@@ -1389,14 +1401,19 @@ class AsyncKVCacheClient:
         raise last
 
     async def _call(
-        self, root: int, req: _Req, budget: float, receive: Callable[[_AsyncConn, _Head], Any] | None
-    ) -> bytes:
+        self,
+        root: int,
+        req: _Req,
+        budget: float,
+        receive: Callable[[_AsyncConn, _Head], Any] | None,
+        parse: Callable[[bytes], T],
+    ) -> T:
         for endpoint in self._core.route(root):
             br = self._core.breaker(endpoint)
             if not br.allow():
                 continue
             try:
-                out = await self._exchange(endpoint, req, budget, receive)
+                out = parse(await self._exchange(endpoint, req, budget, receive))
             except CacheServerError as exc:
                 (br.record_failure if exc.status >= 500 else br.record_success)()
                 raise

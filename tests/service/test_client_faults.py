@@ -261,15 +261,15 @@ async def test_async_client_keeps_deadlines_against_a_hanging_engine(fake_engine
             times.append(time.monotonic() - t0)
         assert p99(times) <= 2 * DEADLINE + MARGIN
         assert c.breaker(fake.url).state == "open"
+        async with AsyncKVCacheClient([fake.url], config=make_config(), timeout_s=DEADLINE, strict=True) as s:
+            with pytest.raises(CacheTimeoutError):
+                await s.lookup(TOKENS)
         fake.reply = lambda _: http_reply(b'{"cached_blocks": 2, "cached_tokens": 8}')  # it comes back
         deadline = time.monotonic() + 5
         while await c.lookup(TOKENS) != 8:  # the half-open probe succeeds after 0.2 s
             assert time.monotonic() < deadline, "breaker never recovered"
             await asyncio.sleep(0.05)
         assert c.breaker(fake.url).state == "closed"
-    async with AsyncKVCacheClient([fake.url], config=make_config(), timeout_s=DEADLINE, strict=True) as c:
-        with pytest.raises(CacheTimeoutError):
-            await c.lookup(TOKENS)
 
 
 def test_breaker_state_machine_with_a_fake_clock() -> None:
