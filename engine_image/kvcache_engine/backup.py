@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from kvcache_engine.persistence import (
     decode_segment,
+    fsync_dir,
     new_segment,
     read_manifest,
     validate_path,
@@ -139,7 +140,7 @@ def pull_backup(
     if final.exists():  # two backups in the same second: keep both
         final = root / f"{name}-{os.getpid()}"
     os.replace(partial, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep)
     print(f"backup {final}: {blocks} blocks in {len(segments)} segments", file=sys.stderr)
     return final
@@ -177,14 +178,6 @@ def _metadata(data: bytes) -> dict[str, str] | None:
     doc = json.loads(data[8 : 8 + n])
     meta = doc.get("__metadata__")
     return meta if isinstance(meta, dict) else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune(root: Path, keep: int) -> list[Path]:

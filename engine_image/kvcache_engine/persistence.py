@@ -306,7 +306,8 @@ def read_segment_file(
 # --- files --------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -329,7 +330,7 @@ def write_atomic(path: Path, data: bytes | memoryview | list[bytes | memoryview]
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
