@@ -18,9 +18,6 @@ tokens), which is exactly what the engines count for lookups, so the two can be 
 
 from __future__ import annotations
 
-import gzip
-import importlib.resources
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,32 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache_engine.config import KVCacheConfig
-
-TRACE_RESOURCE = "conversation_trace.jsonl.gz"
-
-
-def load_trace(limit: int | None = None) -> list[list[int]]:
-    """The trace's requests as lists of block ids (the first ``limit`` of them)."""
-    data = importlib.resources.files("kvcache_engine") / "data" / TRACE_RESOURCE
-    out: list[list[int]] = []
-    with data.open("rb") as raw, gzip.open(raw, "rt") as lines:
-        for line in lines:
-            ids = list(json.loads(line)["hash_ids"])
-            if ids:
-                out.append(ids)
-            if limit is not None and len(out) >= limit:
-                break
-    return out
-
-
-def block_tokens_of(block_id: int, block_tokens: int) -> list[int]:
-    """The token ids standing for one trace block (distinct ids give distinct tokens)."""
-    base = block_id * block_tokens
-    return [(base + i) % 2_000_000_000 for i in range(block_tokens)]
-
-
-def request_tokens(ids: Sequence[int], block_tokens: int) -> list[int]:
-    return [t for block_id in ids for t in block_tokens_of(block_id, block_tokens)]
+from kvcache_engine.loadgen import load_trace, request_tokens
 
 
 @dataclass
@@ -114,7 +86,7 @@ class TraceLoad:
         self.timeout_s = timeout_s
         self.loop = loop
         self.puts = puts
-        self.trace = load_trace(limit)
+        self.trace = load_trace(limit=limit)
         self.stats = LoadStats()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from kvcache_engine.config import ConfigError
+from kvcache_engine.config import STAGING_MB_DEFAULT, ConfigError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -43,7 +43,12 @@ def _add_serve(sub: Sub) -> None:
     p.add_argument("--max-body-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
     p.add_argument("--max-blocks", type=int, default=4096, help="most blocks per request (default 4096)")
     p.add_argument("--body-timeout-s", type=float, default=60.0, help="body receive timeout (s)")
-    p.add_argument("--staging-mb", type=int, default=256, help="reusable get buffers, MiB (default 256)")
+    p.add_argument(
+        "--staging-mb",
+        type=_non_negative_int,
+        default=STAGING_MB_DEFAULT,
+        help=f"reusable get buffers, MiB (default {STAGING_MB_DEFAULT}; pod memory requests count it)",
+    )
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -167,9 +172,45 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return cmd_profile(args)
 
 
+def _add_bench(sub: Sub) -> None:
+    p = sub.add_parser("bench", help="replay a trace against a running engine: req/s, latency, hit rate")
+    _add_url_args(p)
+    p.add_argument("--concurrency", type=_positive_int, default=4, help="worker threads (default 4)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=_positive_float, help="run this long (default 10 s)")
+    length.add_argument("--requests", type=_positive_int, help="run exactly this many trace requests")
+    p.add_argument("--trace", default="packaged", help="Mooncake trace (.jsonl[.gz]); default: packaged")
+    p.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds per lookup (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kvcache_engine.loadgen import cmd_bench
+
+    return cmd_bench(args)
+
+
 _SUBCOMMANDS: list[Callable[[Sub], None]] = [
     _add_serve, _add_stats, _add_persist, _add_validate, _add_backup, _add_restore, _add_replay, _add_doctor,
-    _add_profile,
+    _add_profile, _add_bench,
 ]  # fmt: skip
 
 

@@ -316,6 +316,7 @@ def connection_config(info: dict[str, Any]) -> KVCacheConfig:
     if "routeDepth" in info:  # absent from contracts published before placement by depth
         fields["route_depth"] = info["routeDepth"]
     try:
+        # Capacity is the engine's business; it only has to admit one block to validate.
         return KVCacheConfig(max_tokens=max(8192, int(info["blockTokens"])), **fields)
     except ValueError as exc:
         raise ValueError(f"connection: invalid geometry: {exc}") from None

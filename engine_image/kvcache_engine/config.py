@@ -27,6 +27,7 @@ __all__ = [
     "CODEC_GROUP_SIZE",
     "DTYPE_BYTES",
     "LIVE_FIELDS",
+    "STAGING_MB_DEFAULT",
     "CacheStrategy",
     "Codec",
     "ConfigError",
@@ -39,6 +40,7 @@ __all__ = [
     "payload_layout",
     "pool_blocks",
     "pool_bytes",
+    "staging_bytes",
 ]
 
 
@@ -416,6 +418,18 @@ def pool_bytes(config: KVCacheConfig) -> int:
     """Bytes the engine allocates for its block pool (GPU or CPU tier) plus slot bookkeeping."""
     blocks = pool_blocks(config)
     return blocks * (config.block_bytes_stored() + SLOT_OVERHEAD_BYTES)
+
+
+STAGING_MB_DEFAULT = 256
+"""Default of ``kvcache-engine serve --staging-mb``: reusable host buffers for get responses."""
+
+
+def staging_bytes(staging_mb: int = STAGING_MB_DEFAULT) -> int:
+    """Host bytes the server may hold in reusable get buffers (``serve --staging-mb``). They are
+    CPU tensors whatever the pool's device, so the pod's memory request adds them to the pool."""
+    if staging_mb < 0:
+        raise ConfigError(f"staging_mb must be >= 0, got {staging_mb}")
+    return staging_mb * 2**20
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

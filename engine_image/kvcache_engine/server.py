@@ -251,11 +251,10 @@ class Staging:
 
         dtype = torch_dtype(self.dtype_name)
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= numel]
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= numel]
             if fits:
-                buf = min(fits, key=lambda b: b.numel())
-                self._free.remove(buf)
-                return buf
+                # By index: list.remove compares tensors with ==, elementwise (raises on sizes).
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
             size = numel * dtype.itemsize
             if numel == 0 or self._held + size > self.max_bytes:
                 return None

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from kvcache_engine.config import KVCacheConfig, pool_bytes
+from kvcache_engine.config import STAGING_MB_DEFAULT, KVCacheConfig, pool_bytes, staging_bytes
 
 GROUP = "kvcache.dev"
 VERSION = "v1alpha1"
@@ -34,6 +34,8 @@ SHORT_NAMES = ("kvc",)
 
 DEFAULT_IMAGE = "ghcr.io/kvcache-operator/kvcache-engine:0.1.0"
 ENGINE_PORT = 8080
+ENGINE_STAGING_MB = STAGING_MB_DEFAULT
+"""``serve --staging-mb`` of every engine pod; memory_request_bytes counts the same value."""
 MAX_NAME_LENGTH = 40
 """Longest KVCache name: children append suffixes (``-connection``, ``-backup``, pod ordinals and the
 StatefulSet's 63-character ``controller-revision-hash`` label) that must stay valid names."""
@@ -123,7 +125,10 @@ class Resources(_Model):
     memory: str | None = Field(
         None,
         pattern=QUANTITY_PATTERN,
-        description="Memory request and limit; unset: host-resident pool bytes + CPU tier + memoryOverhead.",
+        description=(
+            "Memory request and limit; unset: host-resident pool bytes + CPU tier + the server's "
+            "get staging buffers + memoryOverhead."
+        ),
     )
     memory_overhead: str = Field(
         "1Gi",
@@ -574,11 +579,13 @@ def cpu_tier_bytes(cache: KVCacheConfig) -> int:
 
 def memory_request_bytes(spec: KVCacheSpec) -> int:
     """Host memory an engine pod needs: the pool when it is host-resident (``pool_bytes``, the engine's
-    own formula), the CPU tier behind a GPU pool, plus ``resources.memoryOverhead``."""
+    own formula), the CPU tier behind a GPU pool, the server's reusable get buffers (host memory
+    whatever the pool's device: ``staging_bytes`` of the ``--staging-mb`` the pod is started with,
+    ENGINE_STAGING_MB), plus ``resources.memoryOverhead``."""
     if spec.resources.memory is not None:
         return math.ceil(parse_quantity(spec.resources.memory))
     pool = cpu_tier_bytes(spec.cache) if pool_on_gpu(spec) else pool_bytes(spec.cache)
-    return pool + math.ceil(parse_quantity(spec.resources.memory_overhead))
+    return pool + staging_bytes(ENGINE_STAGING_MB) + math.ceil(parse_quantity(spec.resources.memory_overhead))
 
 
 def format_mebibytes(n_bytes: int) -> str:

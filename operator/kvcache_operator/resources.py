@@ -248,6 +248,8 @@ def engine_command() -> list[str]:
         str(api.ENGINE_PORT),
         "--token-file",
         TOKEN_FILE,
+        "--staging-mb",
+        str(api.ENGINE_STAGING_MB),  # counted in the memory request (api.memory_request_bytes)
     ]
 
 

@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcache_engine.config import KVCacheConfig, pool_blocks, pool_bytes
+from kvcache_engine.config import KVCacheConfig, pool_blocks, pool_bytes, staging_bytes
 from kvcache_operator import api, resources
 from kvcache_operator.cli import main
 from tests.api import helpers as h
@@ -175,6 +175,7 @@ def test_llama_8b_int8_memory_request_matches_the_engine_pool() -> None:
         "memory"
     ]
     request_bytes = api.parse_quantity(request)
+    expected += staging_bytes(api.ENGINE_STAGING_MB)  # the server's get buffers are host memory too
     assert expected + 2**30 <= request_bytes < expected + 2**30 + 2**20
 
 
@@ -184,7 +185,8 @@ def test_gpu_pool_is_not_host_memory_but_the_cpu_tier_is() -> None:
         "limits"
     ]
     tier = KVCacheConfig.model_validate({**LLAMA_8B, "maxTokens": 50_000})
-    assert api.parse_quantity(limits["memory"]) == pytest.approx(pool_bytes(tier) + 2**30, abs=2**20)
+    host = pool_bytes(tier) + staging_bytes(api.ENGINE_STAGING_MB) + 2**30
+    assert api.parse_quantity(limits["memory"]) == pytest.approx(host, abs=2**20)
     assert limits["nvidia.com/gpu"] == "1"
 
 
@@ -209,6 +211,8 @@ def test_engine_container_command_probes_and_security() -> None:
         "8080",
         "--token-file",
         "/var/run/kvcache/token/token",
+        "--staging-mb",
+        "256",
     ]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -376,6 +380,7 @@ def test_connection_configmap_describes_how_to_connect() -> None:
         "dtype": "float16",
         "codec": "int4",
         "cacheNamespace": "llama-3.1-8b",
+        "routeDepth": 2,
     }
     assert data["url"] == info["url"] and data["blockTokens"] == "16"
 
@@ -439,7 +444,11 @@ def test_memory_request_covers_what_a_real_engine_allocates() -> None:
         eng.close()
     assert allocated == pool_blocks(config) * config.block_bytes_stored()
     spec = api.parse_spec({"cache": cache, "resources": {"memoryOverhead": "0"}})
-    assert allocated <= api.memory_request_bytes(spec) == pool_bytes(config)
+    assert (
+        allocated
+        <= api.memory_request_bytes(spec)
+        == pool_bytes(config) + staging_bytes(api.ENGINE_STAGING_MB)
+    )
 
 
 # --- the commands the pods run parse with the engine's own CLI -------------------------------------------
@@ -458,6 +467,7 @@ def test_pod_commands_parse_with_the_engine_cli() -> None:
     serve = _engine_parse(pod["containers"][0]["command"])
     assert (serve.command, serve.config, serve.port, serve.token_file) == (
         "serve", resources.CONFIG_FILE, 8080, resources.TOKEN_FILE)  # fmt: skip
+    assert serve.staging_mb == api.ENGINE_STAGING_MB
     persist = _engine_parse(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
     assert (persist.command, persist.url) == ("persist", "http://127.0.0.1:8080")
     job = built["CronJob/kvc-backup"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
@@ -468,3 +478,29 @@ def test_pod_commands_parse_with_the_engine_cli() -> None:
         ("backup", "/backups/kvc-0", 4),
         ("backup", "/backups/kvc-1", 4),
     ]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"cache": {"maxTokens": 65536}, "resources": {"memoryOverhead": "64Mi"}},
+        {"cache": {"maxTokens": 65536, "cpuTierTokens": 8192}, "resources": {"gpus": 1}},
+    ],
+    ids=["host-pool", "gpu-pool-with-cpu-tier"],
+)
+def test_memory_request_covers_pool_staging_and_overhead_of_the_rendered_serve_args(
+    spec: dict[str, Any],
+) -> None:
+    """The serve args the StatefulSet runs, parsed by the engine's own CLI, and the memory request
+    agree: request = host pool (or CPU tier) + staging (the parsed --staging-mb) + overhead."""
+    container = engine(spec)
+    serve = _engine_parse(container["command"])
+    parsed = api.parse_spec(spec)
+    cache = parsed.cache
+    host_pool = api.cpu_tier_bytes(cache) if api.pool_on_gpu(parsed) else pool_bytes(cache)
+    overhead = api.parse_quantity(parsed.resources.memory_overhead)
+    needed = host_pool + staging_bytes(serve.staging_mb) + overhead
+    for kind in ("requests", "limits"):
+        memory = api.parse_quantity(container["resources"][kind]["memory"])
+        assert needed <= memory < needed + 2**20, (kind, memory, needed)
+    assert serve.staging_mb > 0  # the server keeps buffers: the request must count them

@@ -211,6 +211,13 @@ def _high_latency(workdir: Path) -> EngineProcess:
     return engine
 
 
+def _low_throughput(workdir: Path) -> EngineProcess:
+    # Blocks big enough (16 tokens x 4 layers x 4 heads x 64 dims: 64 KiB in fp16) that int4
+    # quantisation on one worker, not HTTP, bounds the request rate; the doc's bench drives traffic.
+    geometry = {"blockTokens": 16, "numLayers": 4, "numKvHeads": 4, "headDim": 64, "maxTokens": 32768}
+    return EngineProcess(workdir, {**geometry, "compressionCodec": "int4", "numWorkers": 1}).start()
+
+
 def _gpu_missing(workdir: Path) -> EngineProcess:
     return EngineProcess(workdir, {"device": "cuda"}).start()
 
@@ -307,6 +314,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("default", _default, False, "a healthy engine with some traffic"),
         Scenario("low-hit-rate", _low_hit_rate, False, "maxTokens far below the working set"),
         Scenario("high-latency", _high_latency, True, "int4 compression on every put and get"),
+        Scenario("low-throughput", _low_throughput, False, "int4 on big blocks with one worker"),
         Scenario("gpu-missing", _gpu_missing, True, "device: cuda on a host without CUDA"),
         Scenario("full-pool", _full_pool, True, "a pool full and evicting (bounded memory)"),
         Scenario(
