@@ -195,6 +195,19 @@ class BlockPool:
     def nbytes(self) -> int:
         return self.storage.numel()
 
+    @property
+    def high_water(self) -> int:
+        """One past the highest slot in use (0 when empty): the slot range the blocks span."""
+        return self._in_use.rfind(1) + 1
+
+    @property
+    def fragmentation(self) -> float:
+        """Share of the spanned slot range that is holes: ``1 - used / high_water`` (0.0 when
+        empty or packed, as after ``compact()``). Holes cost no capacity (any free slot takes any
+        block) but scatter chains, so gets gather rows instead of slicing them."""
+        span = self.high_water
+        return 1.0 - self.used / span if span else 0.0
+
     def allocate(self) -> int | None:
         """A free slot (lowest first after compaction), or None when the pool is full."""
         if not self._free:

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -467,6 +468,61 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+class _RecvPool:
+    """Warm receive buffers for gets without ``out=``, at most ``max_bytes`` in total.
+
+    A fresh 128 MiB result costs about as much in page faults as its transfer. Results are
+    therefore tensors over pooled ``bytearray``s (``torch.frombuffer``), and a buffer is handed out
+    again only when **no tensor the caller got from it is alive**: such a tensor, every view of
+    it and every array sharing its memory hold a reference to the bytearray (the buffer export),
+    so its reference count tells. Invariant: memory returned to a caller is never written again
+    while the caller can still reach it. The price: up to ``max_bytes`` stay allocated after the
+    caller dropped its results; ``max_bytes == 0`` turns pooling off (a fresh tensor per get)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"recv_pool_mb must be >= 0, got {max_bytes // (1024 * 1024)}")
+        self.max_bytes = max_bytes
+        self._bufs: list[bytearray] = []
+        self._lock = threading.Lock()
+        probe = [bytearray(1)]
+        # References a free pooled buffer has when read as self._bufs[i] (the list's + the call's);
+        # measured rather than assumed, since interpreters differ in temporary references.
+        self._free_refs = sys.getrefcount(probe[0])
+
+    def _is_free(self, i: int) -> bool:
+        return sys.getrefcount(self._bufs[i]) == self._free_refs
+
+    def tensor(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape``, over a warm pooled buffer when one is
+        free (else a new pooled one within the budget, else a plain ``torch.empty``)."""
+        import torch
+
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if nbytes == 0 or nbytes > self.max_bytes:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            free = [i for i in range(len(self._bufs)) if self._is_free(i)]
+            fits = [i for i in free if len(self._bufs[i]) >= nbytes]
+            if fits:
+                buf = self._bufs[min(fits, key=lambda i: len(self._bufs[i]))]
+            else:
+                held = sum(len(b) for b in self._bufs)
+                # Make room by dropping free buffers too small for this size, smallest first.
+                for i in sorted(free, key=lambda i: len(self._bufs[i])):
+                    if held + nbytes <= self.max_bytes:
+                        break
+                    held -= len(self._bufs[i])
+                    self._bufs[i] = bytearray()
+                self._bufs = [b for b in self._bufs if len(b)]
+                if held + nbytes > self.max_bytes:
+                    return torch.empty(shape, dtype=dtype)
+                buf = bytearray(nbytes)
+                self._bufs.append(buf)
+            return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
+
+
 def _reusable(out: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
     return out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous() and out.numel() >= numel
 
@@ -508,6 +564,7 @@ class _ClientCore:
         strict: bool,
         port: int,
         dns_refresh_s: float,
+        recv_pool_mb: int = 256,
     ) -> None:
         if (endpoints is None) == (service is None):
             raise ValueError("KVCacheClient: pass exactly one of endpoints=[...] or service='name.ns.svc'")
@@ -519,6 +576,7 @@ class _ClientCore:
         self.retry_backoff_s = retry_backoff_s
         self.strict = strict
         self.put_queue_size = put_queue_size
+        self.recv_pool = _RecvPool(recv_pool_mb * 1024 * 1024)
         self._token = token
         self._token_file = token_file
         self._token_read_at = -1e9
@@ -657,7 +715,6 @@ class _ClientCore:
     ) -> torch.Tensor:
         """Validate a get response header; the tensor its payload lands in (a view of the front
         of ``out`` when given and large enough, else a new one)."""
-        import torch
 
         shape = header.get("shape")
         n_max = asked_blocks * geometry.block_tokens
@@ -680,7 +737,7 @@ class _ClientCore:
         dtype = torch_dtype(geometry.dtype)
         if out is not None and _reusable(out, dtype, math.prod(want)):
             return out.view(-1)[: math.prod(want)].view(want)
-        return torch.empty(want, dtype=dtype)
+        return self.recv_pool.tensor(want, dtype)
 
     # -- outcomes ----------------------------------------------------------------
 
@@ -803,7 +860,8 @@ class KVCacheClient:
     get/put adds the transfer time at ``min_bandwidth_mib_s``), ``max_retries`` and
     ``retry_backoff_s`` (connection errors only, within the deadline), ``failure_threshold``/
     ``reset_timeout_s`` (circuit breaker), ``put_queue_size`` (fire-and-forget queue),
-    ``strict`` (raise instead of degrading).
+    ``strict`` (raise instead of degrading), ``recv_pool_mb`` (warm receive buffers for gets
+    without ``out=``; see :meth:`get`).
     """
 
     def __init__(
@@ -825,12 +883,14 @@ class KVCacheClient:
         strict: bool = False,
         port: int = DEFAULT_PORT,
         dns_refresh_s: float = 30.0,
+        recv_pool_mb: int = 256,
     ) -> None:
         self._core = _ClientCore(
             endpoints, service, token=token, token_file=token_file, config=config, timeout_s=timeout_s,
             min_bandwidth_mib_s=min_bandwidth_mib_s, max_retries=max_retries, retry_backoff_s=retry_backoff_s,
             failure_threshold=failure_threshold, reset_timeout_s=reset_timeout_s,
             put_queue_size=put_queue_size, strict=strict, port=port, dns_refresh_s=dns_refresh_s,
+            recv_pool_mb=recv_pool_mb,
         )  # fmt: skip
         self._pool: dict[str, list[_SyncConn]] = {}
         self._pool_size = pool_size
@@ -883,7 +943,13 @@ class KVCacheClient:
 
         ``out``: an optional preallocated contiguous CPU buffer of the config dtype (any shape);
         when it holds enough elements the result is received straight into its front and
-        returned as a view of it (no allocation: the inference server's own staging memory)."""
+        returned as a view of it (no allocation: the inference server's own staging memory).
+
+        Without ``out`` the result is the caller's own tensor: it is never written again while
+        the caller (or any view or array sharing its memory) holds it. Its memory comes from a
+        pool of warm receive buffers (``recv_pool_mb``, default 256) and is reused for a later
+        get only once every reference to it is gone, which spares the page faults of a fresh
+        128 MiB allocation per call."""
         started = time.perf_counter()
         try:
             geo = self._geometry(time.monotonic() + self._core.timeout_s)
@@ -1220,12 +1286,14 @@ class AsyncKVCacheClient:
         strict: bool = False,
         port: int = DEFAULT_PORT,
         dns_refresh_s: float = 30.0,
+        recv_pool_mb: int = 256,
     ) -> None:
         self._core = _ClientCore(
             endpoints, service, token=token, token_file=token_file, config=config, timeout_s=timeout_s,
             min_bandwidth_mib_s=min_bandwidth_mib_s, max_retries=max_retries, retry_backoff_s=retry_backoff_s,
             failure_threshold=failure_threshold, reset_timeout_s=reset_timeout_s,
             put_queue_size=put_queue_size, strict=strict, port=port, dns_refresh_s=dns_refresh_s,
+            recv_pool_mb=recv_pool_mb,
         )  # fmt: skip
         self._pool: dict[str, list[_AsyncConn]] = {}
         self._pool_size = pool_size

@@ -362,6 +362,8 @@ def memory_report(engine: KVCacheEngine, top: int = TOP_SITES) -> dict[str, Any]
         "num_blocks": int(stats["num_blocks"]),
         "used_blocks": int(stats["used_blocks"]),
         "memory_pressure": float(stats["memory_pressure"]),
+        # Holes in the slot range the blocks span (1 - used / span); POST /admin/compact -> 0.
+        "fragmentation": float(stats["pool_fragmentation"]),
         "cpu_tier_blocks": int(stats["cpu_tier_blocks"]),
         "device": str(stats["device"]),
     }

@@ -42,7 +42,7 @@ from kvcache_engine.config import (
 from kvcache_engine.eviction import LRUStrategy, make_strategy
 from kvcache_engine.hashing import BlockHash, chain_hashes
 from kvcache_engine.prefix_index import BlockEntry, PrefixIndex
-from kvcache_engine.tiers import PRIMARY, SECONDARY, Tier, TierCopier, resolve_device
+from kvcache_engine.tiers import PRIMARY, SECONDARY, Tier, TierCopier, allocate_pool, resolve_device
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -139,6 +139,16 @@ class _Latency:
         }
 
 
+def _sized_by(cfg: KVCacheConfig, slots: int) -> str:
+    """The config field that sets the primary pool's size, for allocation errors."""
+    field = (
+        f"memory_pool_size={cfg.memory_pool_size}"
+        if cfg.memory_pool_size is not None
+        else f"max_tokens={cfg.max_tokens}"
+    )
+    return f"{field} ({slots} blocks of {cfg.block_bytes_stored()} bytes, codec {cfg.codec})"
+
+
 def _gc_loop(ref: weakref.ReferenceType[KVCacheEngine]) -> None:
     """Background eviction. Holds the engine only weakly between rounds, so an engine dropped
     without close() is still collected (the thread then ends within _GC_IDLE_S)."""
@@ -223,13 +233,18 @@ class KVCacheEngine:
     def _build_tiers(self, cfg: KVCacheConfig) -> None:
         slots = pool_blocks(cfg)
         layout = self._codec.layout
-        primary = BlockPool(layout, slots, self.device)
+        primary = allocate_pool(layout, slots, self.device, sized_by=_sized_by(cfg, slots))
         self._tiers = [Tier(PRIMARY, primary, make_strategy(cfg.cache_strategy, slots))]
         if cfg.cpu_tier_tokens and self.device.type == "cuda":
             cpu_slots = max(
                 1, (cfg.cpu_tier_tokens // cfg.block_tokens) * cfg.block_bytes_fp16() // layout.slot_bytes
             )
-            pool = BlockPool(layout, cpu_slots, torch.device("cpu"), pin_memory=cfg.pin_memory)
+            sized_by = (
+                f"cpu_tier_tokens={cfg.cpu_tier_tokens} ({cpu_slots} blocks of {layout.slot_bytes} bytes)"
+            )
+            pool = allocate_pool(
+                layout, cpu_slots, torch.device("cpu"), pin_memory=cfg.pin_memory, sized_by=sized_by
+            )
             self._tiers.append(Tier(SECONDARY, pool, LRUStrategy(cpu_slots)))
         elif cfg.cpu_tier_tokens:
             log.info(
@@ -747,6 +762,9 @@ class KVCacheEngine:
         parents always kept with their children; drop the rest."""
         tier = self._tiers[PRIMARY]
         slots = pool_blocks(new)
+        # Allocated first: a pool that does not fit is refused before any block is dropped.
+        new_codec = self._codec_for(new.codec)
+        pool = allocate_pool(new_codec.layout, slots, self.device, sized_by=_sized_by(new, slots))
         hottest_first = list(tier.strategy.order())[::-1]
         keep: list[BlockHash] = []
         kept: set[BlockHash] = set()
@@ -763,8 +781,7 @@ class KVCacheEngine:
         keep = [h for h in keep if h in self._index]
         old_codec = self._codec
         self._config = new
-        self._codec = self._codec_for(new.codec)
-        pool = BlockPool(self._codec.layout, slots, self.device)
+        self._codec = new_codec
         strategy = make_strategy(new.cache_strategy, slots)
         for h in reversed(keep):  # coldest first, so the strategy's order is preserved
             e = self._entry(h)
@@ -905,6 +922,7 @@ class KVCacheEngine:
                 block_tokens=c.block_tokens,
                 cached_blocks=len(self._index),
                 pool_bytes=primary.nbytes + (lower.nbytes if lower is not None else 0),
+                pool_fragmentation=primary.fragmentation,
                 device=str(self.device),
                 cpu_tier_blocks=lower.num_slots if lower is not None else 0,
                 cpu_tier_used_blocks=lower.used if lower is not None else 0,

@@ -504,23 +504,53 @@ class EngineServer:
         return resp
 
     async def put(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        header, payload = split_frame(body)
+        """Store a put frame. The header is read and checked first; the payload then lands in a
+        warm staging buffer (no fresh pages to fault in per put) that the engine copies into its
+        slots and that goes back to the staging pool afterwards (the engine keeps no reference)."""
         cfg = self.engine.config
+        declared = request.content_length
+        if declared is None:  # chunked upload: buffer it whole
+            body = await self._body(request)
+            header, payload = split_frame(body)
+            kind, values = self._chain(header)
+            want = self._frame_shape(header, kind, values, payload.nbytes)
+            kv = self._as_kv(want, memoryview(body)[len(body) - payload.nbytes :])
+            return await self._store(kind, values, kv)
+        limit = self.settings.max_body_bytes
+        if declared > limit:
+            raise BadRequestError(f"body of {declared} bytes exceeds the limit of {limit}", 413)
+        reader = request.content
+        async with asyncio.timeout(self.settings.body_timeout_s):
+            hlen = decode_frame_prefix(await _read_exact(reader, PREFIX_BYTES))
+            if PREFIX_BYTES + hlen > declared:
+                raise BadRequestError(f"frame: truncated header ({declared - PREFIX_BYTES} of {hlen} bytes)")
+            header = decode_frame_header(await _read_exact(reader, hlen))
         kind, values = self._chain(header)
-        kv = self._frame_tensor(header, payload, body, kind, values)
+        want = self._frame_shape(header, kind, values, declared - PREFIX_BYTES - hlen)
+        numel = math.prod(want)
+        buf = self.staging.take(numel)
+        try:
+            view = byte_view(buf)[: numel * DTYPE_BYTES[cfg.dtype]] if buf is not None else None
+            if view is None:
+                view = memoryview(bytearray(numel * DTYPE_BYTES[cfg.dtype]))
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                await _read_into(reader, view)
+            return await self._store(kind, values, self._as_kv(want, view))
+        finally:
+            if buf is not None:
+                self.staging.give(buf)
+
+    async def _store(self, kind: str, values: list[int], kv: torch.Tensor) -> web.Response:
         if kind == "hashes":
             stored = await self._run(self.engine.put_blocks_raw, values, kv)
         else:
             stored = await self._run(self.engine.put, values, kv)
-        return web.json_response({"stored_blocks": stored, "block_tokens": cfg.block_tokens})
+        return web.json_response({"stored_blocks": stored, "block_tokens": self.engine.config.block_tokens})
 
-    def _frame_tensor(
-        self, header: dict[str, Any], payload: memoryview, body: bytearray, kind: str, values: list[int]
-    ) -> torch.Tensor:
-        """The KV tensor of a put frame, a zero-copy view of the body, after shape checks."""
-        import torch
-
+    def _frame_shape(
+        self, header: dict[str, Any], kind: str, values: list[int], payload_nbytes: int
+    ) -> list[int]:
+        """The KV shape a put frame must carry, after checking its header and payload length."""
         cfg = self.engine.config
         if header.get("dtype") != cfg.dtype:
             raise BadRequestError(f"dtype: got {header.get('dtype')!r}, this engine stores {cfg.dtype!r}")
@@ -532,16 +562,20 @@ class EngineServer:
                 f"shape: got {shape!r}, expected {want} ([2, num_layers, n_tokens, num_kv_heads, head_dim])"
             )
         nbytes = math.prod(want) * DTYPE_BYTES[cfg.dtype]
-        if header.get("nbytes") != nbytes or payload.nbytes != nbytes:
+        if header.get("nbytes") != nbytes or payload_nbytes != nbytes:
             raise BadRequestError(
-                f"payload: {payload.nbytes} bytes (header nbytes={header.get('nbytes')!r}), expected {nbytes}"
+                f"payload: {payload_nbytes} bytes (header nbytes={header.get('nbytes')!r}), expected {nbytes}"
             )
-        if nbytes == 0:
-            return torch.empty(want, dtype=torch_dtype(cfg.dtype))
-        offset = len(body) - nbytes
-        return torch.frombuffer(
-            body, dtype=torch_dtype(cfg.dtype), count=math.prod(want), offset=offset
-        ).view(want)
+        return want
+
+    def _as_kv(self, want: list[int], payload: memoryview) -> torch.Tensor:
+        """A zero-copy tensor view of a put payload (already length-checked)."""
+        import torch
+
+        dtype = torch_dtype(self.engine.config.dtype)
+        if not payload.nbytes:
+            return torch.empty(want, dtype=dtype)
+        return torch.frombuffer(payload, dtype=dtype, count=math.prod(want)).view(want)
 
     # -- admin ---------------------------------------------------------------------------------
 
@@ -806,6 +840,20 @@ async def _send_direct(request: web.Request, payload: memoryview) -> bool:
     if writer.length is not None:
         writer.length = max(0, writer.length - payload.nbytes)
     return True
+
+
+async def _read_into(reader: Any, view: memoryview) -> None:
+    """Fill ``view`` exactly from an aiohttp body stream (its chunks copied in place)."""
+    pos, end = 0, view.nbytes
+    while pos < end:
+        chunk = await reader.readany()
+        if not chunk:
+            raise BadRequestError(f"body truncated: expected {end - pos} more bytes")
+        n = min(len(chunk), end - pos)
+        view[pos : pos + n] = chunk[:n] if n < len(chunk) else chunk
+        pos += n
+        if n < len(chunk):
+            raise BadRequestError("body longer than its Content-Length")
 
 
 async def _read_exact(reader: Any, n: int) -> bytes:

@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from kvcache_engine.block_pool import BlockPool
+from kvcache_engine.config import ConfigError, PayloadLayout
 from kvcache_engine.eviction import EvictionStrategy
 
-__all__ = ["PRIMARY", "SECONDARY", "Tier", "TierCopier", "resolve_device"]
+__all__ = [
+    "PRIMARY",
+    "SECONDARY",
+    "PoolAllocationError",
+    "Tier",
+    "TierCopier",
+    "allocate_pool",
+    "available_bytes",
+    "resolve_device",
+]
 
 log = logging.getLogger("kvcache_engine.tiers")
 
@@ -37,6 +48,80 @@ def resolve_device(spec: str) -> torch.device:
         log.warning("device=%s: only %d CUDA devices; using cuda:0", spec, torch.cuda.device_count())
         return torch.device("cuda", 0)
     return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+class PoolAllocationError(ConfigError):
+    """The configured pool does not fit the memory its device can give (a config problem: the
+    engine refuses to start, or a live resize is refused, with the sizes in the message)."""
+
+
+_CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under this container's memory limit (None when unlimited or unknown): in a pod
+    the limit, not the node's free memory, decides when the kernel kills the process."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or int(limit_text) >= 1 << 60:  # v1 writes a huge number for "none"
+            return None
+        return max(0, int(limit_text) - usage)
+    return None
+
+
+def available_bytes(device: torch.device) -> tuple[int, str]:
+    """(bytes a new allocation on ``device`` can get now, where that figure comes from). On the CPU:
+    the host's available memory, capped by the container's memory limit; on CUDA: the device's
+    free memory (``torch.cuda.mem_get_info``)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {device}"
+    import psutil
+
+    host = int(psutil.virtual_memory().available)
+    headroom = _cgroup_headroom()
+    if headroom is not None and headroom < host:
+        return headroom, "left under the container's memory limit"
+    return host, "available host memory"
+
+
+def allocate_pool(
+    layout: PayloadLayout, num_slots: int, device: torch.device, *, sized_by: str, pin_memory: bool = False
+) -> BlockPool:
+    """A BlockPool of ``num_slots`` slots, or PoolAllocationError naming ``sized_by`` (the config
+    field that set the size), the bytes asked and the bytes available. The pool is written in full
+    at allocation (zeroed), so a pool larger than what the device can give is refused up front
+    instead of ending in the kernel's OOM killer; an allocation the allocator still refuses (a
+    fragmented GPU) gets the same message rather than a traceback."""
+    asked = num_slots * layout.slot_bytes
+    available, source = available_bytes(device)
+    if asked > available:
+        raise PoolAllocationError(_too_big(asked, available, source, device, sized_by))
+    try:
+        return BlockPool(layout, num_slots, device, pin_memory=pin_memory)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "memory" not in str(exc).lower():
+            raise  # not an allocation failure: a bug, keep its traceback
+        raise PoolAllocationError(
+            _too_big(asked, available, source, device, sized_by) + f" (allocator: {str(exc).splitlines()[0]})"
+        ) from None
+
+
+def _too_big(asked: int, available: int, source: str, device: torch.device, sized_by: str) -> str:
+    gib = 2**30
+    return (
+        f"cannot allocate the block pool: {sized_by} asks {asked} bytes ({asked / gib:.1f} GiB) on "
+        f"{device}, {available} bytes ({available / gib:.1f} GiB) {source}. Fix: lower max_tokens "
+        "(or memory_pool_size), store blocks compressed (use_compression: true), or on a GPU keep "
+        "a smaller GPU pool with a CPU tier behind it (cpu_tier_tokens)"
+    )
 
 
 @dataclass

@@ -229,6 +229,36 @@ def _full_pool(workdir: Path) -> EngineProcess:
     return engine
 
 
+FRAGMENT_SEED = 10
+"""Token seed of the fragmentation scenario's chains (the doc's commands rebuild its prompts)."""
+
+
+def fragmentation_chains() -> list[list[int]]:
+    """16 chains of 2 to 6 blocks of 4 tokens (62 blocks): chain i is ``10_000_000 + i * 10_000 + t``."""
+    return [[FRAGMENT_SEED * 1_000_000 + i * 10_000 + t for t in range((2 + i % 5) * 4)] for i in range(16)]
+
+
+def _fragmented(workdir: Path) -> EngineProcess:
+    """Churn that leaves holes in the pool's slot range. 64 slots; the 16 chains of varying length
+    fill slots 0-61 in put order; lookups make the odd chains the most recent; then background gc
+    (LRU, gcThreshold 0.5) evicts 30 blocks of the even chains and no put takes their slots: 32
+    blocks spread over 62 slots. gc is off while filling and on only for that eviction, so which
+    slots empty does not depend on timing."""
+    engine = EngineProcess(workdir, {"maxTokens": 256, "cacheStrategy": "LRU", "enableGc": False}).start()
+    chains = fragmentation_chains()
+    put_and_lookup(engine.url, chains, rounds=0)
+    for tokens in chains[1::2]:
+        assert request("POST", engine.url + "/v1/lookup", {"tokens": tokens})[0] == 200
+    assert request("POST", engine.url + "/admin/config", {"enableGc": True, "gcThreshold": 0.5})[0] == 200
+    deadline = time.monotonic() + 30
+    while request("GET", engine.url + "/v1/stats")[1]["used_blocks"] > 32:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"background gc did not evict down to 32 blocks\n{engine.log()}")
+        time.sleep(0.05)
+    assert request("POST", engine.url + "/admin/config", {"gcThreshold": 0.9})[0] == 200
+    return engine
+
+
 def _readonly_persistence(workdir: Path) -> EngineProcess:
     """The PVC is not writable by the engine (a root-owned volume and a non-root engine): mode
     0555, and when the test itself runs as root (which ignores modes) the directory is also made
@@ -317,6 +347,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("low-throughput", _low_throughput, False, "int4 on big blocks with one worker"),
         Scenario("gpu-missing", _gpu_missing, True, "device: cuda on a host without CUDA"),
         Scenario("full-pool", _full_pool, True, "a pool full and evicting (bounded memory)"),
+        Scenario("fragmented-pool", _fragmented, False, "churn left holes in the pool's slot range"),
         Scenario(
             "readonly-persistence", _readonly_persistence, False, "a persistence dir the engine cannot write"
         ),
