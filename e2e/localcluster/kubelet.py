@@ -484,15 +484,18 @@ class PodWorker:
         mounts = self.container_mounts(spec)
         home = self.dir / "home"
         home.mkdir(parents=True, exist_ok=True)
-        env = podenv.base_env(self.name, home, cfg.bin_dir)
-        env.update(await self._env_from(spec))
-        env.update(await self._env(spec, env))
+        base = podenv.base_env(self.name, home, cfg.bin_dir)
+        own = await self._env_from(spec)
+        own.update(await self._env(spec, {**base, **own}))
 
         def fix(value: str) -> str:
             value = podenv.remap_paths(value, mounts)
             return podenv.rewrite_hosts(value, self.ip or "127.0.0.1", self.kubelet.resolve_service)
 
-        env = {k: fix(v) for k, v in env.items()}
+        # Only the pod's own values name in-container paths and Service names: the base
+        # environment (PATH to this venv, HOME) is already host-side, and remapping it breaks when
+        # the host path happens to start with a mount path (a checkout under /tmp with a /tmp mount).
+        env = {**base, **{k: fix(v) for k, v in own.items()}}
         argv = [fix(podenv.expand_vars(a, env)) for a in podenv.container_argv(spec, cfg.entrypoints)]
         argv[0] = podenv.resolve_executable(argv[0], cfg.bin_dir)
         return argv, env
