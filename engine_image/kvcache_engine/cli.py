@@ -174,7 +174,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: Sub) -> None:
     p = sub.add_parser("bench", help="replay a trace against a running engine: req/s, latency, hit rate")
-    _add_url_args(p)
+    p.add_argument(
+        "--url", required=True, action="append",
+        help="engine base URL; repeat it for several replicas (the client shards chains over them)",
+    )  # fmt: skip
+    p.add_argument("--token-file", help="API token file (default: $KVCACHE_TOKEN_FILE, then $KVCACHE_TOKEN)")
+    p.add_argument(
+        "--route-depth", type=_positive_int,
+        help="place chains by their block at this depth (default: the engine's routeDepth)",
+    )  # fmt: skip
     p.add_argument("--concurrency", type=_positive_int, default=4, help="worker threads (default 4)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=_positive_float, help="run this long (default 10 s)")

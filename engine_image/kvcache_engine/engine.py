@@ -488,6 +488,10 @@ class KVCacheEngine:
                 continue
             slots.append(slot)
         self._flush_demotions(demoted)
+        # Ascending: slots freed by evicting a whole chain come back in stack order (descending
+        # or mixed); sorted, they are usually one consecutive run, which BlockPool.store writes
+        # in place (no staging copy, no indexed copy) and later gets read as one view.
+        slots.sort()
         return slots
 
     def _flush_demotions(self, demoted: list[tuple[int, int]]) -> None:

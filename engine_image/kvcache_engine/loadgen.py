@@ -260,15 +260,18 @@ class _Worker:
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """What to run: ``requests`` or ``seconds`` (exactly one), ``timeout_s`` per lookup."""
+    """What to run: ``requests`` or ``seconds`` (exactly one), ``timeout_s`` per lookup. With
+    several ``urls`` each worker's client shards chains over them (rendezvous on the block at
+    ``route_depth``; None: the engine's ``routeDepth``), as inference servers do."""
 
-    url: str
+    urls: tuple[str, ...]
     token: str | None
     concurrency: int
     requests: int | None
     seconds: float | None
     trace: str | None
     timeout_s: float = 5.0
+    route_depth: int | None = None
 
 
 def run_bench(spec: BenchSpec, progress: Callable[[int], None] | None = None) -> BenchReport:
@@ -279,10 +282,12 @@ def run_bench(spec: BenchSpec, progress: Callable[[int], None] | None = None) ->
 
     trace = load_trace(spec.trace)
     config = KVCacheConfig.model_validate(
-        request_json(spec.url, "GET", "/v1/config", spec.token, timeout=30.0)
+        request_json(spec.urls[0], "GET", "/v1/config", spec.token, timeout=30.0)
     )
+    if spec.route_depth is not None:
+        config = config.model_copy(update={"route_depth": spec.route_depth})
     clients = [
-        KVCacheClient([spec.url], token=spec.token, config=config, timeout_s=spec.timeout_s, strict=True)
+        KVCacheClient(list(spec.urls), token=spec.token, config=config, timeout_s=spec.timeout_s, strict=True)
         for _ in range(spec.concurrency)
     ]
     started = time.monotonic()
@@ -301,7 +306,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[int], None] | None = None) ->
     finally:
         for c in clients:
             c.close()
-    return BenchReport.build(spec.url, spec.concurrency, elapsed, [w.tally for w in workers])
+    return BenchReport.build(" ".join(spec.urls), spec.concurrency, elapsed, [w.tally for w in workers])
 
 
 def _report_table(report: BenchReport) -> Any:
@@ -342,8 +347,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.seconds = 10.0
     load_trace(args.trace, limit=1)  # fail on a bad --trace before touching the engine
     spec = BenchSpec(
-        url=args.url, token=_read_token(args.token_file), concurrency=args.concurrency,
+        urls=tuple(args.url), token=_read_token(args.token_file), concurrency=args.concurrency,
         requests=args.requests, seconds=args.seconds, trace=args.trace, timeout_s=args.timeout,
+        route_depth=args.route_depth,
     )  # fmt: skip
     err = Console(stderr=True)
     columns = (TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

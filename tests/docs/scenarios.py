@@ -54,6 +54,10 @@ class EngineProcess:
         self.data = workdir / "data"
         self.config = {**GEOMETRY, "persistencePath": str(self.data), **config}
         self.cleanups: list[Callable[[], None]] = []
+        self.peers: list[EngineProcess] = []
+        """Engines of the same scenario (a baseline, other replicas), closed with this one."""
+        self.extra_env: dict[str, str] = {}
+        """More variables for the doc's commands (the peers' addresses)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_path = workdir / "engine.log"
@@ -87,14 +91,17 @@ class EngineProcess:
         return self
 
     def env(self) -> dict[str, str]:
-        return {"KVCACHE_URL": self.url, "KVCACHE_TOKEN": TOKEN, "KVCACHE_DATA": str(self.data)}
+        own = {"KVCACHE_URL": self.url, "KVCACHE_TOKEN": TOKEN, "KVCACHE_DATA": str(self.data)}
+        return {**own, **self.extra_env}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def close(self) -> None:
-        """Stop the engine and undo what the scenario did to the host (chattr, modes)."""
+        """Stop the engine and its peers and undo what the scenario did to the host (chattr, modes)."""
         self.stop()
+        for peer in self.peers:
+            peer.close()
         for undo in reversed(self.cleanups):
             undo()
         self.cleanups.clear()
@@ -142,8 +149,9 @@ def prompts(count: int, blocks: int, block_tokens: int, seed: int = 0) -> list[l
     return [[seed * 1_000_000 + p * 10_000 + t for t in range(blocks * block_tokens)] for p in range(count)]
 
 
-def put_and_lookup(url: str, tokens_list: list[list[int]], *, rounds: int = 1) -> None:
-    """Put every prompt's KV once, then look every prompt up ``rounds`` times (client library)."""
+def put_and_lookup(url: str, tokens_list: list[list[int]], *, rounds: int = 1, get: bool = False) -> None:
+    """Put every prompt's KV once, then look every prompt up (and ``get`` its KV too) ``rounds``
+    times (client library)."""
     import torch
 
     from kvcache_engine.client import KVCacheClient
@@ -158,6 +166,8 @@ def put_and_lookup(url: str, tokens_list: list[list[int]], *, rounds: int = 1) -
         for _ in range(rounds):
             for tokens in tokens_list:
                 client.lookup(tokens)
+                if get:
+                    assert client.get(tokens) is not None
     finally:
         client.close()
 
@@ -205,9 +215,23 @@ def _low_hit_rate(workdir: Path) -> EngineProcess:
     return engine
 
 
+# Blocks of 16 tokens x 4 layers x 4 heads x 64 dims (64 KiB in fp16): big enough that decoding
+# dominates a get, so the codec, not HTTP or scheduling noise, sets the latency.
+LATENCY_GEOMETRY: dict[str, Any] = {"blockTokens": 16, "numLayers": 4, "numKvHeads": 4, "headDim": 64,
+                                    "maxTokens": 32768}  # fmt: skip
+
+
 def _high_latency(workdir: Path) -> EngineProcess:
-    engine = EngineProcess(workdir, {"useCompression": True, "compressionRatio": 0.25}).start()
-    put_and_lookup(engine.url, prompts(8, 4, 4, seed=2), rounds=2)
+    """An int4 engine and, as ``KVCACHE_BASELINE_URL``, a twin with codec ``none``; both serve the
+    same traffic (8 prompts of 16 blocks put once, then looked up and got 5 times each), so their
+    latencies differ by the codec alone."""
+    baseline = EngineProcess(workdir / "baseline", {**LATENCY_GEOMETRY, "compressionCodec": "none"}).start()
+    engine = EngineProcess(workdir, {**LATENCY_GEOMETRY, "compressionCodec": "int4"})
+    engine.peers.append(baseline)
+    engine.start()
+    engine.extra_env["KVCACHE_BASELINE_URL"] = baseline.url
+    for url in (engine.url, baseline.url):
+        put_and_lookup(url, prompts(8, 16, 16, seed=2), rounds=5, get=True)
     return engine
 
 
@@ -223,9 +247,15 @@ def _gpu_missing(workdir: Path) -> EngineProcess:
 
 
 def _full_pool(workdir: Path) -> EngineProcess:
-    # 64 tokens = 16 blocks; 40 prompts x 4 blocks keep the pool full and evicting.
+    """64 tokens = 16 blocks; 40 prompts x 4 blocks keep the pool full and evicting, then 300
+    requests of the packaged trace (``kvcache-engine bench``'s workload) warm the engine up, so
+    the doc's RSS comparison over the next requests measures growth, not first-use buffers."""
+    from kvcache_engine.loadgen import BenchSpec, run_bench
+
     engine = EngineProcess(workdir, {"maxTokens": 64}).start()
     put_and_lookup(engine.url, prompts(40, 4, 4, seed=3), rounds=1)
+    report = run_bench(BenchSpec((engine.url,), TOKEN, concurrency=2, requests=300, seconds=None, trace=None))
+    assert report.errors == 0, report
     return engine
 
 
@@ -338,6 +368,24 @@ def _geometry_changed(workdir: Path) -> EngineProcess:
     return engine.start()
 
 
+def _unbalanced(workdir: Path) -> EngineProcess:
+    """Three replicas of a cache whose spec sets ``routeDepth: 1`` (placement by the first block),
+    then the first 120 requests of the packaged trace through clients that read that setting
+    (``kvcache-engine bench``, 2 workers, each sharding over the three): every chain of the trace
+    starts with block 0 (one shared system prompt), so every chain has the same key and one
+    replica gets all the traffic. ``KVCACHE_REPLICA_URLS`` lists the three (this one first)."""
+    from kvcache_engine.loadgen import BenchSpec, run_bench
+
+    replicas = [EngineProcess(workdir / f"replica-{i}", {"routeDepth": 1}).start() for i in range(3)]
+    engine = replicas[0]
+    engine.peers.extend(replicas[1:])
+    urls = tuple(r.url for r in replicas)
+    engine.extra_env["KVCACHE_REPLICA_URLS"] = " ".join(urls)
+    report = run_bench(BenchSpec(urls, TOKEN, concurrency=2, requests=120, seconds=None, trace=None))
+    assert report.errors == 0, report
+    return engine
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -354,5 +402,6 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("corrupt-segment", _corrupt_segment, False, "a persisted segment corrupted on disk"),
         Scenario("killed-mid-persist", _killed_mid_persist, True, "SIGKILL during a persist, then restart"),
         Scenario("geometry-changed", _geometry_changed, True, "persisted for another model geometry"),
+        Scenario("unbalanced-replicas", _unbalanced, False, "3 replicas, clients placing by the first block"),
     )
 }
