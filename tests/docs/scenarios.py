@@ -149,9 +149,8 @@ def prompts(count: int, blocks: int, block_tokens: int, seed: int = 0) -> list[l
     return [[seed * 1_000_000 + p * 10_000 + t for t in range(blocks * block_tokens)] for p in range(count)]
 
 
-def put_and_lookup(url: str, tokens_list: list[list[int]], *, rounds: int = 1, get: bool = False) -> None:
-    """Put every prompt's KV once, then look every prompt up (and ``get`` its KV too) ``rounds``
-    times (client library)."""
+def put_and_lookup(url: str, tokens_list: list[list[int]], *, rounds: int = 1) -> None:
+    """Put every prompt's KV once, then look every prompt up ``rounds`` times (client library)."""
     import torch
 
     from kvcache_engine.client import KVCacheClient
@@ -166,8 +165,6 @@ def put_and_lookup(url: str, tokens_list: list[list[int]], *, rounds: int = 1, g
         for _ in range(rounds):
             for tokens in tokens_list:
                 client.lookup(tokens)
-                if get:
-                    assert client.get(tokens) is not None
     finally:
         client.close()
 
@@ -222,16 +219,37 @@ LATENCY_GEOMETRY: dict[str, Any] = {"blockTokens": 16, "numLayers": 4, "numKvHea
 
 
 def _high_latency(workdir: Path) -> EngineProcess:
-    """An int4 engine and, as ``KVCACHE_BASELINE_URL``, a twin with codec ``none``; both serve the
-    same traffic (8 prompts of 16 blocks put once, then looked up and got 5 times each), so their
-    latencies differ by the codec alone."""
+    """An int4 engine and, as ``KVCACHE_BASELINE_URL``, a twin with codec ``none``, sent the same
+    traffic: 4 prompts of 64 blocks (4 MiB of fp16 each) put once, then 20 rounds of a lookup and
+    a get of each, the two engines alternating call by call (a burst of load on the host then
+    slows both alike), so their latencies differ by the codec alone."""
+    import torch
+
+    from kvcache_engine.client import KVCacheClient
+
     baseline = EngineProcess(workdir / "baseline", {**LATENCY_GEOMETRY, "compressionCodec": "none"}).start()
     engine = EngineProcess(workdir, {**LATENCY_GEOMETRY, "compressionCodec": "int4"})
     engine.peers.append(baseline)
     engine.start()
     engine.extra_env["KVCACHE_BASELINE_URL"] = baseline.url
-    for url in (engine.url, baseline.url):
-        put_and_lookup(url, prompts(8, 16, 16, seed=2), rounds=5, get=True)
+    urls = (engine.url, baseline.url)
+    clients = [KVCacheClient([url], token=TOKEN, strict=True, timeout_s=30.0) for url in urls]
+    try:
+        tokens_list = prompts(4, 64, LATENCY_GEOMETRY["blockTokens"], seed=2)
+        for tokens in tokens_list:
+            shape = (2, LATENCY_GEOMETRY["numLayers"], len(tokens), LATENCY_GEOMETRY["numKvHeads"],
+                     LATENCY_GEOMETRY["headDim"])  # fmt: skip
+            kv = torch.randn(shape).to(torch.float16)
+            for client in clients:
+                client.put(tokens, kv, wait=True)
+        for _ in range(20):
+            for tokens in tokens_list:
+                for client in clients:
+                    assert client.lookup(tokens) == len(tokens)
+                    assert client.get(tokens) is not None
+    finally:
+        for client in clients:
+            client.close()
     return engine
 
 
@@ -391,7 +409,7 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("default", _default, False, "a healthy engine with some traffic"),
         Scenario("low-hit-rate", _low_hit_rate, False, "maxTokens far below the working set"),
-        Scenario("high-latency", _high_latency, True, "int4 compression on every put and get"),
+        Scenario("high-latency", _high_latency, True, "int4 on every put and get, next to an fp16 twin"),
         Scenario("low-throughput", _low_throughput, False, "int4 on big blocks with one worker"),
         Scenario("gpu-missing", _gpu_missing, True, "device: cuda on a host without CUDA"),
         Scenario("full-pool", _full_pool, True, "a pool full and evicting (bounded memory)"),
