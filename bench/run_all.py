@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 BENCHES: list[str] = [
     "bench.hitrate",
+    "bench.placement",
     "bench.engine_throughput",
     "bench.gpu",
     "bench.service_bench",
