@@ -44,12 +44,65 @@ _MASK64 = (1 << 64) - 1
 # an H100: 256 K-word steps ran at 13.5 GB/s, launch-bound).
 _CHUNK_ELEMENTS = 1 << 18
 _CHUNK_ELEMENTS_GPU = 1 << 24
+# The blocked CPU form (_field_sums_blocked): words per block, and float64 elements per step.
+_BLOCK_WORDS = 1024
+_F64_STEP = 1 << 20
 
 
 def _field_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``words`` int32 ``[n, W]`` -> (sum x_j, sum x_j * (j + 1)) per row, int64 ``[n]`` on the
     words' device. int64 arithmetic wraps modulo 2**64, so any summation order (CPU vectorised,
     CUDA tree reductions, chunking) gives the same result. No host sync."""
+    if words.device.type == "cpu" and words.shape[1] >= _BLOCK_WORDS:
+        return _field_sums_blocked(words)
+    return _field_sums_chunked(words)
+
+
+def _field_sums_blocked(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU form of :func:`_field_sums`, 2-3x faster than int64 multiply-adds: each row is a
+    grid of ``b`` blocks of ``k`` words, x[i * k + c]. Then sum x_j = sum of the block sums S_i
+    and sum x_j * (j + 1) = k * sum i * S_i + sum (c + 1) * C_c, where C_c are the column sums.
+    S and C are plain float64 sums, which are exact here: every partial sum is an integer below
+    2**53 (k * 2**31 for S, b * 2**31 with b < 2**22 for C), so the order does not matter. The
+    tail words that do not fill a block go through the chunked form."""
+    n, width = words.shape
+    k = _BLOCK_WORDS
+    b = width // k
+    head = b * k
+    grid = words[:, :head].reshape(n, b, k)
+    block_sums = torch.empty((n, b), dtype=torch.float64)
+    col_sums = torch.zeros((n, k), dtype=torch.float64)
+    step = max(1, _F64_STEP // k)  # blocks converted to float64 per step (a cache-sized scratch)
+    if b <= step:  # several whole rows per step
+        rows = step // b
+        scratch = torch.empty((min(rows, n), b, k), dtype=torch.float64)
+        for r in range(0, n, rows):
+            x = scratch[: min(rows, n - r)]
+            x.copy_(grid[r : r + rows])
+            torch.sum(x, 2, out=block_sums[r : r + rows])
+            col_sums[r : r + rows] += x.sum(1)
+    else:  # one row in several steps
+        scratch = torch.empty((step, k), dtype=torch.float64)
+        for r in range(n):
+            for i in range(0, b, step):
+                x = scratch[: min(step, b - i)]
+                x.copy_(grid[r, i : i + step])
+                torch.sum(x, 1, out=block_sums[r, i : i + step])
+                col_sums[r] += x.sum(0)
+    s = block_sums.to(torch.int64)
+    c = col_sums.to(torch.int64)
+    s1 = s.sum(1)
+    s2 = (s * torch.arange(b, dtype=torch.int64)).sum(1) * k
+    s2 += (c * torch.arange(1, k + 1, dtype=torch.int64)).sum(1)
+    if head < width:
+        t1, t2 = _field_sums_chunked(words[:, head:])
+        s1 += t1
+        s2 += t2 + t1 * head
+    return s1, s2
+
+
+def _field_sums_chunked(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_field_sums` by int64 multiply-adds over column chunks (any device, any width)."""
     n, width = words.shape
     s1 = torch.zeros(n, dtype=torch.int64, device=words.device)
     s2 = torch.zeros(n, dtype=torch.int64, device=words.device)
@@ -287,12 +340,16 @@ class BlockPool:
         return _checksum_rows([rows[:, off : off + n] for _, off, n in self._sum_fields])
 
     def checksums(self, slots: Sequence[int]) -> list[str]:
-        """payload_checksum of each slot's payload, ``_CHECK_BATCH`` slots per pass."""
+        """payload_checksum of each slot's payload, ``_CHECK_BATCH`` slots per pass: a view of
+        the pool when they are consecutive, else a gathered copy."""
         out: list[str] = []
         for i in range(0, len(slots), _CHECK_BATCH):
             part = list(slots[i : i + _CHECK_BATCH])
-            index = torch.tensor(part, dtype=torch.long, device=self.device)
-            out += self.row_checksums(self.storage.index_select(0, index))
+            if part == list(range(part[0], part[0] + len(part))):
+                rows = self.storage[part[0] : part[0] + len(part)]
+            else:
+                rows = self.storage.index_select(0, torch.tensor(part, dtype=torch.long, device=self.device))
+            out += self.row_checksums(rows)
         return out
 
     def checksum(self, slot: int) -> str:

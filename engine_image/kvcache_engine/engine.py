@@ -25,6 +25,7 @@ import weakref
 from array import array
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,6 +65,7 @@ _ACCESS_HISTORY_BLOCKS = 128
 _GC_BATCH = 64
 _GC_IDLE_S = 2.0
 _IMPORT_CHUNK = 256
+_QUIESCE_TIMEOUT_S = 300.0  # longest wait for in-flight zero-copy puts (the server's bodies take <= 60 s)
 _MAX_HASH = 2**64
 
 
@@ -167,6 +169,24 @@ def _gc_loop(ref: weakref.ReferenceType[KVCacheEngine]) -> None:
         del engine
 
 
+@dataclass
+class PutReservation:
+    """Pool slots reserved for a put whose bytes the caller writes in place (reserve_put).
+
+    ``targets[j]`` is the writable byte view of block ``j``'s slot, or None when block j needs
+    no bytes (already cached, or no slot was free); the caller fills each target with the
+    block's raw payload, then calls commit_put (or release_put when the bytes never came)."""
+
+    hashes: list[BlockHash]
+    parent: BlockHash | None
+    present: int  # leading blocks already cached at reservation
+    new: list[BlockHash]  # hashes[present : present + len(slots)]
+    slots: list[int]
+    targets: list[memoryview | None]
+    pool: BlockPool
+    done: bool = False
+
+
 class KVCacheEngine:
     """A KV block store: pool(s), prefix index, eviction, compression, tiers, stats.
 
@@ -183,6 +203,11 @@ class KVCacheEngine:
         self._config = cfg.model_copy(deep=True)
         self._lock = threading.RLock()
         self._gc_wakeup = threading.Condition(self._lock)
+        # Zero-copy puts (reserve_put ... commit_put): slots allocated but not yet indexed, and
+        # the structural operations (pool rebuild, compact, validate) waiting for them to end.
+        self._reserved: set[int] = set()
+        self._reservations_done = threading.Condition(self._lock)
+        self._quiescing = 0
         self._gc_thread: threading.Thread | None = None
         self._closed = False
         self.device: torch.device = resolve_device(cfg.device)
@@ -321,18 +346,8 @@ class KVCacheEngine:
         t0 = time.perf_counter()
         bt = self._config.block_tokens
         with self._lock:
-            if parent is not None and parent not in self._index:
-                return 0
-            present = self._index.leading(hashes, parent)
-            new = hashes[present:]
-            if new and new[0] in self._index:
-                # The hash exists under another parent: a 64-bit collision. Keep the stored chain.
-                log.warning("block %016x already cached with a different parent; not stored", new[0])
-                new = []
-            # The cached prefix (and a given parent's whole chain) must survive the evictions below.
-            protected = set(hashes[:present]) | set(self._ancestors_of({parent}))
-            slots = self._allocate_slots(len(new), protected)
-            new = new[: len(slots)]
+            present, new, slots = self._plan_put(hashes, parent)
+            checksums: list[str] = []
             if new:
                 start = present * bt
                 c = self._config
@@ -345,16 +360,129 @@ class KVCacheEngine:
                 pool = self._tiers[PRIMARY].pool
                 # One batched write and one batched checksum (on the device, one host sync).
                 checksums = pool.row_checksums(pool.store(slots, payload))
-                prev = hashes[present - 1] if present else parent
-                for h, slot, checksum in zip(new, slots, checksums, strict=True):
-                    self._index.add(BlockEntry(h, prev, PRIMARY, slot, checksum))
-                    prev = h
-            for h in reversed(hashes[: present + len(new)]):
-                self._touch(h, inserted=h in new)
-            self._counters["bytes_in"] += len(new) * self._codec.stored_bytes()
+            self._link(hashes, parent, present, list(zip(new, slots, checksums, strict=True)))
             self._latency.record("put", (time.perf_counter() - t0) * 1000)
             self._maybe_gc()
             return len(new)
+
+    def _plan_put(
+        self, hashes: list[BlockHash], parent: BlockHash | None
+    ) -> tuple[int, list[BlockHash], list[int]]:
+        """Under the lock: (leading blocks already cached, hashes to store, their slots). Stores
+        nothing when ``parent`` is not cached. Slots come free or by evicting unprotected blocks."""
+        if parent is not None and parent not in self._index:
+            return 0, [], []
+        present = self._index.leading(hashes, parent)
+        new = hashes[present:]
+        if new and new[0] in self._index:
+            # The hash exists under another parent: a 64-bit collision. Keep the stored chain.
+            log.warning("block %016x already cached with a different parent; not stored", new[0])
+            new = []
+        # The cached prefix (and a given parent's whole chain) must survive the evictions.
+        protected = set(hashes[:present]) | set(self._ancestors_of({parent}))
+        slots = self._allocate_slots(len(new), protected)
+        return present, new[: len(slots)], slots
+
+    def _link(
+        self,
+        hashes: list[BlockHash],
+        parent: BlockHash | None,
+        present: int,
+        stored: list[tuple[BlockHash, int, str]],
+    ) -> None:
+        """Under the lock: index the blocks just stored after the cached prefix ((hash, slot,
+        checksum) each, in chain order) and touch the chain."""
+        prev = hashes[present - 1] if present else parent
+        for h, slot, checksum in stored:
+            self._index.add(BlockEntry(h, prev, PRIMARY, slot, checksum))
+            prev = h
+        new = {h for h, _, _ in stored}
+        for h in reversed(hashes[: present + len(stored)]):
+            self._touch(h, inserted=h in new)
+        self._counters["bytes_in"] += len(stored) * self._codec.stored_bytes()
+
+    # -- zero-copy puts: the server receives a put's bytes straight into the pool's slots
+
+    @property
+    def stores_raw_rows(self) -> bool:
+        """True when a block's stored payload is its raw KV bytes ``[2, L, block_tokens, H, D]``
+        in a CPU pool (codec ``none``): then reserve_put can hand out slots to write into."""
+        pool = self._tiers[PRIMARY].pool
+        return self._codec.name == "none" and pool.rows_are_payload and pool.device.type == "cpu"
+
+    def reserve_put(self, hashes: Sequence[int], parent: BlockHash | None = None) -> PutReservation | None:
+        """Reserve slots for a put of the chain ``hashes`` whose bytes the caller will write in
+        place (no staging copy), evicting as a put would. None when the pool does not store raw
+        rows or a pool rebuild, compaction or validation is waiting: use put_blocks_raw then.
+        Every reservation must end in commit_put or release_put."""
+        hs = _as_hashes(hashes)
+        with self._lock:
+            if not hs or not self.stores_raw_rows or self._quiescing:
+                return None
+            present, new, slots = self._plan_put(hs, parent)
+            pool = self._tiers[PRIMARY].pool
+            self._reserved.update(slots)
+            rows = pool.storage.numpy().data.cast("B")
+            width = pool.layout.slot_bytes
+            targets: list[memoryview | None] = [None] * len(hs)
+            for j, slot in enumerate(slots, start=present):
+                targets[j] = rows[slot * width : (slot + 1) * width]
+            return PutReservation(hs, parent, present, new, slots, targets, pool)
+
+    def commit_put(self, res: PutReservation) -> int:
+        """Index a reservation's blocks once their bytes are written; returns blocks newly stored.
+        Checksums are computed outside the lock (the slots are the reservation's own). Blocks are
+        dropped, not stored, when their predecessor was evicted meanwhile or another put stored
+        them first."""
+        if res.done:
+            raise ValueError("reservation: already committed or released")
+        t0 = time.perf_counter()
+        checksums = res.pool.checksums(res.slots) if res.slots else []
+        with self._lock:
+            if res.done:
+                raise ValueError("reservation: already committed or released")
+            res.done = True
+            self._reserved.difference_update(res.slots)
+            self._reservations_done.notify_all()
+            prev = res.hashes[res.present - 1] if res.present else res.parent
+            linked = prev is None or prev in self._index  # else evicted meanwhile, with its chain
+            keep = 0
+            while linked and keep < len(res.new) and res.new[keep] not in self._index:
+                keep += 1
+            for slot in res.slots[keep:]:
+                res.pool.free(slot)
+            if linked:
+                stored = list(zip(res.new[:keep], res.slots[:keep], checksums[:keep], strict=True))
+                self._link(res.hashes, res.parent, res.present, stored)
+            self._latency.record("put", (time.perf_counter() - t0) * 1000)
+            self._maybe_gc()
+            return keep
+
+    def release_put(self, res: PutReservation) -> None:
+        """Give a reservation's slots back (its bytes never fully arrived); nothing is indexed."""
+        with self._lock:
+            if res.done:
+                return
+            res.done = True
+            for slot in res.slots:
+                res.pool.free(slot)
+            self._reserved.difference_update(res.slots)
+            self._reservations_done.notify_all()
+
+    def _quiesce(self) -> None:
+        """Under the lock: wait until no reservation is outstanding (new ones are refused
+        meanwhile), before moving or rebuilding slots. A reservation lasts one request body (the
+        server bounds it by its body timeout); a thread must not wait on its own reservation."""
+        self._quiescing += 1
+        try:
+            ok = self._reservations_done.wait_for(lambda: not self._reserved, _QUIESCE_TIMEOUT_S)
+        finally:
+            self._quiescing -= 1
+        if not ok:
+            raise RuntimeError(
+                f"{len(self._reserved)} slots still reserved by puts in flight after "
+                f"{_QUIESCE_TIMEOUT_S:.0f} s: end each reserve_put with commit_put or release_put first"
+            )
 
     def lookup(self, tokens: Any) -> int:
         """Cached leading tokens of ``tokens`` (a multiple of block_tokens). Counts as a request."""
@@ -739,6 +867,7 @@ class KVCacheEngine:
             new = self._validated(self._config, changes)
             old = self._config
             if new.codec != old.codec or pool_blocks(new) != pool_blocks(old):
+                self._quiesce()
                 self._rebuild(new)
             elif new.cache_strategy != old.cache_strategy:
                 self._config = new
@@ -835,6 +964,7 @@ class KVCacheEngine:
     def compact_cache(self) -> dict[str, int]:
         """Move live blocks to the front of each pool; returns moved/used/free counts."""
         with self._lock:
+            self._quiesce()
             self._copier.host_sync()
             moved = 0
             for t in self._tiers:
@@ -852,6 +982,7 @@ class KVCacheEngine:
         (with their descendants). Returns ``{'is_valid', 'errors', 'checked_blocks',
         'corrupt_blocks', 'dangling_blocks', 'repaired_blocks'}``."""
         with self._lock:
+            self._quiesce()  # reserved slots are in use but not indexed yet
             self._copier.host_sync()
             errors = self._index.check()
             dangling = [e.hash for e in self._index if e.parent is not None and e.parent not in self._index]

@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     import torch
 
     from kvcache_engine.block_pool import StoredBlock
-    from kvcache_engine.engine import KVCacheEngine
+    from kvcache_engine.engine import KVCacheEngine, PutReservation
 
 __all__ = ["EngineServer", "ServerSettings", "resolve_token", "serve"]
 
@@ -283,6 +283,9 @@ class EngineServer:
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, engine.config.num_workers), thread_name_prefix="kvcache-io"
         )
+        # Zero-copy puts commit on threads of their own: an admin call waiting in the engine for
+        # in-flight reservations must never hold the threads those reservations commit on.
+        self.commit_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcache-commit")
         self._token_cache: tuple[float, str | None] = (0.0, settings.token)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_EngineCollector(self))
@@ -527,6 +530,9 @@ class EngineServer:
             header = decode_frame_header(await _read_exact(reader, hlen))
         kind, values = self._chain(header)
         want = self._frame_shape(header, kind, values, declared - PREFIX_BYTES - hlen)
+        res = await self._run(self._reserve, kind, values)
+        if res is not None:
+            return await self._put_in_place(request, res, want)
         numel = math.prod(want)
         buf = self.staging.take(numel)
         try:
@@ -539,6 +545,32 @@ class EngineServer:
         finally:
             if buf is not None:
                 self.staging.give(buf)
+
+    def _reserve(self, kind: str, values: list[int]) -> PutReservation | None:
+        if not self.engine.stores_raw_rows:
+            return None
+        hashes: list[int] = values if kind == "hashes" else [int(h) for h in self.engine.block_hashes(values)]
+        return self.engine.reserve_put(hashes) if hashes else None
+
+    async def _put_in_place(
+        self, request: web.Request, res: PutReservation, shape: list[int]
+    ) -> web.Response:
+        """The zero-copy put: the body's bytes go from aiohttp's chunks straight into the slots
+        the engine reserved (no staging buffer, no second copy), then the engine checksums and
+        indexes them. A body cut short releases the slots and indexes nothing."""
+        two, layers, n_tokens, heads, dim = shape
+        token_bytes = heads * dim * DTYPE_BYTES[self.engine.config.dtype]
+        bt = self.engine.config.block_tokens
+        body = _BodyViews(res.targets, two * layers, n_tokens * token_bytes, bt * token_bytes)
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                await body.read_from(request.content)
+        except BaseException:
+            self.engine.release_put(res)
+            raise
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(self.commit_executor, self.engine.commit_put, res)
+        return web.json_response({"stored_blocks": stored, "block_tokens": bt})
 
     async def _store(self, kind: str, values: list[int], kv: torch.Tensor) -> web.Response:
         if kind == "hashes":
@@ -811,6 +843,7 @@ class EngineServer:
             ok = await self._run(self.persister.persist)
             log.info("final persist on shutdown: %s", "ok" if ok else "FAILED")
         self.executor.shutdown(wait=True)
+        self.commit_executor.shutdown(wait=True)
         self.engine.close()
 
 
@@ -854,6 +887,51 @@ async def _read_into(reader: Any, view: memoryview) -> None:
         pos += n
         if n < len(chunk):
             raise BadRequestError("body longer than its Content-Length")
+
+
+class _BodyViews:
+    """Where each byte of a put body goes, as one list of views filled in order: the body is
+    ``planes`` planes of ``plane_bytes`` (the ``[2, L, n, H, D]`` wire layout); bytes ``[j *
+    piece, (j + 1) * piece)`` of plane p are block j's bytes ``[p * piece, (p + 1) * piece)``.
+    Blocks without a target (already cached) and a plane's partial last block go to a scratch
+    buffer and are dropped."""
+
+    def __init__(self, targets: list[memoryview | None], planes: int, plane_bytes: int, piece: int) -> None:
+        tail = plane_bytes - len(targets) * piece
+        scratch = memoryview(bytearray(max(piece, tail)))
+        self.views: list[memoryview] = []
+        for p in range(planes):
+            self.views += [
+                t[p * piece : (p + 1) * piece] if t is not None else scratch[:piece] for t in targets
+            ]
+            if tail:
+                self.views.append(scratch[:tail])
+        self.total = planes * plane_bytes
+        self.filled = 0
+        self._i = self._off = 0  # the next byte goes to views[_i][_off]
+
+    def feed(self, data: memoryview) -> None:
+        """Copy ``data`` (the next bytes of the body) into place."""
+        if self.filled + data.nbytes > self.total:
+            raise BadRequestError("body longer than its Content-Length")
+        pos = 0
+        while pos < data.nbytes:
+            view = self.views[self._i]
+            step = min(data.nbytes - pos, view.nbytes - self._off)
+            view[self._off : self._off + step] = data[pos : pos + step]
+            pos += step
+            self._off += step
+            if self._off == view.nbytes:
+                self._i, self._off = self._i + 1, 0
+        self.filled += data.nbytes
+
+    async def read_from(self, reader: Any) -> None:
+        """Fill every view from an aiohttp body stream."""
+        while self.filled < self.total:
+            chunk = await reader.readany()
+            if not chunk:
+                raise BadRequestError(f"body truncated: expected {self.total - self.filled} more bytes")
+            self.feed(memoryview(chunk))
 
 
 async def _read_exact(reader: Any, n: int) -> bytes:

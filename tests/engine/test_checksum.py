@@ -111,3 +111,22 @@ def test_slot_checksums_ignore_padding_and_match_the_payload(codec_name: str) ->
         assert pool.checksum(3) == expected[0]
     pool.storage[3, pool.layout.fields[0].offset] ^= 0x10
     assert pool.checksum(3) != expected[0]
+
+
+@pytest.mark.parametrize(
+    "step", [64, 128 * 3, 64 * 64 * 8], ids=["row-in-steps", "block-runs", "rows-per-step"]
+)
+def test_blocked_cpu_sums_equal_the_chunked_sums(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The float64 block/column-sum form (CPU) against the int64 multiply-add form, on extreme
+    words (all +-2**31 edges) and rows whose width leaves a tail outside the blocks."""
+    monkeypatch.setattr(block_pool, "_BLOCK_WORDS", 64)
+    monkeypatch.setattr(block_pool, "_F64_STEP", step)
+    gen = torch.Generator().manual_seed(4)
+    words = torch.randint(-(2**31), 2**31, (5, 64 * 9 + 13), dtype=torch.int32, generator=gen)
+    words[0] = 2**31 - 1
+    words[1] = -(2**31)
+    got = block_pool._field_sums(words)
+    want = block_pool._field_sums_chunked(words)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    raw = {"x": words.view(torch.uint8).reshape(5, -1)[2]}
+    assert payload_checksum(raw) == reference_checksum({"x": raw["x"].numpy().tobytes()})

@@ -85,6 +85,7 @@ class LiveServer:
         else:
             self.server.persister.stop()
             self.server.executor.shutdown(wait=True)
+            self.server.commit_executor.shutdown(wait=True)
             self.engine.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)

@@ -318,3 +318,61 @@ def test_client_vanishing_mid_body_leaves_the_server_healthy(live_server) -> Non
         got = c.get(tokens)
         assert got is not None and torch.equal(got, make_kv(cfg, 128, seed=5))
     assert http("GET", srv.url + "/healthz", token=None)[0] == 200
+
+
+def _put_frame(tokens: list[int], kv: torch.Tensor) -> bytes:
+    payload = kv.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    head = encode_frame_header(
+        {"tokens": tokens, "dtype": "float16", "shape": list(kv.shape), "nbytes": len(payload)}
+    )
+    return head + payload
+
+
+def test_puts_land_in_place_and_a_cut_body_releases_its_slots(live_server) -> None:
+    """codec none on the CPU: a put's body goes straight into reserved pool slots (no staging
+    buffer); cached prefixes and a partial last block are skipped; a body cut short frees the
+    slots and leaves every stored block as it was; with compression puts go through staging."""
+    import socket
+    import time
+
+    srv = live_server()
+    cfg = srv.engine.config
+    kv = make_kv(cfg, 30, seed=7)
+    tokens = make_tokens(30, seed=7)
+    status, body = http("POST", srv.url + "/v1/put", _put_frame(tokens[:10], kv[:, :, :10]))
+    assert status == 200 and json.loads(body)["stored_blocks"] == 2  # 10 tokens: 2 blocks + 2 dropped
+    status, body = http("POST", srv.url + "/v1/put", _put_frame(tokens, kv))
+    assert status == 200 and json.loads(body)["stored_blocks"] == 5  # 2 cached, 5 new, 2 tail tokens
+    assert srv.server.staging._held == 0  # no staging buffer was ever taken for those puts
+    with _client(srv.url) as c:
+        got = c.get(tokens)
+        assert got is not None and torch.equal(got, kv[:, :, :28])
+    used = srv.engine.get_stats()["used_blocks"]
+
+    other = make_tokens(40, seed=8)
+    frame = _put_frame(other, make_kv(cfg, 40, seed=8))
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(
+            f"POST /v1/put HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(frame)}\r\n\r\n".encode()
+            + frame[: len(frame) // 2]
+        )
+        deadline = time.monotonic() + 5
+        while srv.engine.get_stats()["used_blocks"] == used and time.monotonic() < deadline:
+            time.sleep(0.01)  # the slots are reserved once the header is in
+        assert srv.engine.get_stats()["used_blocks"] == used + 10
+    deadline = time.monotonic() + 5
+    while srv.engine.get_stats()["used_blocks"] != used and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.engine.get_stats()["used_blocks"] == used
+    assert srv.engine.validate_cache_integrity()["is_valid"]
+    with _client(srv.url) as c:
+        assert c.lookup(other) == 0
+        got = c.get(tokens)
+        assert got is not None and torch.equal(got, kv[:, :, :28])
+
+    srv.engine.reconfigure(use_compression=True, compression_ratio=0.5)  # int8: via staging
+    assert not srv.engine.stores_raw_rows
+    status, body = http("POST", srv.url + "/v1/put", _put_frame(other, make_kv(cfg, 40, seed=8)))
+    assert status == 200 and json.loads(body)["stored_blocks"] == 10
+    assert srv.server.staging._held > 0
