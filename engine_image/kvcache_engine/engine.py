@@ -346,7 +346,9 @@ class KVCacheEngine:
         t0 = time.perf_counter()
         bt = self._config.block_tokens
         with self._lock:
-            present, new, slots = self._plan_put(hashes, parent)
+            plan = self._plan_put(hashes, parent)
+            assert plan is not None  # evicting plans always exist
+            present, new, slots = plan
             checksums: list[str] = []
             if new:
                 start = present * bt
@@ -366,10 +368,11 @@ class KVCacheEngine:
             return len(new)
 
     def _plan_put(
-        self, hashes: list[BlockHash], parent: BlockHash | None
-    ) -> tuple[int, list[BlockHash], list[int]]:
+        self, hashes: list[BlockHash], parent: BlockHash | None, *, evict: bool = True
+    ) -> tuple[int, list[BlockHash], list[int]] | None:
         """Under the lock: (leading blocks already cached, hashes to store, their slots). Stores
-        nothing when ``parent`` is not cached. Slots come free or by evicting unprotected blocks."""
+        nothing when ``parent`` is not cached. Slots come free or by evicting unprotected blocks;
+        with ``evict=False``, None when the free slots do not cover every new block."""
         if parent is not None and parent not in self._index:
             return 0, [], []
         present = self._index.leading(hashes, parent)
@@ -378,6 +381,8 @@ class KVCacheEngine:
             # The hash exists under another parent: a 64-bit collision. Keep the stored chain.
             log.warning("block %016x already cached with a different parent; not stored", new[0])
             new = []
+        if not evict and len(new) > self._tiers[PRIMARY].pool.free_count:
+            return None
         # The cached prefix (and a given parent's whole chain) must survive the evictions.
         protected = set(hashes[:present]) | set(self._ancestors_of({parent}))
         slots = self._allocate_slots(len(new), protected)
@@ -411,15 +416,20 @@ class KVCacheEngine:
         return self._codec.name == "none" and pool.rows_are_payload and pool.device.type == "cpu"
 
     def reserve_put(self, hashes: Sequence[int], parent: BlockHash | None = None) -> PutReservation | None:
-        """Reserve slots for a put of the chain ``hashes`` whose bytes the caller will write in
-        place (no staging copy), evicting as a put would. None when the pool does not store raw
-        rows or a pool rebuild, compaction or validation is waiting: use put_blocks_raw then.
-        Every reservation must end in commit_put or release_put."""
+        """Reserve free slots for a put of the chain ``hashes`` whose bytes the caller will write
+        in place (no staging copy). Never evicts: the bytes are not here yet, and a put that
+        never completes must not cost the cache a block (background GC keeps free slots). None
+        when the pool does not store raw rows, the free slots do not cover the new blocks, or a
+        pool rebuild, compaction or validation is waiting: use put_blocks_raw then. Every
+        reservation must end in commit_put or release_put."""
         hs = _as_hashes(hashes)
         with self._lock:
             if not hs or not self.stores_raw_rows or self._quiescing:
                 return None
-            present, new, slots = self._plan_put(hs, parent)
+            plan = self._plan_put(hs, parent, evict=False)
+            if plan is None:
+                return None
+            present, new, slots = plan
             pool = self._tiers[PRIMARY].pool
             self._reserved.update(slots)
             rows = pool.storage.numpy().data.cast("B")

@@ -376,3 +376,29 @@ def test_puts_land_in_place_and_a_cut_body_releases_its_slots(live_server) -> No
     status, body = http("POST", srv.url + "/v1/put", _put_frame(other, make_kv(cfg, 40, seed=8)))
     assert status == 200 and json.loads(body)["stored_blocks"] == 10
     assert srv.server.staging._held > 0
+
+
+def test_a_cut_put_into_a_full_pool_evicts_nothing(live_server) -> None:
+    """A full pool has no free slots to receive into: the put is staged, and a body that never
+    completes leaves every cached block in place (eviction waits for the whole body)."""
+    import socket
+    import time
+
+    srv = live_server(make_config(max_tokens=40))  # 10 blocks of 4 tokens
+    cfg = srv.engine.config
+    tokens = make_tokens(40, seed=1)
+    status, _ = http("POST", srv.url + "/v1/put", _put_frame(tokens, make_kv(cfg, 40, seed=1)))
+    assert status == 200 and srv.engine.get_stats()["used_blocks"] == 10
+    before = srv.engine.cached_hashes()
+    frame = _put_frame(make_tokens(16, seed=2), make_kv(cfg, 16, seed=2))
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(
+            f"POST /v1/put HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(frame)}\r\n\r\n".encode()
+            + frame[:-7]
+        )
+        time.sleep(0.2)
+    time.sleep(0.2)
+    assert srv.engine.cached_hashes() == before
+    status, body = http("POST", srv.url + "/v1/put", frame)  # complete: now it evicts
+    assert status == 200 and json.loads(body)["stored_blocks"] == 4
