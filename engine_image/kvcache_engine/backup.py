@@ -81,14 +81,23 @@ def _headers(token: str | None, ctype: str | None = None) -> dict[str, str]:
     return out
 
 
-def request_json(
-    url: str, method: str, path: str, token: str | None, *, body: Any = None, timeout: float = 300.0
-) -> Any:
-    """One JSON request; BackupError with the server's message on a non-200 answer."""
+def request(
+    url: str,
+    method: str,
+    path: str,
+    token: str | None,
+    *,
+    body: Any = None,
+    content_type: str | None = None,
+    chunked: bool = False,
+    timeout: float = 300.0,
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request to an engine's admin API: (response, body bytes). BackupError naming the
+    request on a connection error or a non-200 answer (with the server's message)."""
     conn = _connect(url, timeout)
     try:
-        data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers=_headers(token, "application/json" if data else None))
+        headers = _headers(token, content_type)
+        conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
         resp = conn.getresponse()
         raw = resp.read()
     except OSError as exc:
@@ -97,6 +106,16 @@ def request_json(
         conn.close()
     if resp.status != 200:
         raise BackupError(f"{method} {url}{path}: HTTP {resp.status}: {raw[:300].decode('utf-8', 'replace')}")
+    return resp, raw
+
+
+def request_json(
+    url: str, method: str, path: str, token: str | None, *, body: Any = None, timeout: float = 300.0
+) -> Any:
+    """One JSON request; BackupError with the server's message on a non-200 answer."""
+    data = None if body is None else json.dumps(body).encode()
+    ctype = "application/json" if data else None
+    _, raw = request(url, method, path, token, body=data, content_type=ctype, timeout=timeout)
     return json.loads(raw)
 
 
@@ -202,22 +221,10 @@ def push_backup(
         raise BackupError(f"restore: {directory} is not a valid backup: {'; '.join(report['errors'])}")
     doc = read_manifest(directory)
     assert doc is not None
-    conn = _connect(url, timeout)
-    try:
-        conn.request(
-            "POST", "/admin/restore", body=_stream_body(directory, doc),
-            headers=_headers(token, STREAM_CONTENT_TYPE), encode_chunked=True,
-        )  # fmt: skip
-        resp = conn.getresponse()
-        raw = resp.read()
-    except OSError as exc:
-        raise BackupError(f"POST {url}/admin/restore: {exc}") from None
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise BackupError(
-            f"POST {url}/admin/restore: HTTP {resp.status}: {raw[:300].decode('utf-8', 'replace')}"
-        )
+    _, raw = request(
+        url, "POST", "/admin/restore", token, body=_stream_body(directory, doc),
+        content_type=STREAM_CONTENT_TYPE, chunked=True, timeout=timeout,
+    )  # fmt: skip
     result: dict[str, Any] = json.loads(raw)
     return result
 

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from kvcache_engine.config import pool_blocks
+from kvcache_engine.wire import WireError, decode_json_object
 
 if TYPE_CHECKING:
     from kvcache_engine.engine import KVCacheEngine
@@ -447,14 +448,10 @@ class _DebugRoutes:
             self.profiler.request_done()
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
         try:
-            doc = json.loads(raw or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DebugError(f"body is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise DebugError(f"body must be a JSON object, got {type(doc).__name__}")
-        return doc
+            return decode_json_object(await request.read() or b"{}", "body")
+        except WireError as exc:
+            raise DebugError(str(exc)) from None
 
     async def post_profile(self, request: web.Request) -> web.StreamResponse:
         if not self.engine.config.enable_profiling:
@@ -582,33 +579,16 @@ def register_debug_routes(
 
 def cmd_profile(args: Any) -> int:
     """``kvcache-engine profile --url URL --out trace.json [--requests N | --seconds S]``."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    from kvcache_engine.backup import _read_token
+    from kvcache_engine.backup import _read_token, request
 
     body: dict[str, Any] = (
         {"seconds": args.seconds} if args.seconds is not None else {"requests": args.requests}
     )
     body["timeout_s"] = args.timeout
-    parts = urlsplit(args.url if "//" in args.url else "http://" + args.url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"--url {args.url!r}: expected http://host:port")
-    token = _read_token(args.token_file)
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=args.timeout + 60)
-    try:
-        conn.request("POST", "/admin/profile", body=json.dumps(body), headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-    except OSError as exc:
-        raise ValueError(f"POST {args.url}/admin/profile: {exc}") from None
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise ValueError(
-            f"POST {args.url}/admin/profile: HTTP {resp.status}: {data[:300].decode('utf-8', 'replace')}"
-        )
+    resp, data = request(
+        args.url, "POST", "/admin/profile", _read_token(args.token_file), body=json.dumps(body).encode(),
+        content_type="application/json", timeout=args.timeout + 60,
+    )  # fmt: skip
     Path(args.out).write_bytes(data)
     events = len(json.loads(data).get("traceEvents", []))
     print(

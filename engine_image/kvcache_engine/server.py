@@ -60,6 +60,7 @@ from kvcache_engine.wire import (
     WIRE_FORMAT_VERSION,
     decode_frame_header,
     decode_frame_prefix,
+    decode_json_object,
     encode_frame_header,
     encode_stream_header,
     encode_stream_segment,
@@ -410,14 +411,7 @@ class EngineServer:
         return buf
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
-        raw = await self._body(request, limit=64 * 1024 * 1024)
-        try:
-            doc = json.loads(raw or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequestError(f"body is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise BadRequestError(f"body must be a JSON object, got {type(doc).__name__}")
-        return doc
+        return decode_json_object(await self._body(request, limit=64 * 1024 * 1024) or b"{}", "body")
 
     def _chain(self, doc: dict[str, Any]) -> tuple[str, list[int]]:
         """("hashes"|"tokens", values) from a request, bounded by max_blocks_per_request."""

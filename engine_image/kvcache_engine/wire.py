@@ -43,6 +43,7 @@ __all__ = [
     "WIRE_FORMAT_VERSION",
     "WireError",
     "decode_frame_header",
+    "decode_json_object",
     "encode_frame_header",
     "node_id",
     "parse_hashes",
@@ -89,15 +90,20 @@ def decode_frame_prefix(prefix: bytes, magic: bytes = FRAME_MAGIC) -> int:
     return int(length)
 
 
+def decode_json_object(raw: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
+    """Parse ``raw`` as one JSON object; WireError naming ``what`` and the problem otherwise."""
+    try:
+        doc = json.loads(bytes(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise WireError(f"{what} must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 def decode_frame_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Parse a JSON frame header (a JSON object), WireError naming the problem otherwise."""
-    try:
-        header = json.loads(bytes(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"frame: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise WireError(f"frame: header must be a JSON object, got {type(header).__name__}")
-    return header
+    return decode_json_object(raw, "frame: header")
 
 
 def split_frame(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
