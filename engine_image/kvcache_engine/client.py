@@ -29,10 +29,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -71,6 +71,7 @@ __all__ = [
 
 log = logging.getLogger("kvcache_engine.client")
 T = TypeVar("T")
+_ConnT = TypeVar("_ConnT")
 
 DEFAULT_PORT = 8080
 _MAX_HEAD_BYTES = 64 * 1024
@@ -543,6 +544,76 @@ def _tokens_list(tokens: Any) -> list[int]:
 # --- the core shared by both clients --------------------------------------------------------
 
 
+def _hashes_body(hashes: list[int]) -> bytes:
+    return json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
+
+
+_NO_ENDPOINT = "no endpoint available (none configured, or every breaker is open)"
+
+
+@dataclass
+class _Call(Generic[T]):
+    """One cache call ready to send (sans I/O): the chain it is about, the request, the time
+    budget, the parser of the answer's body (run inside the breaker's scope) and, for a get,
+    the sink its frame is received into."""
+
+    geometry: ClientGeometry
+    hashes: list[int]
+    req: _Req
+    budget: float
+    parse: Callable[[bytes], T]
+    sink: _GetSink | None = None
+
+    @property
+    def root(self) -> int:
+        """The chain's placement key (:func:`route_key`)."""
+        return route_key(self.hashes, self.geometry.route_depth)
+
+
+class _Attempt:
+    """``with`` scope of one attempt at an endpoint: reports its outcome to the endpoint's breaker
+    and lets any exception through. A 4xx answer is our fault (the endpoint is healthy); a 5xx or
+    anything else raised (garbage, timeout, cancellation) is the endpoint's."""
+
+    __slots__ = ("_breaker",)
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self._breaker = breaker
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if exc is None or (isinstance(exc, CacheServerError) and exc.status < 500):
+            self._breaker.record_success()
+        else:
+            self._breaker.record_failure()
+
+
+class _GetSink:
+    """The sans-I/O side of receiving a get's frame: validates its header and picks the tensor
+    the payload lands in (a view of ``out``, or a pooled buffer); the connection reads the bytes."""
+
+    def __init__(
+        self, core: _ClientCore, geometry: ClientGeometry, asked_blocks: int, out: torch.Tensor | None
+    ) -> None:
+        self._core = core
+        self._geometry = geometry
+        self._asked_blocks = asked_blocks
+        self._out = out
+        self.result: torch.Tensor | None = None
+
+    def tensor(self, head: _Head, header_len: int, raw_header: bytes) -> torch.Tensor:
+        """The tensor to receive the payload into, from the frame header's ``header_len`` bytes."""
+        header = decode_frame_header(raw_header)
+        body_len = head.content_length - PREFIX_BYTES - header_len
+        return self._core.get_tensor_for(self._geometry, header, self._asked_blocks, body_len, self._out)
+
+    def received(self, head: _Head, kv: torch.Tensor) -> None:
+        M_BYTES.labels("received").inc(head.content_length)
+        self.result = kv
+
+
 class _ClientCore:
     """Routing, breakers, deadlines, encoding and metrics; the subclasses only move bytes."""
 
@@ -674,6 +745,55 @@ class _ClientCore:
         the configured minimum bandwidth."""
         return self.timeout_s + nbytes / self.min_bandwidth
 
+    def retry_delay(self, attempt: int, deadline: float) -> float | None:
+        """Backoff before retrying a connection error after ``attempt`` retries (exponential from
+        ``retry_backoff_s``), or None when no retry is left or the wait would pass ``deadline``."""
+        if attempt >= self.max_retries:
+            return None
+        delay = self.retry_backoff_s * (2**attempt)
+        return None if time.monotonic() + delay >= deadline else delay
+
+    def attempts(self, root: int) -> Iterator[tuple[str, _Attempt]]:
+        """The endpoints to try for chain ``root``, in rendezvous order, each with the scope that
+        reports the attempt to its breaker; those whose breaker refuses are skipped (asked
+        lazily, just before each attempt)."""
+        for endpoint in self.route(root):
+            br = self.breaker(endpoint)
+            if br.allow():
+                yield endpoint, _Attempt(br)
+
+    # -- requests ----------------------------------------------------------------
+
+    def lookup_call(self, geometry: ClientGeometry, tokens: Any) -> _Call[int] | None:
+        """The lookup of ``tokens`` (None when they hold no full block: nothing to ask)."""
+        hashes = self.hashes(geometry, tokens)
+        if not hashes:
+            return None
+        req = _Req("POST", "/v1/lookup", "application/json", [_hashes_body(hashes)])
+        return _Call(geometry, hashes, req, self.timeout_s, _field_parser("cached_blocks", len(hashes)))
+
+    def get_call(
+        self, geometry: ClientGeometry, tokens: Any, out: torch.Tensor | None
+    ) -> _Call[bytes] | None:
+        """The get of ``tokens`` (None when they hold no full block); its frame is received
+        into ``call.sink`` (into ``out`` when that is large enough)."""
+        hashes = self.hashes(geometry, tokens)
+        if not hashes:
+            return None
+        budget = self.deadline_for(len(hashes) * geometry.block_bytes())
+        req = _Req("POST", "/v1/get", "application/json", [_hashes_body(hashes)])
+        return _Call(geometry, hashes, req, budget, bytes, _GetSink(self, geometry, len(hashes), out))
+
+    def put_call(self, geometry: ClientGeometry, tokens: Any, kv: torch.Tensor) -> _Call[int] | None:
+        """The put of the full blocks of ``tokens`` with their KV (None when there is none)."""
+        hashes = self.hashes(geometry, tokens)
+        if not hashes:
+            return None
+        head, payload = self.put_frame(geometry, hashes, kv)
+        budget = self.deadline_for(payload.nbytes)
+        req = _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload])
+        return _Call(geometry, hashes, req, budget, _field_parser("stored_blocks", len(hashes)))
+
     # -- encoding ----------------------------------------------------------------
 
     def hashes(self, geometry: ClientGeometry, tokens: Any) -> list[int]:
@@ -760,6 +880,26 @@ class _ClientCore:
         M_REQUESTS.labels(op, "ok").inc()
         M_LATENCY.labels(op).observe(time.perf_counter() - started)
 
+    def lookup_done(self, call: _Call[int], blocks: int, started: float) -> int:
+        """Count a successful lookup that found ``blocks`` blocks; the cached tokens."""
+        hit = blocks * call.geometry.block_tokens
+        self.count_lookup(len(call.hashes) * call.geometry.block_tokens, hit)
+        self.ok("lookup", started)
+        return hit
+
+    def get_done(self, call: _Call[bytes], started: float) -> torch.Tensor | None:
+        """Count a successful get; its result (None when nothing was cached)."""
+        kv = call.sink.result if call.sink is not None else None
+        n = 0 if kv is None else int(kv.shape[2])
+        self.count_lookup(len(call.hashes) * call.geometry.block_tokens, n)
+        self.ok("get", started)
+        return kv if n else None
+
+    def get_failed(self, exc: BaseException, started: float) -> None:
+        """Count a failed get (a miss of nothing requested); re-raise in strict mode."""
+        self.fail("get", exc, started)
+        self.count_lookup(0, 0)
+
     @staticmethod
     def count_lookup(requested_tokens: int, hit_tokens: int) -> None:
         M_REQUESTED_TOKENS.inc(requested_tokens)
@@ -785,6 +925,69 @@ def _wire_exc(exc: BaseException) -> KVCacheClientError:
     if isinstance(exc, WireError):
         return CacheProtocolError(str(exc))
     return CacheUnavailableError(f"{type(exc).__name__}: {exc}")
+
+
+# --- what both clients share ----------------------------------------------------------------
+
+
+class _ClientBase(Generic[_ConnT]):
+    """The constructor (parameters: see :class:`KVCacheClient`), the connection contract and
+    the breakers of both clients. A subclass sets up its own put queue and worker in
+    :meth:`_init_io` and only moves bytes: routing, encoding and accounting are ``_core``'s."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | None = None,
+        *,
+        service: str | None = None,
+        token: str | None = None,
+        token_file: str | None = None,
+        config: KVCacheConfig | None = None,
+        timeout_s: float = 0.05,
+        min_bandwidth_mib_s: float = 200.0,
+        max_retries: int = 2,
+        retry_backoff_s: float = 0.005,
+        failure_threshold: int = 3,
+        reset_timeout_s: float = 1.0,
+        put_queue_size: int = 64,
+        pool_size: int = 8,
+        strict: bool = False,
+        port: int = DEFAULT_PORT,
+        dns_refresh_s: float = 30.0,
+        recv_pool_mb: int = 256,
+    ) -> None:
+        self._core = _ClientCore(
+            endpoints, service, token=token, token_file=token_file, config=config, timeout_s=timeout_s,
+            min_bandwidth_mib_s=min_bandwidth_mib_s, max_retries=max_retries, retry_backoff_s=retry_backoff_s,
+            failure_threshold=failure_threshold, reset_timeout_s=reset_timeout_s,
+            put_queue_size=put_queue_size, strict=strict, port=port, dns_refresh_s=dns_refresh_s,
+            recv_pool_mb=recv_pool_mb,
+        )  # fmt: skip
+        self._pool: dict[str, list[_ConnT]] = {}
+        self._pool_size = pool_size
+        self._init_io()
+
+    def _init_io(self) -> None:
+        """Set up the subclass's own I/O state (called last in ``__init__``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_connection(cls, path: str | os.PathLike[str], **overrides: Any) -> Self:
+        """A client for the KVCache whose ``<name>-connection`` ConfigMap is mounted at ``path``
+        (see :func:`read_connection`): the headless Service and port, the geometry (no
+        ``/v1/config`` round trip), and the token file (:func:`connection_token_file`).
+        ``overrides`` are constructor arguments (``timeout_s=...``, ``endpoints=[...]``, ...).
+        ValueError when the contract is unreadable or of an unknown ``formatVersion``."""
+        return cls(**_connection_kwargs(path, overrides))
+
+    @property
+    def strict(self) -> bool:
+        """Whether failures raise :class:`KVCacheClientError` instead of degrading to 0/None."""
+        return self._core.strict
+
+    def breaker(self, endpoint: str) -> CircuitBreaker:
+        """The circuit breaker of one endpoint (``http://host:port``)."""
+        return self._core.breaker(self._core._normalise(endpoint))
 
 
 # --- the synchronous client -------------------------------------------------------------------
@@ -850,8 +1053,16 @@ class _SyncConn:
         self.read_into(memoryview(out), deadline)
         return bytes(out)
 
+    def receive(self, sink: _GetSink, head: _Head, deadline: float) -> None:
+        """Receive a get's frame: its header, then the payload straight into the sink's tensor."""
+        hlen = decode_frame_prefix(self.read_exact(PREFIX_BYTES, deadline))
+        kv = sink.tensor(head, hlen, self.read_exact(hlen, deadline))
+        if kv.numel():
+            self.read_into(byte_view(kv), deadline)
+        sink.received(head, kv)
 
-class KVCacheClient:
+
+class KVCacheClient(_ClientBase[_SyncConn]):
     """Synchronous client. See the module docstring for the guarantees.
 
     Parameters: ``endpoints`` (``http://host:port`` list) or ``service`` (a headless Service DNS
@@ -861,60 +1072,16 @@ class KVCacheClient:
     ``retry_backoff_s`` (connection errors only, within the deadline), ``failure_threshold``/
     ``reset_timeout_s`` (circuit breaker), ``put_queue_size`` (fire-and-forget queue),
     ``strict`` (raise instead of degrading), ``recv_pool_mb`` (warm receive buffers for gets
-    without ``out=``; see :meth:`get`).
+    without ``out=``; see :meth:`get`), ``pool_size`` (kept-alive connections per endpoint),
+    ``port`` (when ``service`` names none) and ``dns_refresh_s`` (how often ``service`` is
+    re-resolved).
     """
 
-    def __init__(
-        self,
-        endpoints: Sequence[str] | None = None,
-        *,
-        service: str | None = None,
-        token: str | None = None,
-        token_file: str | None = None,
-        config: KVCacheConfig | None = None,
-        timeout_s: float = 0.05,
-        min_bandwidth_mib_s: float = 200.0,
-        max_retries: int = 2,
-        retry_backoff_s: float = 0.005,
-        failure_threshold: int = 3,
-        reset_timeout_s: float = 1.0,
-        put_queue_size: int = 64,
-        pool_size: int = 8,
-        strict: bool = False,
-        port: int = DEFAULT_PORT,
-        dns_refresh_s: float = 30.0,
-        recv_pool_mb: int = 256,
-    ) -> None:
-        self._core = _ClientCore(
-            endpoints, service, token=token, token_file=token_file, config=config, timeout_s=timeout_s,
-            min_bandwidth_mib_s=min_bandwidth_mib_s, max_retries=max_retries, retry_backoff_s=retry_backoff_s,
-            failure_threshold=failure_threshold, reset_timeout_s=reset_timeout_s,
-            put_queue_size=put_queue_size, strict=strict, port=port, dns_refresh_s=dns_refresh_s,
-            recv_pool_mb=recv_pool_mb,
-        )  # fmt: skip
-        self._pool: dict[str, list[_SyncConn]] = {}
-        self._pool_size = pool_size
+    def _init_io(self) -> None:
         self._pool_lock = threading.Lock()
         self._queue: Any = None
         self._worker: threading.Thread | None = None
         self._closed = False
-
-    @classmethod
-    def from_connection(cls, path: str | os.PathLike[str], **overrides: Any) -> KVCacheClient:
-        """A client for the KVCache whose ``<name>-connection`` ConfigMap is mounted at ``path``
-        (see :func:`read_connection`): the headless Service and port, the geometry (no
-        ``/v1/config`` round trip), and the token file (:func:`connection_token_file`).
-        ``overrides`` are constructor arguments (``timeout_s=...``, ``endpoints=[...]``, ...).
-        ValueError when the contract is unreadable or of an unknown ``formatVersion``."""
-        return cls(**_connection_kwargs(path, overrides))
-
-    @property
-    def strict(self) -> bool:
-        return self._core.strict
-
-    def breaker(self, endpoint: str) -> CircuitBreaker:
-        """The circuit breaker of one endpoint (``http://host:port``)."""
-        return self._core.breaker(self._core._normalise(endpoint))
 
     # -- public API ----------------------------------------------------------------
 
@@ -922,21 +1089,14 @@ class KVCacheClient:
         """Cached leading tokens of ``tokens`` (a multiple of block_tokens); 0 on any failure."""
         started = time.perf_counter()
         try:
-            geo = self._geometry(time.monotonic() + self._core.timeout_s)
-            hashes = self._core.hashes(geo, tokens)
-            if not hashes:
+            call = self._core.lookup_call(self._geometry(time.monotonic() + self._core.timeout_s), tokens)
+            if call is None:
                 return 0
-            body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
-            req = _Req("POST", "/v1/lookup", "application/json", [body])
-            parse = _field_parser("cached_blocks", len(hashes))
-            blocks = self._call(route_key(hashes, geo.route_depth), req, self._core.timeout_s, None, parse)
+            blocks = self._call(call)
         except Exception as exc:  # never into inference (strict re-raises in fail())
             self._core.fail("lookup", exc, started)
             return 0
-        hit = blocks * geo.block_tokens
-        self._core.count_lookup(len(hashes) * geo.block_tokens, hit)
-        self._core.ok("lookup", started)
-        return hit
+        return self._core.lookup_done(call, blocks, started)
 
     def get(self, tokens: Any, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """KV ``[2, L, n, H, D]`` of the cached prefix, or None when nothing is cached or on failure.
@@ -952,20 +1112,14 @@ class KVCacheClient:
         128 MiB allocation per call."""
         started = time.perf_counter()
         try:
-            geo = self._geometry(time.monotonic() + self._core.timeout_s)
-            hashes = self._core.hashes(geo, tokens)
-            if not hashes:
+            call = self._core.get_call(self._geometry(time.monotonic() + self._core.timeout_s), tokens, out)
+            if call is None:
                 return None
-            budget = self._core.deadline_for(len(hashes) * geo.block_bytes())
-            kv = self._call_get(geo, hashes, budget, out)
+            self._call(call)
         except Exception as exc:
-            self._core.fail("get", exc, started)
-            self._core.count_lookup(0, 0)
+            self._core.get_failed(exc, started)
             return None
-        n = 0 if kv is None else int(kv.shape[2])
-        self._core.count_lookup(len(hashes) * geo.block_tokens, n)
-        self._core.ok("get", started)
-        return kv if n else None
+        return self._core.get_done(call, started)
 
     def put(self, tokens: Any, kv: torch.Tensor, *, wait: bool = False) -> int:
         """Store the full blocks of ``tokens`` with their KV ``[2, L, n, H, D]``.
@@ -1030,19 +1184,10 @@ class KVCacheClient:
     def _put_now(self, tokens: Any, kv: torch.Tensor) -> int:
         started = time.perf_counter()
         try:
-            geo = self._geometry(time.monotonic() + self._core.timeout_s)
-            hashes = self._core.hashes(geo, tokens)
-            if not hashes:
+            call = self._core.put_call(self._geometry(time.monotonic() + self._core.timeout_s), tokens, kv)
+            if call is None:
                 return 0
-            head, payload = self._core.put_frame(geo, hashes, kv)
-            budget = self._core.deadline_for(payload.nbytes)
-            stored = self._call(
-                route_key(hashes, geo.route_depth),
-                _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]),
-                budget,
-                None,
-                _field_parser("stored_blocks", len(hashes)),
-            )
+            stored = self._call(call)
         except Exception as exc:
             self._core.fail("put", exc, started)
             return 0
@@ -1092,86 +1237,32 @@ class KVCacheClient:
                 last = exc
         raise last
 
-    def _call_get(
-        self, geo: ClientGeometry, hashes: list[int], budget: float, buffer: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
-        holder: list[torch.Tensor] = []
-
-        def receive(conn: _SyncConn, head: _Head, deadline: float) -> None:
-            prefix = conn.read_exact(PREFIX_BYTES, deadline)
-            hlen = decode_frame_prefix(prefix)
-            header = decode_frame_header(conn.read_exact(hlen, deadline))
-            body_len = head.content_length - PREFIX_BYTES - hlen
-            out = self._core.get_tensor_for(geo, header, len(hashes), body_len, buffer)
-            if out.numel():
-                conn.read_into(byte_view(out), deadline)
-            M_BYTES.labels("received").inc(head.content_length)
-            holder.append(out)
-
-        key = route_key(hashes, geo.route_depth)
-        self._call(key, _Req("POST", "/v1/get", "application/json", [body]), budget, receive, bytes)
-        return holder[0] if holder else None
-
-    def _call(
-        self,
-        root: int,
-        req: _Req,
-        budget: float,
-        receive: Callable[[_SyncConn, _Head, float], None] | None,
-        parse: Callable[[bytes], T],
-    ) -> T:
+    def _call(self, call: _Call[T]) -> T:
         """Route to the chain's replica (first with a closed/probing breaker), exchange, and
         ``parse`` the body — a garbage answer is that endpoint's failure for its breaker."""
-        deadline = time.monotonic() + budget
-        for endpoint in self._core.route(root):
-            br = self._core.breaker(endpoint)
-            if not br.allow():
-                continue
-            try:
-                out = parse(self._exchange(endpoint, req, deadline, receive))
-            except CacheServerError as exc:
-                # 5xx is the endpoint's fault; 4xx is ours (the endpoint is healthy).
-                (br.record_failure if exc.status >= 500 else br.record_success)()
-                raise
-            except BaseException:
-                br.record_failure()
-                raise
-            br.record_success()
-            return out
-        raise CacheUnavailableError("no endpoint available (none configured, or every breaker is open)")
+        deadline = time.monotonic() + call.budget
+        for endpoint, attempt in self._core.attempts(call.root):
+            with attempt:
+                return call.parse(self._exchange(endpoint, call.req, deadline, call.sink))
+        raise CacheUnavailableError(_NO_ENDPOINT)
 
-    def _exchange(
-        self,
-        endpoint: str,
-        req: _Req,
-        deadline: float,
-        receive: Callable[[_SyncConn, _Head, float], None] | None,
-    ) -> bytes:
+    def _exchange(self, endpoint: str, req: _Req, deadline: float, sink: _GetSink | None) -> bytes:
         """One request/response with retries on connection errors (backoff, within deadline)."""
         attempt = 0
         while True:
             try:
-                return self._exchange_once(endpoint, req, deadline, receive)
+                return self._exchange_once(endpoint, req, deadline, sink)
             except _RetryableConnError:
                 if attempt >= self._core.max_retries:
                     raise
             except CacheUnavailableError:
-                if attempt >= self._core.max_retries:
-                    raise
-                delay = self._core.retry_backoff_s * (2**attempt)
-                if time.monotonic() + delay >= deadline:
+                delay = self._core.retry_delay(attempt, deadline)
+                if delay is None:
                     raise
                 time.sleep(delay)
             attempt += 1
 
-    def _exchange_once(
-        self,
-        endpoint: str,
-        req: _Req,
-        deadline: float,
-        receive: Callable[[_SyncConn, _Head, float], None] | None,
-    ) -> bytes:
+    def _exchange_once(self, endpoint: str, req: _Req, deadline: float, sink: _GetSink | None) -> bytes:
         conn = self._checkout(endpoint, deadline)
         length = req.nbytes()
         token = self._core.token()
@@ -1179,13 +1270,13 @@ class KVCacheClient:
             conn.send([_request_head(req, conn.host, token, length), *req.parts], deadline)
             M_BYTES.labels("sent").inc(length)
             head = conn.read_head(deadline)
-            if head.status != 200 or receive is None:
+            if head.status != 200 or sink is None:
                 body = conn.read_exact(head.content_length, deadline) if head.content_length else b""
                 if head.status != 200:
                     raise CacheServerError(head.status, _error_message(body))
                 M_BYTES.labels("received").inc(len(body))
             else:
-                receive(conn, head, deadline)
+                conn.receive(sink, head, deadline)
                 body = b""
         except KVCacheClientError:
             conn.close()  # an error response or garbage: do not reuse a socket in doubt
@@ -1262,115 +1353,48 @@ class _AsyncConn:
             view[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
 
+    async def receive(self, sink: _GetSink, head: _Head) -> None:
+        """Receive a get's frame: its header, then the payload straight into the sink's tensor."""
+        hlen = decode_frame_prefix(await self.read_exact(PREFIX_BYTES))
+        kv = sink.tensor(head, hlen, await self.read_exact(hlen))
+        if kv.numel():
+            await self.read_into(byte_view(kv))
+        sink.received(head, kv)
 
-class AsyncKVCacheClient:
+
+class AsyncKVCacheClient(_ClientBase[_AsyncConn]):
     """asyncio twin of :class:`KVCacheClient` (same parameters, same guarantees); its methods
     are coroutines. Use it from one event loop; ``await client.aclose()`` when done."""
 
-    def __init__(
-        self,
-        endpoints: Sequence[str] | None = None,
-        *,
-        service: str | None = None,
-        token: str | None = None,
-        token_file: str | None = None,
-        config: KVCacheConfig | None = None,
-        timeout_s: float = 0.05,
-        min_bandwidth_mib_s: float = 200.0,
-        max_retries: int = 2,
-        retry_backoff_s: float = 0.005,
-        failure_threshold: int = 3,
-        reset_timeout_s: float = 1.0,
-        put_queue_size: int = 64,
-        pool_size: int = 8,
-        strict: bool = False,
-        port: int = DEFAULT_PORT,
-        dns_refresh_s: float = 30.0,
-        recv_pool_mb: int = 256,
-    ) -> None:
-        self._core = _ClientCore(
-            endpoints, service, token=token, token_file=token_file, config=config, timeout_s=timeout_s,
-            min_bandwidth_mib_s=min_bandwidth_mib_s, max_retries=max_retries, retry_backoff_s=retry_backoff_s,
-            failure_threshold=failure_threshold, reset_timeout_s=reset_timeout_s,
-            put_queue_size=put_queue_size, strict=strict, port=port, dns_refresh_s=dns_refresh_s,
-            recv_pool_mb=recv_pool_mb,
-        )  # fmt: skip
-        self._pool: dict[str, list[_AsyncConn]] = {}
-        self._pool_size = pool_size
+    def _init_io(self) -> None:
         self._queue: asyncio.Queue[tuple[Any, Any]] | None = None
         self._worker: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_connection(cls, path: str | os.PathLike[str], **overrides: Any) -> AsyncKVCacheClient:
-        """A client for the KVCache whose ``<name>-connection`` ConfigMap is mounted at ``path``
-        (see :func:`read_connection`): the headless Service and port, the geometry (no
-        ``/v1/config`` round trip), and the token file (:func:`connection_token_file`).
-        ``overrides`` are constructor arguments (``timeout_s=...``, ``endpoints=[...]``, ...).
-        ValueError when the contract is unreadable or of an unknown ``formatVersion``."""
-        return cls(**_connection_kwargs(path, overrides))
-
-    @property
-    def strict(self) -> bool:
-        return self._core.strict
-
-    def breaker(self, endpoint: str) -> CircuitBreaker:
-        return self._core.breaker(self._core._normalise(endpoint))
 
     async def lookup(self, tokens: Any) -> int:
         """Cached leading tokens; 0 on any failure (see :meth:`KVCacheClient.lookup`)."""
         started = time.perf_counter()
         try:
-            geo = await self._geometry(self._core.timeout_s)
-            hashes = self._core.hashes(geo, tokens)
-            if not hashes:
+            call = self._core.lookup_call(await self._geometry(self._core.timeout_s), tokens)
+            if call is None:
                 return 0
-            body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
-            req = _Req("POST", "/v1/lookup", "application/json", [body])
-            parse = _field_parser("cached_blocks", len(hashes))
-            blocks = await self._call(
-                route_key(hashes, geo.route_depth), req, self._core.timeout_s, None, parse
-            )
+            blocks = await self._call(call)
         except Exception as exc:
             self._core.fail("lookup", exc, started)
             return 0
-        hit = blocks * geo.block_tokens
-        self._core.count_lookup(len(hashes) * geo.block_tokens, hit)
-        self._core.ok("lookup", started)
-        return hit
+        return self._core.lookup_done(call, blocks, started)
 
     async def get(self, tokens: Any, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """KV of the cached prefix or None (see :meth:`KVCacheClient.get`, ``out`` included)."""
-        buffer = out
         started = time.perf_counter()
         try:
-            geo = await self._geometry(self._core.timeout_s)
-            hashes = self._core.hashes(geo, tokens)
-            if not hashes:
+            call = self._core.get_call(await self._geometry(self._core.timeout_s), tokens, out)
+            if call is None:
                 return None
-            body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
-            holder: list[torch.Tensor] = []
-
-            async def receive(conn: _AsyncConn, head: _Head) -> None:
-                hlen = decode_frame_prefix(await conn.read_exact(PREFIX_BYTES))
-                header = decode_frame_header(await conn.read_exact(hlen))
-                body_len = head.content_length - PREFIX_BYTES - hlen
-                kv = self._core.get_tensor_for(geo, header, len(hashes), body_len, buffer)
-                if kv.numel():
-                    await conn.read_into(byte_view(kv))
-                M_BYTES.labels("received").inc(head.content_length)
-                holder.append(kv)
-
-            budget = self._core.deadline_for(len(hashes) * geo.block_bytes())
-            get_req = _Req("POST", "/v1/get", "application/json", [body])
-            await self._call(route_key(hashes, geo.route_depth), get_req, budget, receive, bytes)
+            await self._call(call)
         except Exception as exc:
-            self._core.fail("get", exc, started)
-            self._core.count_lookup(0, 0)
+            self._core.get_failed(exc, started)
             return None
-        n = int(holder[0].shape[2]) if holder else 0
-        self._core.count_lookup(len(hashes) * geo.block_tokens, n)
-        self._core.ok("get", started)
-        return holder[0] if n else None
+        return self._core.get_done(call, started)
 
     async def put(self, tokens: Any, kv: torch.Tensor, *, wait: bool = False) -> int:
         """Fire-and-forget (1 queued / 0 dropped) or, with ``wait=True``, blocks newly stored."""
@@ -1431,19 +1455,10 @@ class AsyncKVCacheClient:
     async def _put_now(self, tokens: Any, kv: torch.Tensor) -> int:
         started = time.perf_counter()
         try:
-            geo = await self._geometry(self._core.timeout_s)
-            hashes = self._core.hashes(geo, tokens)
-            if not hashes:
+            call = self._core.put_call(await self._geometry(self._core.timeout_s), tokens, kv)
+            if call is None:
                 return 0
-            head, payload = self._core.put_frame(geo, hashes, kv)
-            budget = self._core.deadline_for(payload.nbytes)
-            stored = await self._call(
-                route_key(hashes, geo.route_depth),
-                _Req("POST", "/v1/put", FRAME_CONTENT_TYPE, [head, payload]),
-                budget,
-                None,
-                _field_parser("stored_blocks", len(hashes)),
-            )
+            stored = await self._call(call)
         except Exception as exc:
             self._core.fail("put", exc, started)
             return 0
@@ -1469,53 +1484,30 @@ class AsyncKVCacheClient:
             return self._core.set_geometry(_json_body(raw))
         raise last
 
-    async def _call(
-        self,
-        root: int,
-        req: _Req,
-        budget: float,
-        receive: Callable[[_AsyncConn, _Head], Any] | None,
-        parse: Callable[[bytes], T],
-    ) -> T:
-        for endpoint in self._core.route(root):
-            br = self._core.breaker(endpoint)
-            if not br.allow():
-                continue
-            try:
-                out = parse(await self._exchange(endpoint, req, budget, receive))
-            except CacheServerError as exc:
-                (br.record_failure if exc.status >= 500 else br.record_success)()
-                raise
-            except BaseException:
-                br.record_failure()
-                raise
-            br.record_success()
-            return out
-        raise CacheUnavailableError("no endpoint available (none configured, or every breaker is open)")
+    async def _call(self, call: _Call[T]) -> T:
+        """As :meth:`KVCacheClient._call`, but each endpoint tried gets the whole budget."""
+        for endpoint, attempt in self._core.attempts(call.root):
+            with attempt:
+                return call.parse(await self._exchange(endpoint, call.req, call.budget, call.sink))
+        raise CacheUnavailableError(_NO_ENDPOINT)
 
-    async def _exchange(
-        self, endpoint: str, req: _Req, budget: float, receive: Callable[[_AsyncConn, _Head], Any] | None
-    ) -> bytes:
+    async def _exchange(self, endpoint: str, req: _Req, budget: float, sink: _GetSink | None) -> bytes:
         deadline = time.monotonic() + budget
         attempt = 0
         while True:
             try:
                 async with asyncio.timeout(_remaining(deadline)):
-                    return await self._exchange_once(endpoint, req, receive)
+                    return await self._exchange_once(endpoint, req, sink)
             except TimeoutError:
                 raise CacheTimeoutError("deadline exceeded") from None
             except CacheUnavailableError:
-                if attempt >= self._core.max_retries:
-                    raise
-                delay = self._core.retry_backoff_s * (2**attempt)
-                if time.monotonic() + delay >= deadline:
+                delay = self._core.retry_delay(attempt, deadline)
+                if delay is None:
                     raise
                 await asyncio.sleep(delay)
             attempt += 1
 
-    async def _exchange_once(
-        self, endpoint: str, req: _Req, receive: Callable[[_AsyncConn, _Head], Any] | None
-    ) -> bytes:
+    async def _exchange_once(self, endpoint: str, req: _Req, sink: _GetSink | None) -> bytes:
         conn = await self._checkout(endpoint)
         length = req.nbytes()
         ok = False
@@ -1526,14 +1518,14 @@ class AsyncKVCacheClient:
             await conn.writer.drain()
             M_BYTES.labels("sent").inc(length)
             head = await conn.read_head()
-            if head.status != 200 or receive is None:
+            if head.status != 200 or sink is None:
                 body = await conn.read_exact(head.content_length) if head.content_length else b""
                 if head.status != 200:
                     ok = head.keep_alive
                     raise CacheServerError(head.status, _error_message(body))
                 M_BYTES.labels("received").inc(len(body))
             else:
-                await receive(conn, head)
+                await conn.receive(sink, head)
                 body = b""
             ok = head.keep_alive
         except (OSError, WireError) as exc:
