@@ -549,6 +549,7 @@ def _hashes_body(hashes: list[int]) -> bytes:
 
 
 _NO_ENDPOINT = "no endpoint available (none configured, or every breaker is open)"
+_CONFIG_REQ = _Req("GET", "/v1/config")
 
 
 @dataclass
@@ -753,11 +754,12 @@ class _ClientCore:
         delay = self.retry_backoff_s * (2**attempt)
         return None if time.monotonic() + delay >= deadline else delay
 
-    def attempts(self, root: int) -> Iterator[tuple[str, _Attempt]]:
-        """The endpoints to try for chain ``root``, in rendezvous order, each with the scope that
-        reports the attempt to its breaker; those whose breaker refuses are skipped (asked
-        lazily, just before each attempt)."""
-        for endpoint in self.route(root):
+    def attempts(self, root: int | None) -> Iterator[tuple[str, _Attempt]]:
+        """The endpoints to try for chain ``root`` in rendezvous order (every endpoint for
+        ``None``: the geometry, which any replica serves), each with the scope that reports the
+        attempt to its breaker; those whose breaker refuses are skipped (asked lazily, just
+        before each attempt)."""
+        for endpoint in self.endpoints() if root is None else self.route(root):
             br = self.breaker(endpoint)
             if br.allow():
                 yield endpoint, _Attempt(br)
@@ -1219,21 +1221,18 @@ class KVCacheClient(_ClientBase[_SyncConn]):
                 self._queue.task_done()
 
     def _geometry(self, deadline: float) -> ClientGeometry:
+        """The engine geometry: given, or fetched once from the first replica that serves a
+        valid ``GET /v1/config`` (a failing one counts against its breaker; the next is asked)."""
         geo = self._core._geometry
         if geo is not None:
             return geo
-        last: BaseException = CacheUnavailableError("no endpoints configured")
-        for endpoint in self._core.endpoints():
-            if not self._core.breaker(endpoint).allow():
-                continue
+        last: Exception = CacheUnavailableError(_NO_ENDPOINT)
+        for endpoint, attempt in self._core.attempts(None):
             try:
-                raw = self._exchange(endpoint, _Req("GET", "/v1/config"), deadline, None)
-                self._core.breaker(endpoint).record_success()
-                return self._core.set_geometry(_json_body(raw))
-            except (CacheUnavailableError, CacheTimeoutError, CacheProtocolError) as exc:
-                self._core.breaker(endpoint).record_failure()
-                last = exc
-            except Exception as exc:
+                with attempt:
+                    raw = self._exchange(endpoint, _CONFIG_REQ, deadline, None)
+                    return self._core.set_geometry(_json_body(raw))
+            except Exception as exc:  # this replica's failure, recorded by its breaker
                 last = exc
         raise last
 
@@ -1278,8 +1277,12 @@ class KVCacheClient(_ClientBase[_SyncConn]):
             else:
                 conn.receive(sink, head, deadline)
                 body = b""
+        except CacheServerError:
+            # A complete error answer (status, length, body read): the socket is in a known state.
+            self._checkin(endpoint, conn) if head.keep_alive else conn.close()
+            raise
         except KVCacheClientError:
-            conn.close()  # an error response or garbage: do not reuse a socket in doubt
+            conn.close()  # garbage: do not reuse a socket in doubt
             raise
         except (OSError, WireError) as exc:
             conn.close()
@@ -1374,7 +1377,9 @@ class AsyncKVCacheClient(_ClientBase[_AsyncConn]):
         """Cached leading tokens; 0 on any failure (see :meth:`KVCacheClient.lookup`)."""
         started = time.perf_counter()
         try:
-            call = self._core.lookup_call(await self._geometry(self._core.timeout_s), tokens)
+            call = self._core.lookup_call(
+                await self._geometry(time.monotonic() + self._core.timeout_s), tokens
+            )
             if call is None:
                 return 0
             blocks = await self._call(call)
@@ -1387,7 +1392,9 @@ class AsyncKVCacheClient(_ClientBase[_AsyncConn]):
         """KV of the cached prefix or None (see :meth:`KVCacheClient.get`, ``out`` included)."""
         started = time.perf_counter()
         try:
-            call = self._core.get_call(await self._geometry(self._core.timeout_s), tokens, out)
+            call = self._core.get_call(
+                await self._geometry(time.monotonic() + self._core.timeout_s), tokens, out
+            )
             if call is None:
                 return None
             await self._call(call)
@@ -1455,7 +1462,9 @@ class AsyncKVCacheClient(_ClientBase[_AsyncConn]):
     async def _put_now(self, tokens: Any, kv: torch.Tensor) -> int:
         started = time.perf_counter()
         try:
-            call = self._core.put_call(await self._geometry(self._core.timeout_s), tokens, kv)
+            call = self._core.put_call(
+                await self._geometry(time.monotonic() + self._core.timeout_s), tokens, kv
+            )
             if call is None:
                 return 0
             stored = await self._call(call)
@@ -1465,34 +1474,31 @@ class AsyncKVCacheClient(_ClientBase[_AsyncConn]):
         self._core.ok("put", started)
         return stored
 
-    async def _geometry(self, budget: float) -> ClientGeometry:
+    async def _geometry(self, deadline: float) -> ClientGeometry:
+        """As :meth:`KVCacheClient._geometry`."""
         geo = self._core._geometry
         if geo is not None:
             return geo
-        last: BaseException = CacheUnavailableError("no endpoints configured")
-        for endpoint in self._core.endpoints():
-            br = self._core.breaker(endpoint)
-            if not br.allow():
-                continue
+        last: Exception = CacheUnavailableError(_NO_ENDPOINT)
+        for endpoint, attempt in self._core.attempts(None):
             try:
-                raw = await self._exchange(endpoint, _Req("GET", "/v1/config"), budget, None)
-            except KVCacheClientError as exc:
-                br.record_failure()
+                with attempt:
+                    raw = await self._exchange(endpoint, _CONFIG_REQ, deadline, None)
+                    return self._core.set_geometry(_json_body(raw))
+            except Exception as exc:  # this replica's failure, recorded by its breaker
                 last = exc
-                continue
-            br.record_success()
-            return self._core.set_geometry(_json_body(raw))
         raise last
 
     async def _call(self, call: _Call[T]) -> T:
-        """As :meth:`KVCacheClient._call`, but each endpoint tried gets the whole budget."""
+        """As :meth:`KVCacheClient._call`."""
+        deadline = time.monotonic() + call.budget
         for endpoint, attempt in self._core.attempts(call.root):
             with attempt:
-                return call.parse(await self._exchange(endpoint, call.req, call.budget, call.sink))
+                return call.parse(await self._exchange(endpoint, call.req, deadline, call.sink))
         raise CacheUnavailableError(_NO_ENDPOINT)
 
-    async def _exchange(self, endpoint: str, req: _Req, budget: float, sink: _GetSink | None) -> bytes:
-        deadline = time.monotonic() + budget
+    async def _exchange(self, endpoint: str, req: _Req, deadline: float, sink: _GetSink | None) -> bytes:
+        """As :meth:`KVCacheClient._exchange`, each try bounded by ``asyncio.timeout``."""
         attempt = 0
         while True:
             try:
@@ -1500,6 +1506,9 @@ class AsyncKVCacheClient(_ClientBase[_AsyncConn]):
                     return await self._exchange_once(endpoint, req, sink)
             except TimeoutError:
                 raise CacheTimeoutError("deadline exceeded") from None
+            except _RetryableConnError:
+                if attempt >= self._core.max_retries:
+                    raise
             except CacheUnavailableError:
                 delay = self._core.retry_delay(attempt, deadline)
                 if delay is None:

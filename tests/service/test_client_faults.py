@@ -4,6 +4,7 @@ engine. Calls keep their deadlines, never raise by default, and the breaker open
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -55,11 +56,13 @@ class FakeEngine(socketserver.ThreadingTCPServer):
     def __init__(self, reply: Callable[[bytes], bytes | None], delay: float = 0.0) -> None:
         self.reply, self.delay = reply, delay
         self.stopping = threading.Event()
+        self.connections = 0  # accepted so far
 
         fake = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
+                fake.connections += 1
                 self.request.settimeout(5)
                 while not fake.stopping.is_set():
                     try:
@@ -304,3 +307,79 @@ def test_rendezvous_moves_about_one_nth_of_chains() -> None:
     assert 0.12 < len(moved) / len(roots) < 0.28  # ~1/5
     assert rendezvous_order(roots[0], nodes)[0] == before[roots[0]]
     assert rendezvous_owner(roots[0], ["http://10.0.0.1:8080/"]) == "http://10.0.0.1:8080/"
+
+
+def _config_reply(doc: dict[str, object]) -> Callable[[bytes], bytes]:
+    """A fake engine serving ``doc`` at /v1/config and a 2-block hit to every lookup."""
+
+    def reply(request: bytes) -> bytes:
+        if request.startswith(b"GET /v1/config"):
+            return http_reply(json.dumps(doc).encode())
+        return http_reply(b'{"cached_blocks": 2, "cached_tokens": 8}')
+
+    return reply
+
+
+GOOD_CONFIG = make_config().to_file_dict()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda _: http_reply(b'{"error": "boom"}', "503 Service Unavailable"),
+        lambda _: http_reply(b'{"numLayers": -1}'),  # an invalid config: that replica's garbage
+        lambda _: b"\x00\xff garbage \r\n\r\n",
+    ],
+    ids=["5xx", "invalid-config", "garbage"],
+)
+async def test_both_clients_fetch_the_geometry_from_the_next_replica(fake_engine, bad) -> None:
+    """Without ``config`` the geometry comes from ``GET /v1/config`` of the first replica that
+    answers it well; a failing one counts against its own breaker and the next is asked."""
+    broken, good = fake_engine(bad), fake_engine(_config_reply(GOOD_CONFIG))
+    urls = [broken.url, good.url]
+    opts: dict[str, object] = {"token": TOKEN, "timeout_s": 1.0, "failure_threshold": 1}
+    with KVCacheClient(urls, **opts) as c:  # type: ignore[arg-type]
+        assert c.lookup(make_tokens(8)) == 8
+        assert c.breaker(broken.url).state == "open" and c.breaker(good.url).state == "closed"
+    async with AsyncKVCacheClient(urls, **opts) as a:  # type: ignore[arg-type]
+        assert await a.lookup(make_tokens(8)) == 8
+        assert a.breaker(broken.url).state == "open" and a.breaker(good.url).state == "closed"
+
+
+async def test_one_deadline_for_a_call_across_replicas(fake_engine) -> None:
+    """A call's deadline is set once: a chain's replica that hangs costs one deadline, never one
+    per replica tried, in both clients (the next replica is asked only when a breaker refuses)."""
+    hanging = [fake_engine(lambda _: None), fake_engine(lambda _: None)]
+    urls = [f.url for f in hanging]
+    with client(urls, failure_threshold=1000) as c:
+        times, results = timed(lambda: c.lookup(TOKENS), 5)
+    assert results == [0] * 5 and max(times) < DEADLINE + MARGIN
+    async with AsyncKVCacheClient(
+        urls, token=TOKEN, config=make_config(), timeout_s=DEADLINE, failure_threshold=1000
+    ) as a:
+        atimes = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert await a.lookup(TOKENS) == 0
+            atimes.append(time.monotonic() - t0)
+    assert max(atimes) < DEADLINE + MARGIN
+
+
+def test_an_error_answer_keeps_the_connection(fake_engine) -> None:
+    """A complete error answer (status, length, body) leaves the socket in a known state: the
+    next call reuses it, in both clients (the fake engine counts connections)."""
+    answers = iter([http_reply(b'{"error": "nope"}', "404 Not Found")])
+    fake = fake_engine(lambda _: next(answers, http_reply(b'{"cached_blocks": 2, "cached_tokens": 8}')))
+    with client(fake.url) as c:
+        assert c.lookup(TOKENS) == 0  # the 404
+        assert c.lookup(TOKENS) == 8
+    assert fake.connections == 1
+
+    async def run() -> None:
+        async with AsyncKVCacheClient([fake.url], token=TOKEN, config=make_config(), timeout_s=1.0) as a:
+            assert await a.lookup(TOKENS) == 0
+            assert await a.lookup(TOKENS) == 8
+
+    answers = iter([http_reply(b'{"error": "nope"}', "404 Not Found")])
+    asyncio.run(run())
+    assert fake.connections == 2
