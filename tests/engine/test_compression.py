@@ -170,3 +170,27 @@ def test_sizing_helpers_import_no_torch() -> None:
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4"])
+def test_cpu_chunking_gives_the_same_bytes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager CPU codecs work through cache-sized runs of blocks (_CPU_CHUNK_BYTES); the result
+    is bit-identical to one pass over the whole batch, for every entry point, including a last
+    run shorter than the others and a caller's ``out`` buffer."""
+    from kvcache_engine import compression
+
+    codec = make_geometry_codec(name, layers=2, tokens=16, heads=2, dim=64)
+    kv = torch.randn(7, *codec.block_shape, generator=torch.Generator().manual_seed(5)).half()
+    whole = codec.encode_batch(kv)
+    decoded, sequence = codec.decode_batch(whole), codec.decode_sequence(whole)
+    block_bytes = math.prod(codec.block_shape) * 2
+    monkeypatch.setattr(compression, "_CPU_CHUNK_BYTES", 3 * block_bytes)  # runs of 3, 3, 1
+    assert codec._chunk_blocks() == 3
+    chunked = codec.encode_batch(kv)
+    assert chunked.keys() == whole.keys() and all(torch.equal(chunked[k], whole[k]) for k in whole)
+    assert torch.equal(codec.decode_batch(chunked), decoded)
+    assert torch.equal(codec.decode_sequence(chunked), sequence)
+    out = torch.full((sequence.numel() + 10,), 7.0, dtype=torch.float16)
+    got = codec.decode_sequence(chunked, out.view(-1)[: sequence.numel()].view(sequence.shape))
+    assert torch.equal(got, sequence) and got.data_ptr() == out.data_ptr()
+    assert torch.equal(out[sequence.numel() :], torch.full((10,), 7.0, dtype=torch.float16))
