@@ -181,13 +181,26 @@ def wait_ready(driver: Driver, name: str, replicas: int, timeout_s: float = 120.
     return driver.wait_for(ready, timeout_s, f"KVCache {name} Ready with {replicas} engines")
 
 
+def trace_load(driver: Driver, name: str, manifest: Mapping[str, Any], **kwargs: Any) -> TraceLoad:
+    """A trace replay against KVCache ``name``'s ready engines (endpoints and token re-read as
+    pods come and go); ``kwargs`` are TraceLoad's (rate_rps, limit, loop, puts)."""
+    return TraceLoad(
+        lambda: ready_endpoints(driver, name), lambda: token(driver, name), engine_config(manifest), **kwargs
+    )
+
+
+def replay_once(
+    driver: Driver, name: str, manifest: Mapping[str, Any], limit: int, **kwargs: Any
+) -> dict[str, float]:
+    """The first ``limit`` trace requests, as fast as they go, once; what TraceLoad.run saw."""
+    return trace_load(driver, name, manifest, rate_rps=0, limit=limit, loop=False, **kwargs).run()
+
+
 @contextmanager
 def running_load(
     driver: Driver, name: str, manifest: Mapping[str, Any], **kwargs: Any
 ) -> Iterator[TraceLoad]:
-    load = TraceLoad(
-        lambda: ready_endpoints(driver, name), lambda: token(driver, name), engine_config(manifest), **kwargs
-    )
+    load = trace_load(driver, name, manifest, **kwargs)
     load.start()
     try:
         yield load
@@ -223,15 +236,9 @@ def hit_rate_matches_engine_counters(driver: Driver, name: str, manifest: Mappin
     does not change), so every scrape window has the same hit rate, which the status must show.
     """
     before = engine_counters(driver, name)
-    load = TraceLoad(
-        lambda: ready_endpoints(driver, name),
-        lambda: token(driver, name),
-        engine_config(manifest),
-        rate_rps=0,
-        limit=700,
-        loop=False,
-    )
-    seen = load.run()  # the trace reuses a prefix ~400 requests later (median): 700 give some hits
+    seen = replay_once(
+        driver, name, manifest, 700
+    )  # the trace reuses a prefix ~400 requests later (median): 700 give some hits
     after = engine_counters(driver, name)
     assert seen["requests"] == 700
     assert after["requested_tokens"] - before["requested_tokens"] == seen["requested_tokens"]
@@ -244,13 +251,7 @@ def hit_rate_matches_engine_counters(driver: Driver, name: str, manifest: Mappin
     known = {block for ids in trace[:700] for block in ids}
     # Every chain shares block 0 (cached on each replica by now): "fresh" past it.
     fresh = next(ids for ids in trace[700:] if len(ids) > 1 and ids[1] not in known)
-    steady = TraceLoad(
-        lambda: ready_endpoints(driver, name),
-        lambda: token(driver, name),
-        engine_config(manifest),
-        rate_rps=40,
-        puts=False,
-    )
+    steady = trace_load(driver, name, manifest, rate_rps=40, puts=False)
     steady.trace = [trace[699], fresh]
     start = engine_counters(driver, name)
     with_status: list[float] = []
@@ -319,12 +320,7 @@ def scale_out_on_pressure(driver: Driver, name: str) -> None:
         driver, name, replicas=1, autoscaling={"mode": "Auto", "maxReplicas": 2}, tuning={"mode": "Off"}
     )
     capacity = engine_config(manifest).num_blocks()
-    load = TraceLoad(
-        lambda: ready_endpoints(driver, name),
-        lambda: token(driver, name),
-        engine_config(manifest),
-        rate_rps=60,
-    )
+    load = trace_load(driver, name, manifest, rate_rps=60)
     load.trace = working_set(capacity * 13 // 10)
     load.start()
     try:
@@ -380,15 +376,7 @@ def tuning_enables_compression_live(driver: Driver, name: str) -> None:
 def kill_9_reloads_from_pvc(driver: Driver, name: str) -> None:
     """kill -9 of an engine → restarted by the kubelet, its persisted cache reloaded (hits right after)."""
     manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"})
-    load = TraceLoad(
-        lambda: ready_endpoints(driver, name),
-        lambda: token(driver, name),
-        engine_config(manifest),
-        rate_rps=0,
-        limit=60,
-        loop=False,
-    )
-    load.run()
+    replay_once(driver, name, manifest, 60)
     time.sleep(7)  # persistIntervalSeconds is 5 in the sample: at least one persist has run
     pod = engine_pods(driver, name)[0]
     driver.kill_engine(pod["metadata"]["name"])
@@ -400,16 +388,7 @@ def kill_9_reloads_from_pvc(driver: Driver, name: str) -> None:
         60,
         "engine restarted and ready",
     )
-    replay = TraceLoad(
-        lambda: ready_endpoints(driver, name),
-        lambda: token(driver, name),
-        engine_config(manifest),
-        rate_rps=0,
-        limit=60,
-        loop=False,
-        puts=False,
-    )
-    seen = replay.run()
+    seen = replay_once(driver, name, manifest, 60, puts=False)
     assert seen["hit_tokens"] > 0, "nothing was reloaded from the PVC"
     delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=True, replicas=1)
 
@@ -467,15 +446,7 @@ def tool_job(
 def backup_and_restore(driver: Driver, name: str) -> None:
     """Backup CronJob run on demand → a verified backup in the backup PVC → restored into a fresh KVCache."""
     manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"})
-    load = TraceLoad(
-        lambda: ready_endpoints(driver, name),
-        lambda: token(driver, name),
-        engine_config(manifest),
-        rate_rps=0,
-        limit=60,
-        loop=False,
-    )
-    load.run()
+    replay_once(driver, name, manifest, 60)
     job = driver.run_cronjob(f"{name}-backup")
     driver.wait_for(lambda: job_succeeded(driver, job) is not None, 120, f"backup job {job}")
     assert job_succeeded(driver, job), driver.job_logs(job)
@@ -522,16 +493,9 @@ def backup_and_restore(driver: Driver, name: str) -> None:
             image=driver.engine_image,
         ),
     )
-    replay = TraceLoad(
-        lambda: ready_endpoints(driver, fresh),
-        lambda: token(driver, fresh),
-        engine_config(fresh_manifest),
-        rate_rps=0,
-        limit=60,
-        loop=False,
-        puts=False,
+    assert replay_once(driver, fresh, fresh_manifest, 60, puts=False)["hit_tokens"] > 0, (
+        "the restored KVCache has none of the backed-up prefixes"
     )
-    assert replay.run()["hit_tokens"] > 0, "the restored KVCache has none of the backed-up prefixes"
     for job_name in (f"{name}-ls", f"{name}-check", f"{fresh}-restore"):
         driver.delete("Job", job_name)
     delete_cleans_up(driver, fresh, data_pvcs_kept=False, backup_pvc_kept=False, replicas=1)
