@@ -178,8 +178,15 @@ class Engines:
         self.token = ""
 
     async def start(self, emu: KubeEmulator, name: str, count: int) -> list[int]:
-        config = emu.get("v1/configmaps", f"{name}-config", NS)["data"]["config.yaml"]
-        token = base64.b64decode(emu.get("v1/secrets", f"{name}-token", NS)["data"]["token"]).decode()
+        # The operator creates the ConfigMap and the token Secret one after the other: wait for both.
+        cm = await wait_for(
+            lambda: emu.get("v1/configmaps", f"{name}-config", NS), what=f"ConfigMap {name}-config"
+        )
+        secret = await wait_for(
+            lambda: emu.get("v1/secrets", f"{name}-token", NS), what=f"Secret {name}-token"
+        )
+        config = cm["data"]["config.yaml"]
+        token = base64.b64decode(secret["data"]["token"]).decode()
         (self.tmp_path / "config.yaml").write_text(config)
         (self.tmp_path / "token").write_text(token)
         self.token = token
