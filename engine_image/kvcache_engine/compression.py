@@ -38,8 +38,8 @@ H100). Any compile failure falls back to eager with one warning. KVCACHE_COMPILE
 
 _CPU_CHUNK_BYTES = 8 * 1024 * 1024
 """Eager CPU codecs work through this much fp16 KV at a time: the ~10 elementwise passes of a
-quantise or dequantise then run in the L3 cache instead of DRAM (2 MiB blocks, one thread:
-int4 encode 279 -> 146 ms, decode 216 -> 51 ms, sequence decode 219 -> 84 ms per 32 blocks)."""
+quantise or dequantise then run in the L3 cache instead of DRAM (about 2x on encode and 3-4x on
+decode for a 64-block batch: ``bench.engine_throughput --chain 64``, docs/benchmarks.md)."""
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -100,6 +100,9 @@ class Codec(ABC):
 
     def encode_batch(self, kv: torch.Tensor) -> Payload:
         """``[N, 2, L, T, H, D]`` -> payload with a leading N on every field."""
+        if not kv.is_cuda and self.name != "none":
+            chunked: Payload = self._chunked(self._encode, kv)
+            return chunked
         result: Payload = self._run("encode", self._encode, kv, kv.is_cuda)
         return result
 
@@ -111,6 +114,9 @@ class Codec(ABC):
     def decode_batch(self, payload: Payload) -> torch.Tensor:
         """Payload with a leading N -> ``[N, 2, L, T, H, D]``."""
         first = next(iter(payload.values()))
+        if not first.is_cuda and self.name != "none":
+            chunked: torch.Tensor = self._chunked(self._decode, payload)
+            return chunked
         result: torch.Tensor = self._run("decode", self._decode, payload, first.is_cuda)
         return result
 
@@ -170,8 +176,6 @@ class Codec(ABC):
         return result
 
     def _run(self, op: str, fn: Callable[[Any], Any], arg: Any, on_cuda: bool) -> Any:
-        if not on_cuda and self.name != "none":
-            return self._chunked(fn, arg)
         if not (on_cuda and COMPILE_ON_CUDA and self.name != "none"):
             return fn(arg)
         if not hasattr(self, "_compiled"):

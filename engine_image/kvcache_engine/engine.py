@@ -444,8 +444,6 @@ class KVCacheEngine:
         Checksums are computed outside the lock (the slots are the reservation's own). Blocks are
         dropped, not stored, when their predecessor was evicted meanwhile or another put stored
         them first."""
-        if res.done:
-            raise ValueError("reservation: already committed or released")
         t0 = time.perf_counter()
         checksums = res.pool.checksums(res.slots) if res.slots else []
         with self._lock:

@@ -501,9 +501,10 @@ class EngineServer:
         return resp
 
     async def put(self, request: web.Request) -> web.Response:
-        """Store a put frame. The header is read and checked first; the payload then lands in a
-        warm staging buffer (no fresh pages to fault in per put) that the engine copies into its
-        slots and that goes back to the staging pool afterwards (the engine keeps no reference)."""
+        """Store a put frame. The header is read and checked first; the payload then lands
+        straight in slots the engine reserved (:meth:`_put_in_place`, raw CPU pools with free
+        slots), else in a warm staging buffer (no fresh pages to fault in per put) that the
+        engine encodes into its slots and that goes back to the staging pool afterwards."""
         cfg = self.engine.config
         declared = request.content_length
         if declared is None:  # chunked upload: buffer it whole
@@ -524,9 +525,9 @@ class EngineServer:
             header = decode_frame_header(await _read_exact(reader, hlen))
         kind, values = self._chain(header)
         want = self._frame_shape(header, kind, values, declared - PREFIX_BYTES - hlen)
-        res = await self._run(self._reserve, kind, values)
+        res = await self._run(self._reserve, kind, values) if self.engine.stores_raw_rows else None
         if res is not None:
-            return await self._put_in_place(request, res, want)
+            return await self._put_in_place(request, res, want, cfg)
         numel = math.prod(want)
         buf = self.staging.take(numel)
         try:
@@ -534,28 +535,26 @@ class EngineServer:
             if view is None:
                 view = memoryview(bytearray(numel * DTYPE_BYTES[cfg.dtype]))
             async with asyncio.timeout(self.settings.body_timeout_s):
-                await _read_into(reader, view)
+                await _BodyViews([view]).read_from(reader)
             return await self._store(kind, values, self._as_kv(want, view))
         finally:
             if buf is not None:
                 self.staging.give(buf)
 
     def _reserve(self, kind: str, values: list[int]) -> PutReservation | None:
-        if not self.engine.stores_raw_rows:
-            return None
         hashes: list[int] = values if kind == "hashes" else [int(h) for h in self.engine.block_hashes(values)]
         return self.engine.reserve_put(hashes) if hashes else None
 
     async def _put_in_place(
-        self, request: web.Request, res: PutReservation, shape: list[int]
+        self, request: web.Request, res: PutReservation, shape: list[int], cfg: KVCacheConfig
     ) -> web.Response:
         """The zero-copy put: the body's bytes go from aiohttp's chunks straight into the slots
         the engine reserved (no staging buffer, no second copy), then the engine checksums and
         indexes them. A body cut short releases the slots and indexes nothing."""
         two, layers, n_tokens, heads, dim = shape
-        token_bytes = heads * dim * DTYPE_BYTES[self.engine.config.dtype]
-        bt = self.engine.config.block_tokens
-        body = _BodyViews(res.targets, two * layers, n_tokens * token_bytes, bt * token_bytes)
+        token_bytes = heads * dim * DTYPE_BYTES[cfg.dtype]
+        bt = cfg.block_tokens
+        body = _BodyViews.for_blocks(res.targets, two * layers, n_tokens * token_bytes, bt * token_bytes)
         try:
             async with asyncio.timeout(self.settings.body_timeout_s):
                 await body.read_from(request.content)
@@ -869,40 +868,32 @@ async def _send_direct(request: web.Request, payload: memoryview) -> bool:
     return True
 
 
-async def _read_into(reader: Any, view: memoryview) -> None:
-    """Fill ``view`` exactly from an aiohttp body stream (its chunks copied in place)."""
-    pos, end = 0, view.nbytes
-    while pos < end:
-        chunk = await reader.readany()
-        if not chunk:
-            raise BadRequestError(f"body truncated: expected {end - pos} more bytes")
-        n = min(len(chunk), end - pos)
-        view[pos : pos + n] = chunk[:n] if n < len(chunk) else chunk
-        pos += n
-        if n < len(chunk):
-            raise BadRequestError("body longer than its Content-Length")
-
-
 class _BodyViews:
-    """Where each byte of a put body goes, as one list of views filled in order: the body is
-    ``planes`` planes of ``plane_bytes`` (the ``[2, L, n, H, D]`` wire layout); bytes ``[j *
-    piece, (j + 1) * piece)`` of plane p are block j's bytes ``[p * piece, (p + 1) * piece)``.
-    Blocks without a target (already cached) and a plane's partial last block go to a scratch
-    buffer and are dropped."""
+    """A request body's destination as a list of views, filled in order as the body arrives
+    (a staged put: one staging buffer; a zero-copy put: see :meth:`for_blocks`)."""
 
-    def __init__(self, targets: list[memoryview | None], planes: int, plane_bytes: int, piece: int) -> None:
-        tail = plane_bytes - len(targets) * piece
-        scratch = memoryview(bytearray(max(piece, tail)))
-        self.views: list[memoryview] = []
-        for p in range(planes):
-            self.views += [
-                t[p * piece : (p + 1) * piece] if t is not None else scratch[:piece] for t in targets
-            ]
-            if tail:
-                self.views.append(scratch[:tail])
-        self.total = planes * plane_bytes
+    def __init__(self, views: list[memoryview]) -> None:
+        self.views = views
+        self.total = sum(v.nbytes for v in views)
         self.filled = 0
         self._i = self._off = 0  # the next byte goes to views[_i][_off]
+
+    @classmethod
+    def for_blocks(
+        cls, targets: list[memoryview | None], planes: int, plane_bytes: int, piece: int
+    ) -> _BodyViews:
+        """A put body of ``planes`` planes of ``plane_bytes`` (the ``[2, L, n, H, D]`` wire
+        layout) into per-block slots: bytes ``[j * piece, (j + 1) * piece)`` of plane p are block
+        j's bytes ``[p * piece, (p + 1) * piece)``. Blocks without a target (already cached) and
+        a plane's partial last block go to a scratch buffer and are dropped."""
+        tail = plane_bytes - len(targets) * piece
+        scratch = memoryview(bytearray(max(piece, tail)))
+        views: list[memoryview] = []
+        for p in range(planes):
+            views += [t[p * piece : (p + 1) * piece] if t is not None else scratch[:piece] for t in targets]
+            if tail:
+                views.append(scratch[:tail])
+        return cls(views)
 
     def feed(self, data: memoryview) -> None:
         """Copy ``data`` (the next bytes of the body) into place."""
