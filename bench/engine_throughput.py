@@ -6,7 +6,8 @@ head_dim 128, 16 tokens, fp16: 2 MiB per block), per codec.
 Each figure is the best of 3 runs. put: chains of ``--chain`` new blocks (encode + checksum +
 copy into the preallocated pool); lookup: the same prompts (hashing + index walk); get: decode
 of the cached prefix into a fresh ``[2, L, n, H, D]`` tensor; encode/decode: the codec alone on one
-prompt's ``--chain`` blocks (decode into a reused sequence buffer).
+prompt's ``--chain`` blocks (decode into a reused sequence buffer); validate: every stored block's
+checksum recomputed (GB/s of stored bytes).
 Threads: on a loaded 2-core host, torch's intra-op pool turns a 2 MiB copy from ~40 GB/s (one
 thread) into <1 GB/s (two threads spinning against other processes), so the default is one.
 GB/s counts fp16 KV bytes moved through the API.
@@ -61,6 +62,8 @@ def run(codec: str, blocks: int, chain: int) -> dict[str, Any]:
         t_put = _best(lambda: _each(engine.put, prompts, kv), before=engine.clear_cache)
         t_lookup = _best(lambda: _each(engine.lookup, prompts))
         t_get = _best(lambda: _each(engine.get, prompts))
+        # validate = every stored block's checksum recomputed from its slot, plus index checks.
+        t_validate = _best(engine.validate_cache_integrity)
         assert engine.lookup(prompts[0]) == chain * bt
         # The codec alone on one prompt's blocks (the engine's put/get add index, pool and
         # checksum work around it): encode, and decode straight into a reused sequence buffer.
@@ -80,6 +83,7 @@ def run(codec: str, blocks: int, chain: int) -> dict[str, Any]:
             "lookup_blocks_per_s": n / t_lookup,
             "get_blocks_per_s": n / t_get,
             "get_GBps": n * block_bytes / t_get / 1e9,
+            "validate_GBps": n * engine.config.block_bytes_stored() / t_validate / 1e9,
             "encode_GBps": chain * block_bytes / t_encode / 1e9,
             "decode_GBps": chain * block_bytes / t_decode / 1e9,
             "compression_ratio": stats["compression_ratio"],
