@@ -34,10 +34,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 COPY --from=requirements /src/operator.txt /tmp/operator.txt
 RUN /opt/venv/bin/pip install -r /tmp/operator.txt
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md setup.py /src/
 COPY operator /src/operator
 COPY engine_image /src/engine_image
-RUN /opt/venv/bin/pip install --no-deps /src \
+RUN KVCACHE_BUILD_NATIVE=0 /opt/venv/bin/pip install --no-deps /src \
     && /opt/venv/bin/pip uninstall -y pip setuptools wheel
 
 # --- operator: slim Python, no torch ----------------------------------------------------------------
@@ -69,6 +69,12 @@ FROM engine-base AS engine-build
 ARG TORCH_INDEX_URL
 ARG TORCH_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler for the checksum kernel (setup.py, kvcache_engine/_wordsums.c); it stays in this
+# stage: the engine image gets the built venv only.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 # torch first and alone: the biggest, least often changing layer; the index picks CPU or CUDA.
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
@@ -77,7 +83,9 @@ RUN /opt/venv/bin/pip install -r /tmp/engine.txt
 COPY pyproject.toml README.md /src/
 COPY operator /src/operator
 COPY engine_image /src/engine_image
+COPY setup.py /src/
 RUN /opt/venv/bin/pip install --no-deps /src \
+    && /opt/venv/bin/python -c 'from kvcache_engine import block_pool; assert block_pool.NATIVE_SUMS, "checksum kernel not built"' \
     && /opt/venv/bin/pip uninstall -y pip setuptools wheel
 
 # --- engine: torch, the KV cache server ----------------------------------------------------------

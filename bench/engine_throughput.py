@@ -1,7 +1,8 @@
 """Engine data-plane throughput on the CPU for a Llama-8B-shaped block (32 layers, 8 KV heads,
 head_dim 128, 16 tokens, fp16: 2 MiB per block), per codec.
 
-    python -m bench.engine_throughput [--blocks 128] [--chain 8] [--codecs none,int8,int4] [--json]
+    python -m bench.engine_throughput [--blocks 128] [--chain 8] [--codecs none,int8,int4]
+                                      [--torch-checksum] [--json]
 
 Each figure is the best of 3 runs. put: chains of ``--chain`` new blocks (encode + checksum +
 copy into the preallocated pool); lookup: the same prompts (hashing + index walk); get: decode
@@ -25,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kvcache_engine import block_pool
 from kvcache_engine.compression import make_codec
 from kvcache_engine.engine import KVCacheEngine
 
@@ -104,15 +106,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: see the module docstring)"
     )
+    parser.add_argument(
+        "--torch-checksum",
+        action="store_true",
+        help="checksum with the torch forms instead of the C kernel (_wordsums.c), to compare",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.torch_checksum:
+        block_pool.NATIVE_SUMS = None
     rows = [run(c.strip(), args.blocks, args.chain) for c in args.codecs.split(",") if c.strip()]
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    table = Table(title=f"engine throughput, Llama-8B block, CPU ({torch.get_num_threads()} torch threads)")
+    kernel = "C kernel" if block_pool.NATIVE_SUMS is not None else "torch"
+    table = Table(
+        title=f"engine throughput, Llama-8B block, CPU ({torch.get_num_threads()} torch threads, "
+        f"{kernel} checksums)"
+    )
     for col in rows[0]:
         table.add_column(col, justify="right")
     for row in rows:

@@ -8,15 +8,21 @@ are O(1) and nothing is allocated per request. ``compact()`` moves live slots to
 
 from __future__ import annotations
 
+import ctypes
+import importlib.machinery
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from kvcache_engine.compression import torch_dtype
 from kvcache_engine.config import PayloadLayout
 from kvcache_engine.hashing import BlockHash
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BlockPool", "StoredBlock", "payload_checksum", "payload_checksums"]
 
@@ -49,13 +55,48 @@ _BLOCK_WORDS = 1024
 _F64_STEP = 1 << 20
 
 
+def _load_native_sums() -> Callable[..., None] | None:
+    """``kv_word_sums`` from the C kernel (``_wordsums.c``, built by setup.py as an optional
+    extension), or None when it was not built; the torch forms below give the same digests."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_wordsums{suffix}"
+        if not path.exists():
+            continue
+        try:
+            fn = ctypes.CDLL(str(path)).kv_word_sums
+        except (OSError, AttributeError) as exc:
+            log.warning("checksum kernel %s unusable (%s): using the torch form, ~3x slower", path, exc)
+            return None
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p]
+        return fn
+    return None
+
+
+# The C kernel for CPU words (one pass at memory speed; ctypes releases the GIL for the call).
+# Tests and benchmarks set it to None to run the torch forms.
+NATIVE_SUMS = _load_native_sums()
+
+
 def _field_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``words`` int32 ``[n, W]`` -> (sum x_j, sum x_j * (j + 1)) per row, int64 ``[n]`` on the
     words' device. int64 arithmetic wraps modulo 2**64, so any summation order (CPU vectorised,
-    CUDA tree reductions, chunking) gives the same result. No host sync."""
-    if words.device.type == "cpu" and words.shape[1] >= _BLOCK_WORDS:
-        return _field_sums_blocked(words)
+    CUDA tree reductions, chunking, the C kernel's lanes) gives the same result. No host sync."""
+    if words.device.type == "cpu":
+        if NATIVE_SUMS is not None and words.stride(1) == 1 and words.numel():
+            return _field_sums_native(words, NATIVE_SUMS)
+        if words.shape[1] >= _BLOCK_WORDS:
+            return _field_sums_blocked(words)
     return _field_sums_chunked(words)
+
+
+def _field_sums_native(words: torch.Tensor, kernel: Callable[..., None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C kernel's form of :func:`_field_sums` (CPU rows of contiguous words, any row stride)."""
+    n, width = words.shape
+    out = torch.empty((n, 2), dtype=torch.int64)
+    kernel(words.data_ptr(), n, words.stride(0) * 4, width, out.data_ptr())
+    return out[:, 0], out[:, 1]
 
 
 def _field_sums_blocked(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,9 +3,12 @@ guarantees, and the batched/slot variants agreeing with it."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcache_engine import block_pool
@@ -35,14 +38,37 @@ payload_bytes = st.dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None)
-@given(payload_bytes)
-def test_matches_the_pure_python_reference(fields: dict[str, bytes]) -> None:
+def _native_or_skip() -> None:
+    if block_pool.NATIVE_SUMS is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("a C compiler is here but the checksum kernel was not built: pip install -e .")
+        pytest.skip("no C compiler here: the checksum kernel (_wordsums.c) was not built")
+
+
+@pytest.fixture(params=["native", "torch"])
+def sums_form(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test with the C kernel, then with the torch forms (NATIVE_SUMS unset)."""
+    saved = block_pool.NATIVE_SUMS
+    if request.param == "native":
+        _native_or_skip()
+    else:
+        block_pool.NATIVE_SUMS = None
+    try:
+        yield request.param
+    finally:
+        block_pool.NATIVE_SUMS = saved
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=payload_bytes)
+def test_matches_the_pure_python_reference(sums_form: str, fields: dict[str, bytes]) -> None:
     payload = {name: as_tensor(data) for name, data in fields.items()}
     assert payload_checksum(payload) == reference_checksum(fields)
 
 
-def test_typed_fields_hash_their_bytes_and_chunking_does_not_matter(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_typed_fields_hash_their_bytes_and_chunking_does_not_matter(
+    sums_form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gen = torch.Generator().manual_seed(1)
     payload = {
         "kv": torch.randn(2, 3, 5, 7, generator=gen).half(),
@@ -92,7 +118,7 @@ def test_batched_checksums_equal_one_at_a_time() -> None:
 
 
 @pytest.mark.parametrize("codec_name", ["none", "int8", "int4"])
-def test_slot_checksums_ignore_padding_and_match_the_payload(codec_name: str) -> None:
+def test_slot_checksums_ignore_padding_and_match_the_payload(sums_form: str, codec_name: str) -> None:
     geometry = {"num_layers": 1, "block_tokens": 3, "num_kv_heads": 1, "head_dim": 5}  # odd sizes: padding
     codec = make_codec(codec_name, **geometry)
     pool = BlockPool(payload_layout(codec_name, **geometry), 4, torch.device("cpu"))
@@ -125,8 +151,54 @@ def test_blocked_cpu_sums_equal_the_chunked_sums(monkeypatch: pytest.MonkeyPatch
     words = torch.randint(-(2**31), 2**31, (5, 64 * 9 + 13), dtype=torch.int32, generator=gen)
     words[0] = 2**31 - 1
     words[1] = -(2**31)
-    got = block_pool._field_sums(words)
+    got = block_pool._field_sums_blocked(words)
     want = block_pool._field_sums_chunked(words)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     raw = {"x": words.view(torch.uint8).reshape(5, -1)[2]}
     assert payload_checksum(raw) == reference_checksum({"x": raw["x"].numpy().tobytes()})
+
+
+def test_the_c_kernel_is_built_and_used_for_cpu_words() -> None:
+    """make setup builds _wordsums.c (setup.py); a compiler-less install falls back to torch."""
+    _native_or_skip()
+    words = torch.arange(-8, 4096, dtype=torch.int32).reshape(4, -1)
+    calls: list[int] = []
+    kernel = block_pool.NATIVE_SUMS
+    assert kernel is not None
+
+    def spy(*args: object) -> None:
+        calls.append(1)
+        kernel(*args)
+
+    saved = block_pool.NATIVE_SUMS
+    block_pool.NATIVE_SUMS = spy
+    try:
+        got = block_pool._field_sums(words)
+    finally:
+        block_pool.NATIVE_SUMS = saved
+    want = block_pool._field_sums_chunked(words)
+    assert calls and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    width=st.integers(1, 300),
+    pad=st.integers(0, 9),
+    edge=st.sampled_from([None, 2**31 - 1, -(2**31)]),
+    seed=st.integers(0, 2**16),
+)
+def test_c_kernel_equals_the_torch_sums(rows: int, width: int, pad: int, edge: int | None, seed: int) -> None:
+    """The C kernel's lanes against the int64 multiply-adds: any width (lane tails), rows that
+    are views of wider rows (a row stride other than the width), the int32 extremes."""
+    _native_or_skip()
+    kernel = block_pool.NATIVE_SUMS
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randint(-(2**31), 2**31, (rows, width + pad), dtype=torch.int32, generator=gen)
+    if edge is not None:
+        wide[0] = edge
+    words = wide[:, pad:]  # starts pad words in: an offset data pointer and a longer row stride
+    got = block_pool._field_sums_native(words, kernel)
+    want = block_pool._field_sums_chunked(words)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
