@@ -66,3 +66,14 @@ def test_operator_runs_without_the_engine_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_engine_image_builds_the_checksum_kernel_and_the_operator_skips_it() -> None:
+    """The engine build stage has a compiler for setup.py's C kernel and fails when the kernel
+    did not build (an engine without it checksums ~3x slower); the operator never checksums."""
+    found = stages()
+    engine = found["engine-build"]
+    assert re.search(r"apt-get install [^\n]*\bgcc\b", engine)
+    assert "COPY setup.py" in engine
+    assert engine.index("pip install --no-deps /src") < engine.index("NATIVE_SUMS")
+    assert "KVCACHE_BUILD_NATIVE=0" in found["operator-build"] and "setup.py" in found["operator-build"]
