@@ -9,10 +9,14 @@ are O(1) and nothing is allocated per request. ``compact()`` moves live slots to
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
+import itertools
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,11 +96,33 @@ def _field_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _field_sums_native(words: torch.Tensor, kernel: Callable[..., None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C kernel's form of :func:`_field_sums` (CPU rows of contiguous words, any row stride)."""
+    """The C kernel's form of :func:`_field_sums` (CPU rows of contiguous words, any row stride).
+    Large batches split their rows across up to ``_SUM_THREADS`` threads (the caller's and
+    pooled ones; the kernel runs without the GIL)."""
     n, width = words.shape
     out = torch.empty((n, 2), dtype=torch.int64)
-    kernel(words.data_ptr(), n, words.stride(0) * 4, width, out.data_ptr())
+    stride = words.stride(0) * 4
+    parts = min(n, _SUM_THREADS, max(1, words.numel() * 4 // _SUM_PART_BYTES))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    runs = [
+        (words[a].data_ptr(), b - a, stride, width, out[a].data_ptr()) for a, b in itertools.pairwise(bounds)
+    ]
+    pending = [_sum_threads().submit(kernel, *run) for run in runs[1:]]
+    kernel(*runs[0])
+    for f in pending:
+        f.result()
     return out[:, 0], out[:, 1]
+
+
+# Threads for the C kernel's large batches: one part per thread, at least _SUM_PART_BYTES each.
+_SUM_THREADS = max(1, min(4, os.cpu_count() or 1))
+_SUM_PART_BYTES = 8 << 20
+
+
+@functools.cache
+def _sum_threads() -> ThreadPoolExecutor:
+    """The pooled threads (started on first use; the caller's thread runs one part itself)."""
+    return ThreadPoolExecutor(max_workers=3, thread_name_prefix="kvcache-sums")
 
 
 def _field_sums_blocked(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -187,10 +187,14 @@ def test_the_c_kernel_is_built_and_used_for_cpu_words() -> None:
     pad=st.integers(0, 9),
     edge=st.sampled_from([None, 2**31 - 1, -(2**31)]),
     seed=st.integers(0, 2**16),
+    threads=st.integers(1, 3),
 )
-def test_c_kernel_equals_the_torch_sums(rows: int, width: int, pad: int, edge: int | None, seed: int) -> None:
+def test_c_kernel_equals_the_torch_sums(
+    rows: int, width: int, pad: int, edge: int | None, seed: int, threads: int
+) -> None:
     """The C kernel's lanes against the int64 multiply-adds: any width (lane tails), rows that
-    are views of wider rows (a row stride other than the width), the int32 extremes."""
+    are views of wider rows (a row stride other than the width), the int32 extremes, rows split
+    unevenly across threads."""
     _native_or_skip()
     kernel = block_pool.NATIVE_SUMS
     assert kernel is not None
@@ -199,6 +203,11 @@ def test_c_kernel_equals_the_torch_sums(rows: int, width: int, pad: int, edge: i
     if edge is not None:
         wide[0] = edge
     words = wide[:, pad:]  # starts pad words in: an offset data pointer and a longer row stride
-    got = block_pool._field_sums_native(words, kernel)
+    saved = block_pool._SUM_THREADS, block_pool._SUM_PART_BYTES
+    block_pool._SUM_THREADS, block_pool._SUM_PART_BYTES = threads, 4  # split whenever rows allow
+    try:
+        got = block_pool._field_sums_native(words, kernel)
+    finally:
+        block_pool._SUM_THREADS, block_pool._SUM_PART_BYTES = saved
     want = block_pool._field_sums_chunked(words)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
