@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import http.client
 import json
@@ -809,8 +810,8 @@ class EngineServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def load_in_background(self) -> threading.Thread:
-        """Load the persisted cache, then mark ready and start periodic persists."""
+    def load_in_background(self, then: Callable[[], None] | None = None) -> threading.Thread:
+        """Load the persisted cache, then call ``then``, mark ready and start periodic persists."""
 
         def run() -> None:
             try:
@@ -822,6 +823,8 @@ class EngineServer:
             except Exception as exc:  # never leave the pod unready forever on a bad disk
                 self.load_error = f"{type(exc).__name__}: {exc}"
                 log.exception("loading the persisted cache failed")
+            if then is not None:
+                then()
             self.ready.set()
             self.persister.start_periodic()
 
@@ -911,9 +914,10 @@ class _BodyViews:
         self.filled += data.nbytes
 
     async def read_from(self, reader: Any) -> None:
-        """Fill every view from an aiohttp body stream."""
+        """Fill every view from an aiohttp body stream, one received chunk at a time
+        (``readany`` would first join the chunks buffered meanwhile: a copy of each)."""
         while self.filled < self.total:
-            chunk = await reader.readany()
+            chunk, _ = await reader.readchunk()
             if not chunk:
                 raise BadRequestError(f"body truncated: expected {self.total - self.filled} more bytes")
             self.feed(memoryview(chunk))
@@ -987,7 +991,10 @@ async def _serve_forever(server: EngineServer) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server.load_in_background()
+    # Once loaded, what startup made (modules: torch, aiohttp; the loaded index) moves to the
+    # collector's permanent generation, so its full passes walk only what came later: a full
+    # pass over all of it took ~80 ms and landed on every ~13th 128 MiB put.
+    server.load_in_background(then=gc.freeze)
     await stop.wait()
     log.info("shutting down: draining requests, then persisting")
     await runner.cleanup()
