@@ -1,11 +1,13 @@
-/* The CPU kernel of the block checksum (block_pool._field_sums): for each of `rows` rows of
- * `nwords` little-endian int32 words x_0 .. x_{W-1}, starting `stride` bytes apart,
+/* The CPU kernels of the block checksum (block_pool.payload_checksum): over little-endian
+ * int32 words x_0 .. x_{W-1},
  *
- *     s1 = sum x_j            s2 = sum x_j * (j + 1)        (both modulo 2**64)
+ *     s1 = sum x_j            s2 = sum x_j * (j + 1)        (both modulo 2**64).
  *
- * written to out[2 r] and out[2 r + 1]. The same digest as the torch forms in block_pool.py,
- * in one pass over the words at memory speed (the torch forms convert to float64 or int64
- * first).
+ * kv_word_sums: those sums for each of `rows` rows (block_pool._field_sums), in one pass at
+ * memory speed (the torch forms convert to float64 or int64 first).
+ * kv_scatter_sum: a put body's chunk copied into its blocks' slots, each whole word folded into
+ * its block's sums while the bytes are still in cache (server._BodyViews), so a zero-copy put
+ * needs no second pass over its blocks.
  *
  * How: 8 lanes (word j is lane j % 8 at step t = j / 8) keep Fletcher pairs a += x; b += a, so
  * after T steps a_l = sum_t x and b_l = sum_t x * (T - t). Then
@@ -26,9 +28,15 @@ typedef uint64_t v4du __attribute__((vector_size(32)));
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 /* One build for every x86-64: AVX2 when the CPU has it (chosen at load time), else SSE2. */
-__attribute__((target_clones("avx2", "default")))
+#define KV_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define KV_CLONES
 #endif
-static void row_sums(const unsigned char *p, size_t nwords, uint64_t *s1, uint64_t *s2)
+
+/* The sums of nwords words at p; when dst is not NULL the words are also copied there (the
+ * copy and the sums in one pass over p). */
+static inline void sums_body(unsigned char *dst, const unsigned char *p, size_t nwords, uint64_t *s1,
+                             uint64_t *s2)
 {
     v4du a0 = {0, 0, 0, 0}, a1 = {0, 0, 0, 0}, b0 = {0, 0, 0, 0}, b1 = {0, 0, 0, 0};
     size_t steps = nwords / 8;
@@ -37,6 +45,10 @@ static void row_sums(const unsigned char *p, size_t nwords, uint64_t *s1, uint64
         v4si x0, x1;
         memcpy(&x0, q, 16);  /* unaligned loads: rows need only be 4-byte aligned */
         memcpy(&x1, q + 16, 16);
+        if (dst) {
+            memcpy(dst + 32 * t, &x0, 16);
+            memcpy(dst + 32 * t + 16, &x1, 16);
+        }
         a0 += (v4du)__builtin_convertvector(x0, v4di);  /* sign-extend, then wrap as unsigned */
         a1 += (v4du)__builtin_convertvector(x1, v4di);
         b0 += a0;
@@ -55,6 +67,8 @@ static void row_sums(const unsigned char *p, size_t nwords, uint64_t *s1, uint64
     for (size_t j = steps * 8; j < nwords; j++) {
         int32_t x;
         memcpy(&x, p + 4 * j, 4);
+        if (dst)
+            memcpy(dst + 4 * j, &x, 4);
         r1 += (uint64_t)(int64_t)x;
         r2 += (uint64_t)(int64_t)x * (uint64_t)(j + 1);
     }
@@ -62,8 +76,76 @@ static void row_sums(const unsigned char *p, size_t nwords, uint64_t *s1, uint64
     *s2 = r2;
 }
 
+KV_CLONES static void row_sums(const unsigned char *p, size_t nwords, uint64_t *s1, uint64_t *s2)
+{
+    sums_body(NULL, p, nwords, s1, s2);
+}
+
+KV_CLONES static void copy_sums(unsigned char *dst, const unsigned char *p, size_t nwords, uint64_t *s1,
+                                uint64_t *s2)
+{
+    sums_body(dst, p, nwords, s1, s2);
+}
+
+/* Fold words [w, w + n) of a block, whose sums are t1, t2 counted from 0, into s. */
+static inline void fold(uint64_t *s, uint64_t w, uint64_t t1, uint64_t t2)
+{
+    s[0] += t1;
+    s[1] += t2 + w * t1;
+}
+
 void kv_word_sums(const unsigned char *base, size_t rows, size_t stride, size_t nwords, uint64_t *out)
 {
     for (size_t r = 0; r < rows; r++)
         row_sums(base + r * stride, nwords, out + 2 * r, out + 2 * r + 1);
+}
+
+/* Copy the next `len` bytes of a body into its views, in order: view v is `size[v]` bytes at
+ * `dst[v]` (a multiple of 4 whenever block[v] >= 0), holding words base[v] .. of block
+ * `block[v]`'s payload (block[v] < 0: bytes to drop, no sums). state = {view, offset}: where the
+ * next byte goes. Whole words are copied and folded into sums[2 block], sums[2 block + 1] in one
+ * pass; a word split across two chunks is folded from dst once its last byte has landed. The
+ * caller checks that `len` fits in what the views have left. */
+void kv_scatter_sum(const unsigned char *src, size_t len, unsigned char *const *dst, const uint64_t *size,
+                    const int64_t *block, const uint64_t *base, uint64_t *state, uint64_t *sums)
+{
+    size_t v = state[0], off = state[1];
+    while (len) {
+        size_t step = size[v] - off < len ? size[v] - off : len;
+        unsigned char *d = dst[v];
+        if (block[v] < 0) {
+            memcpy(d + off, src, step);
+        } else {
+            uint64_t *s = sums + 2 * block[v], t1, t2;
+            size_t end = off + step, pos = off;
+            const unsigned char *from = src;
+            if (pos % 4) {  /* finish the word the previous chunk started */
+                size_t k = 4 - pos % 4 < step ? 4 - pos % 4 : step;
+                memcpy(d + pos, from, k);
+                pos += k;
+                from += k;
+                if (pos % 4 == 0) {
+                    row_sums(d + pos - 4, 1, &t1, &t2);
+                    fold(s, base[v] + pos / 4 - 1, t1, t2);
+                }
+            }
+            size_t whole = (end - pos) / 4;
+            if (whole) {
+                copy_sums(d + pos, from, whole, &t1, &t2);
+                fold(s, base[v] + pos / 4, t1, t2);
+                pos += 4 * whole;
+                from += 4 * whole;
+            }
+            memcpy(d + pos, from, end - pos);  /* a word's first bytes: folded by the next chunk */
+        }
+        src += step;
+        len -= step;
+        off += step;
+        if (off == size[v]) {
+            v++;
+            off = 0;
+        }
+    }
+    state[0] = v;
+    state[1] = off;
 }

@@ -28,7 +28,7 @@ from kvcache_engine.hashing import BlockHash
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockPool", "StoredBlock", "payload_checksum", "payload_checksums"]
+__all__ = ["BlockPool", "ScatterSums", "StoredBlock", "payload_checksum", "payload_checksums"]
 
 Payload = dict[str, torch.Tensor]
 
@@ -59,28 +59,80 @@ _BLOCK_WORDS = 1024
 _F64_STEP = 1 << 20
 
 
-def _load_native_sums() -> Callable[..., None] | None:
-    """``kv_word_sums`` from the C kernel (``_wordsums.c``, built by setup.py as an optional
-    extension), or None when it was not built; the torch forms below give the same digests."""
+def _load_native() -> ctypes.CDLL | None:
+    """The C kernels (``_wordsums.c``, built by setup.py as an optional extension), or None when
+    they were not built; the torch forms below give the same digests."""
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = here / f"_wordsums{suffix}"
         if not path.exists():
             continue
         try:
-            fn = ctypes.CDLL(str(path)).kv_word_sums
+            lib = ctypes.CDLL(str(path))
+            sums, scatter = lib.kv_word_sums, lib.kv_scatter_sum
         except (OSError, AttributeError) as exc:
             log.warning("checksum kernel %s unusable (%s): using the torch form, ~3x slower", path, exc)
             return None
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p]
-        return fn
+        sums.restype = scatter.restype = None
+        size, ptr = ctypes.c_size_t, ctypes.c_void_p
+        sums.argtypes = [ptr, size, size, size, ptr]
+        scatter.argtypes = [ctypes.c_char_p, size, ptr, ptr, ptr, ptr, ptr, ptr]
+        return lib
     return None
 
 
-# The C kernel for CPU words (one pass at memory speed; ctypes releases the GIL for the call).
-# Tests and benchmarks set it to None to run the torch forms.
-NATIVE_SUMS = _load_native_sums()
+_NATIVE = _load_native()
+# The C kernels (ctypes releases the GIL for each call). Tests and benchmarks set them to None
+# to run the torch forms and the plain scatter.
+NATIVE_SUMS: Callable[..., None] | None = _NATIVE.kv_word_sums if _NATIVE is not None else None
+NATIVE_SCATTER: Callable[..., None] | None = _NATIVE.kv_scatter_sum if _NATIVE is not None else None
+
+
+class ScatterSums:
+    """A put body's bytes scattered in order into views (``views[v]`` holds the payload words
+    from ``bases[v]`` on of block ``blocks[v]``, or bytes to drop when that is -1), each block's
+    checksum folded in on the way by the C kernel, while the bytes are in cache: ``digests()``
+    then equals :func:`payload_checksum` of each block's payload (the raw rows of a pool whose
+    rows are their payload), with no second pass over the blocks. Views of a block must be a
+    multiple of 4 bytes and together cover its payload. Check ``available()`` first."""
+
+    def __init__(
+        self, views: Sequence[memoryview], blocks: Sequence[int], bases: Sequence[int], nblocks: int
+    ) -> None:
+        kernel = NATIVE_SCATTER
+        if kernel is None:
+            raise RuntimeError("ScatterSums: the C kernel was not built")
+        if any(v.nbytes % 4 for v, b in zip(views, blocks, strict=True) if b >= 0):
+            raise ValueError("ScatterSums: every summed view must be a multiple of 4 bytes")
+        self._kernel = kernel
+        self._keep = list(views)  # the views own the buffers the pointers below point into
+        n = len(views)
+        self._dst = (ctypes.c_void_p * n)(*(ctypes.addressof(ctypes.c_char.from_buffer(v)) for v in views))
+        self._size = (ctypes.c_uint64 * n)(*(v.nbytes for v in views))
+        self._block = (ctypes.c_int64 * n)(*blocks)
+        self._base = (ctypes.c_uint64 * n)(*bases)
+        self._state = (ctypes.c_uint64 * 2)()
+        self._sums = (ctypes.c_uint64 * (2 * nblocks))()
+        self.total = sum(v.nbytes for v in views)
+        self.filled = 0
+
+    @staticmethod
+    def available() -> bool:
+        return NATIVE_SCATTER is not None
+
+    def feed(self, chunk: bytes) -> None:
+        """Copy ``chunk``, the body's next bytes, into place (the caller checks it fits)."""
+        if self.filled + len(chunk) > self.total:
+            raise ValueError(f"ScatterSums: {self.filled} + {len(chunk)} bytes exceed {self.total}")
+        args = (self._dst, self._size, self._block, self._base, self._state, self._sums)
+        self._kernel(chunk, len(chunk), *args)
+        self.filled += len(chunk)
+
+    def digests(self) -> list[str]:
+        if self.filled != self.total:
+            raise ValueError(f"ScatterSums: {self.filled} of {self.total} bytes fed")
+        sums = list(self._sums)
+        return [_digest(sums[i], sums[i + 1]) for i in range(0, len(sums), 2)]
 
 
 def _field_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +267,11 @@ def _byte_words(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _digests(s1: torch.Tensor, s2: torch.Tensor) -> list[str]:
     """One host sync for the whole batch: the two sums of each row as 32 hex digits."""
     pairs = torch.stack((s1, s2), dim=1).cpu().tolist()
-    return [f"{a & _MASK64:016x}{b & _MASK64:016x}" for a, b in pairs]
+    return [_digest(a, b) for a, b in pairs]
+
+
+def _digest(s1: int, s2: int) -> str:
+    return f"{s1 & _MASK64:016x}{s2 & _MASK64:016x}"
 
 
 def _checksum_rows(fields: list[torch.Tensor]) -> list[str]:

@@ -439,13 +439,17 @@ class KVCacheEngine:
                 targets[j] = rows[slot * width : (slot + 1) * width]
             return PutReservation(hs, parent, present, new, slots, targets, pool)
 
-    def commit_put(self, res: PutReservation) -> int:
+    def commit_put(self, res: PutReservation, checksums: Sequence[str] | None = None) -> int:
         """Index a reservation's blocks once their bytes are written; returns blocks newly stored.
-        Checksums are computed outside the lock (the slots are the reservation's own). Blocks are
-        dropped, not stored, when their predecessor was evicted meanwhile or another put stored
-        them first."""
+        ``checksums``: the reserved blocks' checksums when the writer folded them in as it wrote
+        (block_pool.ScatterSums), else they are computed here, outside the lock (the slots are
+        the reservation's own). Blocks are dropped, not stored, when their predecessor was
+        evicted meanwhile or another put stored them first."""
         t0 = time.perf_counter()
-        checksums = res.pool.checksums(res.slots) if res.slots else []
+        if checksums is None:
+            checksums = res.pool.checksums(res.slots) if res.slots else []
+        elif len(checksums) != len(res.slots):
+            raise ValueError(f"checksums: {len(checksums)} given for {len(res.slots)} reserved blocks")
         with self._lock:
             if res.done:
                 raise ValueError("reservation: already committed or released")

@@ -19,6 +19,7 @@ import contextlib
 import gc
 import hmac
 import http.client
+import itertools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from kvcache_engine.block_pool import ScatterSums
 from kvcache_engine.client import byte_view, torch_dtype
 from kvcache_engine.config import DTYPE_BYTES, LIVE_FIELDS, ConfigError, KVCacheConfig, load_config
 from kvcache_engine.persistence import (
@@ -562,8 +564,9 @@ class EngineServer:
         except BaseException:
             self.engine.release_put(res)
             raise
+        checksums = body.sums.digests() if body.sums is not None else None
         loop = asyncio.get_running_loop()
-        stored = await loop.run_in_executor(self.commit_executor, self.engine.commit_put, res)
+        stored = await loop.run_in_executor(self.commit_executor, self.engine.commit_put, res, checksums)
         return web.json_response({"stored_blocks": stored, "block_tokens": bt})
 
     async def _store(self, kind: str, values: list[int], kv: torch.Tensor) -> web.Response:
@@ -880,6 +883,7 @@ class _BodyViews:
         self.total = sum(v.nbytes for v in views)
         self.filled = 0
         self._i = self._off = 0  # the next byte goes to views[_i][_off]
+        self.sums: ScatterSums | None = None  # set by for_blocks: fills the views itself
 
     @classmethod
     def for_blocks(
@@ -888,30 +892,48 @@ class _BodyViews:
         """A put body of ``planes`` planes of ``plane_bytes`` (the ``[2, L, n, H, D]`` wire
         layout) into per-block slots: bytes ``[j * piece, (j + 1) * piece)`` of plane p are block
         j's bytes ``[p * piece, (p + 1) * piece)``. Blocks without a target (already cached) and
-        a plane's partial last block go to a scratch buffer and are dropped."""
+        a plane's partial last block go to a scratch buffer and are dropped. With the C kernel
+        (and word-aligned pieces) the blocks' checksums are folded in as the bytes land
+        (``sums.digests()``, in the order of the targets that are set)."""
         tail = plane_bytes - len(targets) * piece
         scratch = memoryview(bytearray(max(piece, tail)))
+        owner = list(itertools.accumulate(t is not None for t in targets))  # 1 + reserved index
         views: list[memoryview] = []
+        blocks: list[int] = []
+        bases: list[int] = []
         for p in range(planes):
-            views += [t[p * piece : (p + 1) * piece] if t is not None else scratch[:piece] for t in targets]
+            for j, t in enumerate(targets):
+                views.append(t[p * piece : (p + 1) * piece] if t is not None else scratch[:piece])
+                blocks.append(owner[j] - 1 if t is not None else -1)
+                bases.append(p * piece // 4)
             if tail:
                 views.append(scratch[:tail])
-        return cls(views)
+                blocks.append(-1)
+                bases.append(0)
+        body = cls(views)
+        if ScatterSums.available() and piece % 4 == 0:
+            body.sums = ScatterSums(views, blocks, bases, owner[-1] if owner else 0)
+        return body
 
-    def feed(self, data: memoryview) -> None:
+    def feed(self, data: bytes) -> None:
         """Copy ``data`` (the next bytes of the body) into place."""
-        if self.filled + data.nbytes > self.total:
+        if self.filled + len(data) > self.total:
             raise BadRequestError("body longer than its Content-Length")
+        if self.sums is not None:
+            self.sums.feed(data)
+            self.filled += len(data)
+            return
+        src = memoryview(data)
         pos = 0
-        while pos < data.nbytes:
+        while pos < src.nbytes:
             view = self.views[self._i]
-            step = min(data.nbytes - pos, view.nbytes - self._off)
-            view[self._off : self._off + step] = data[pos : pos + step]
+            step = min(src.nbytes - pos, view.nbytes - self._off)
+            view[self._off : self._off + step] = src[pos : pos + step]
             pos += step
             self._off += step
             if self._off == view.nbytes:
                 self._i, self._off = self._i + 1, 0
-        self.filled += data.nbytes
+        self.filled += src.nbytes
 
     async def read_from(self, reader: Any) -> None:
         """Fill every view from an aiohttp body stream, one received chunk at a time
@@ -920,7 +942,7 @@ class _BodyViews:
             chunk, _ = await reader.readchunk()
             if not chunk:
                 raise BadRequestError(f"body truncated: expected {self.total - self.filled} more bytes")
-            self.feed(memoryview(chunk))
+            self.feed(chunk)
 
 
 async def _read_exact(reader: Any, n: int) -> bytes:

@@ -63,6 +63,26 @@ def test_reserved_put_stores_what_put_stores(engine_factory: Any) -> None:
     assert zero_copy.lookup(make_tokens(1, 4)) == 4 * BT
 
 
+def test_commit_takes_the_writers_checksums(engine_factory: Any) -> None:
+    """A writer that folded the checksums in while writing (the server's scatter) hands them
+    over: they are stored as given (validate then recomputes and compares), one per reserved
+    block or a ValueError that leaves the reservation open."""
+    direct, engine = engine_factory(), engine_factory()
+    tokens, kv = make_tokens(1, 2), chain_kv(1, 2)
+    direct.put(tokens, kv)
+    sums = [b.checksum for b in direct.export_blocks()]
+    res = reserve(engine, 1, 2)
+    fill(res, kv)
+    with pytest.raises(ValueError, match="1 given for 2 reserved blocks"):
+        engine.commit_put(res, sums[:1])
+    assert engine.commit_put(res, sums) == 2
+    assert engine.validate_cache_integrity()["is_valid"]
+    bad = reserve(engine, 2, 1)
+    fill(bad, chain_kv(2, 1))
+    engine.commit_put(bad, ["0" * 32])
+    assert not engine.validate_cache_integrity()["is_valid"]  # a wrong sum is caught, not hidden
+
+
 def test_release_leaves_nothing_behind(engine_factory: Any) -> None:
     engine = engine_factory()
     engine.put(make_tokens(1, 2), chain_kv(1, 2))
