@@ -5,9 +5,9 @@
  *
  * kv_word_sums: those sums for each of `rows` rows (block_pool._field_sums), in one pass at
  * memory speed (the torch forms convert to float64 or int64 first).
- * kv_scatter_sum: a put body's chunk copied into its blocks' slots, each whole word folded into
- * its block's sums while the bytes are still in cache (server._BodyViews), so a zero-copy put
- * needs no second pass over its blocks.
+ * kv_scatter_planes: a put body's chunk copied into its blocks' slots, each whole word folded
+ * into its block's sums in the same pass (block_pool.ScatterSums), so a zero-copy put needs no
+ * second pass over its blocks.
  *
  * How: 8 lanes (word j is lane j % 8 at step t = j / 8) keep Fletcher pairs a += x; b += a, so
  * after T steps a_l = sum_t x and b_l = sum_t x * (T - t). Then
@@ -100,52 +100,56 @@ void kv_word_sums(const unsigned char *base, size_t rows, size_t stride, size_t 
         row_sums(base + r * stride, nwords, out + 2 * r, out + 2 * r + 1);
 }
 
-/* Copy the next `len` bytes of a body into its views, in order: view v is `size[v]` bytes at
- * `dst[v]` (a multiple of 4 whenever block[v] >= 0), holding words base[v] .. of block
- * `block[v]`'s payload (block[v] < 0: bytes to drop, no sums). state = {view, offset}: where the
- * next byte goes. Whole words are copied and folded into sums[2 block], sums[2 block + 1] in one
- * pass; a word split across two chunks is folded from dst once its last byte has landed. The
- * caller checks that `len` fits in what the views have left. */
-void kv_scatter_sum(const unsigned char *src, size_t len, unsigned char *const *dst, const uint64_t *size,
-                    const int64_t *block, const uint64_t *base, uint64_t *state, uint64_t *sums)
+/* Copy `step` bytes from `from` to d + off, d being a piece of a block that holds its payload
+ * words from `base` on, folding the whole words into s: a word the previous segment started
+ * is folded from d once its last byte lands; the loop copies and sums in one pass. */
+static void scatter_segment(unsigned char *d, size_t off, const unsigned char *from, size_t step, uint64_t base,
+                            uint64_t *s)
 {
-    size_t v = state[0], off = state[1];
+    uint64_t t1, t2;
+    size_t end = off + step, pos = off;
+    if (pos % 4) {
+        size_t k = 4 - pos % 4 < step ? 4 - pos % 4 : step;
+        memcpy(d + pos, from, k);
+        pos += k;
+        from += k;
+        if (pos % 4 == 0) {
+            row_sums(d + pos - 4, 1, &t1, &t2);
+            fold(s, base + pos / 4 - 1, t1, t2);
+        }
+    }
+    size_t whole = (end - pos) / 4;
+    if (whole) {
+        copy_sums(d + pos, from, whole, &t1, &t2);
+        fold(s, base + pos / 4, t1, t2);
+        pos += 4 * whole;
+        from += 4 * whole;
+    }
+    memcpy(d + pos, from, end - pos);  /* a word's first bytes: folded by the next segment */
+}
+
+/* The next `len` bytes of a put body in the wire layout (planes of `plane_bytes`: `nblk` pieces
+ * of `piece` bytes, one per block, then a tail) into the blocks' slots: piece j of plane p goes
+ * to blk[j] + p * piece, and its whole words are folded into sums[2 j], sums[2 j + 1] on the
+ * way. blk[j] NULL (a block already cached) and the tails are dropped. `piece` must be a
+ * multiple of 4. *pos is the body offset of src[0] (updated); the caller checks that `len` fits. */
+void kv_scatter_planes(const unsigned char *src, size_t len, unsigned char *const *blk, size_t nblk, size_t piece,
+                       size_t plane_bytes, uint64_t *pos, uint64_t *sums)
+{
+    uint64_t at = *pos;
     while (len) {
-        size_t step = size[v] - off < len ? size[v] - off : len;
-        unsigned char *d = dst[v];
-        if (block[v] < 0) {
-            memcpy(d + off, src, step);
+        size_t p = at / plane_bytes, in = at % plane_bytes, j = in / piece, step;
+        if (j < nblk) {
+            size_t off = in % piece;
+            step = piece - off < len ? piece - off : len;
+            if (blk[j])
+                scatter_segment(blk[j] + p * piece, off, src, step, p * piece / 4, sums + 2 * j);
         } else {
-            uint64_t *s = sums + 2 * block[v], t1, t2;
-            size_t end = off + step, pos = off;
-            const unsigned char *from = src;
-            if (pos % 4) {  /* finish the word the previous chunk started */
-                size_t k = 4 - pos % 4 < step ? 4 - pos % 4 : step;
-                memcpy(d + pos, from, k);
-                pos += k;
-                from += k;
-                if (pos % 4 == 0) {
-                    row_sums(d + pos - 4, 1, &t1, &t2);
-                    fold(s, base[v] + pos / 4 - 1, t1, t2);
-                }
-            }
-            size_t whole = (end - pos) / 4;
-            if (whole) {
-                copy_sums(d + pos, from, whole, &t1, &t2);
-                fold(s, base[v] + pos / 4, t1, t2);
-                pos += 4 * whole;
-                from += 4 * whole;
-            }
-            memcpy(d + pos, from, end - pos);  /* a word's first bytes: folded by the next chunk */
+            step = plane_bytes - in < len ? plane_bytes - in : len;
         }
         src += step;
         len -= step;
-        off += step;
-        if (off == size[v]) {
-            v++;
-            off = 0;
-        }
+        at += step;
     }
-    state[0] = v;
-    state[1] = off;
+    *pos = at;
 }

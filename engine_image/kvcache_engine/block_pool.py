@@ -69,14 +69,14 @@ def _load_native() -> ctypes.CDLL | None:
             continue
         try:
             lib = ctypes.CDLL(str(path))
-            sums, scatter = lib.kv_word_sums, lib.kv_scatter_sum
+            sums, scatter = lib.kv_word_sums, lib.kv_scatter_planes
         except (OSError, AttributeError) as exc:
             log.warning("checksum kernel %s unusable (%s): using the torch form, ~3x slower", path, exc)
             return None
         sums.restype = scatter.restype = None
         size, ptr = ctypes.c_size_t, ctypes.c_void_p
         sums.argtypes = [ptr, size, size, size, ptr]
-        scatter.argtypes = [ctypes.c_char_p, size, ptr, ptr, ptr, ptr, ptr, ptr]
+        scatter.argtypes = [ctypes.c_char_p, size, ptr, size, size, size, ptr, ptr]
         return lib
     return None
 
@@ -85,35 +85,38 @@ _NATIVE = _load_native()
 # The C kernels (ctypes releases the GIL for each call). Tests and benchmarks set them to None
 # to run the torch forms and the plain scatter.
 NATIVE_SUMS: Callable[..., None] | None = _NATIVE.kv_word_sums if _NATIVE is not None else None
-NATIVE_SCATTER: Callable[..., None] | None = _NATIVE.kv_scatter_sum if _NATIVE is not None else None
+NATIVE_SCATTER: Callable[..., None] | None = _NATIVE.kv_scatter_planes if _NATIVE is not None else None
 
 
 class ScatterSums:
-    """A put body's bytes scattered in order into views (``views[v]`` holds the payload words
-    from ``bases[v]`` on of block ``blocks[v]``, or bytes to drop when that is -1), each block's
-    checksum folded in on the way by the C kernel, while the bytes are in cache: ``digests()``
-    then equals :func:`payload_checksum` of each block's payload (the raw rows of a pool whose
-    rows are their payload), with no second pass over the blocks. Views of a block must be a
-    multiple of 4 bytes and together cover its payload. Check ``available()`` first."""
+    """A put body in the wire layout (planes of ``plane_bytes``: one ``piece`` per block, then a
+    tail) copied into its blocks' slots as it arrives, piece j of plane p to ``targets[j][p *
+    piece:]``, with each block's checksum folded in on the way by the C kernel while the bytes
+    are in cache. ``digests()`` then equals :func:`payload_checksum` of each target's payload
+    (the raw rows of a pool whose rows are their payload), with no second pass over the blocks.
+    Targets that are None (blocks already cached) and the tails are dropped. ``piece`` must be a
+    multiple of 4; check ``available()`` first."""
 
     def __init__(
-        self, views: Sequence[memoryview], blocks: Sequence[int], bases: Sequence[int], nblocks: int
+        self, targets: Sequence[memoryview | None], piece: int, plane_bytes: int, total: int
     ) -> None:
         kernel = NATIVE_SCATTER
         if kernel is None:
             raise RuntimeError("ScatterSums: the C kernel was not built")
-        if any(v.nbytes % 4 for v, b in zip(views, blocks, strict=True) if b >= 0):
-            raise ValueError("ScatterSums: every summed view must be a multiple of 4 bytes")
+        if piece <= 0 or piece % 4 or plane_bytes < len(targets) * piece:
+            raise ValueError(
+                f"ScatterSums: {len(targets)} pieces of {piece} bytes (a multiple of 4) "
+                f"do not fit planes of {plane_bytes}"
+            )
         self._kernel = kernel
-        self._keep = list(views)  # the views own the buffers the pointers below point into
-        n = len(views)
-        self._dst = (ctypes.c_void_p * n)(*(ctypes.addressof(ctypes.c_char.from_buffer(v)) for v in views))
-        self._size = (ctypes.c_uint64 * n)(*(v.nbytes for v in views))
-        self._block = (ctypes.c_int64 * n)(*blocks)
-        self._base = (ctypes.c_uint64 * n)(*bases)
-        self._state = (ctypes.c_uint64 * 2)()
-        self._sums = (ctypes.c_uint64 * (2 * nblocks))()
-        self.total = sum(v.nbytes for v in views)
+        self._targets = list(targets)  # keeps the buffers the pointers below point into alive
+        n = len(targets)
+        addrs = [ctypes.addressof(ctypes.c_char.from_buffer(t)) if t is not None else None for t in targets]
+        self._blk = (ctypes.c_void_p * n)(*addrs)
+        self._args = (self._blk, n, piece, plane_bytes)
+        self._pos = ctypes.c_uint64(0)
+        self._sums = (ctypes.c_uint64 * (2 * n))()
+        self.total = total
         self.filled = 0
 
     @staticmethod
@@ -121,18 +124,18 @@ class ScatterSums:
         return NATIVE_SCATTER is not None
 
     def feed(self, chunk: bytes) -> None:
-        """Copy ``chunk``, the body's next bytes, into place (the caller checks it fits)."""
+        """Copy ``chunk``, the body's next bytes, into place."""
         if self.filled + len(chunk) > self.total:
             raise ValueError(f"ScatterSums: {self.filled} + {len(chunk)} bytes exceed {self.total}")
-        args = (self._dst, self._size, self._block, self._base, self._state, self._sums)
-        self._kernel(chunk, len(chunk), *args)
+        self._kernel(chunk, len(chunk), *self._args, ctypes.byref(self._pos), self._sums)
         self.filled += len(chunk)
 
     def digests(self) -> list[str]:
+        """The checksum of each target that is set, in order."""
         if self.filled != self.total:
             raise ValueError(f"ScatterSums: {self.filled} of {self.total} bytes fed")
         sums = list(self._sums)
-        return [_digest(sums[i], sums[i + 1]) for i in range(0, len(sums), 2)]
+        return [_digest(sums[2 * j], sums[2 * j + 1]) for j, t in enumerate(self._targets) if t is not None]
 
 
 def _field_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,6 @@ import contextlib
 import gc
 import hmac
 import http.client
-import itertools
 import json
 import logging
 import math
@@ -892,28 +891,23 @@ class _BodyViews:
         """A put body of ``planes`` planes of ``plane_bytes`` (the ``[2, L, n, H, D]`` wire
         layout) into per-block slots: bytes ``[j * piece, (j + 1) * piece)`` of plane p are block
         j's bytes ``[p * piece, (p + 1) * piece)``. Blocks without a target (already cached) and
-        a plane's partial last block go to a scratch buffer and are dropped. With the C kernel
-        (and word-aligned pieces) the blocks' checksums are folded in as the bytes land
-        (``sums.digests()``, in the order of the targets that are set)."""
+        a plane's partial last block are dropped. With the C kernel (and word-aligned pieces) the
+        blocks' checksums are folded in as the bytes land (``sums.digests()``, in the order of
+        the targets that are set)."""
+        total = planes * plane_bytes
+        if ScatterSums.available() and piece % 4 == 0:
+            body = cls([])
+            body.total = total
+            body.sums = ScatterSums(targets, piece, plane_bytes, total)
+            return body
         tail = plane_bytes - len(targets) * piece
         scratch = memoryview(bytearray(max(piece, tail)))
-        owner = list(itertools.accumulate(t is not None for t in targets))  # 1 + reserved index
         views: list[memoryview] = []
-        blocks: list[int] = []
-        bases: list[int] = []
         for p in range(planes):
-            for j, t in enumerate(targets):
-                views.append(t[p * piece : (p + 1) * piece] if t is not None else scratch[:piece])
-                blocks.append(owner[j] - 1 if t is not None else -1)
-                bases.append(p * piece // 4)
+            views += [t[p * piece : (p + 1) * piece] if t is not None else scratch[:piece] for t in targets]
             if tail:
                 views.append(scratch[:tail])
-                blocks.append(-1)
-                bases.append(0)
-        body = cls(views)
-        if ScatterSums.available() and piece % 4 == 0:
-            body.sums = ScatterSums(views, blocks, bases, owner[-1] if owner else 0)
-        return body
+        return cls(views)
 
     def feed(self, data: bytes) -> None:
         """Copy ``data`` (the next bytes of the body) into place."""
