@@ -32,8 +32,9 @@ import torch
 from pydantic import ValidationError
 
 from kvcache_engine.block_pool import BlockPool, StoredBlock, payload_checksum
-from kvcache_engine.compression import Codec, make_codec
+from kvcache_engine.compression import Codec, make_codec, torch_dtype
 from kvcache_engine.config import (
+    DTYPE_BYTES,
     LIVE_FIELDS,
     ConfigError,
     KVCacheConfig,
@@ -341,6 +342,53 @@ class KVCacheEngine:
             raise ValueError("hashes: need at least one block hash")
         kv = self._check_kv(kv, len(hs) * self._config.block_tokens)
         return self._put_chain(hs, kv, parent)
+
+    def put_rows(
+        self,
+        hashes: Sequence[BlockHash],
+        rows: torch.Tensor,
+        checksums: Sequence[str] | None = None,
+        parent: BlockHash | None = None,
+    ) -> int:
+        """Store a chain given as its blocks' raw payloads: ``rows`` uint8 ``[len(hashes),
+        slot_bytes]`` on the CPU, row j = block j's ``[2, L, block_tokens, H, D]`` bytes (codec
+        ``none``'s slot rows). Evicts as needed, like put_blocks_raw, and copies each new block's
+        row into its slot as is. ``checksums``: the rows' checksums when the caller folded them in
+        as it wrote them (block_pool.ScatterSums), else they are computed here. When the pool does
+        not store raw rows (the codec changed meanwhile) the rows are encoded as put_blocks_raw
+        would. Returns blocks newly stored."""
+        hs = _as_hashes(hashes)
+        c = self._config
+        width = 2 * c.num_layers * c.block_tokens * c.num_kv_heads * c.head_dim * DTYPE_BYTES[c.dtype]
+        if not hs or rows.dtype != torch.uint8 or tuple(rows.shape) != (len(hs), width):
+            raise ValueError(
+                f"rows: expected uint8 [{len(hs)}, {width}] for {len(hs)} blocks, got "
+                f"{rows.dtype} {list(rows.shape)}"
+            )
+        if checksums is not None and len(checksums) != len(hs):
+            raise ValueError(f"checksums: {len(checksums)} given for {len(hs)} blocks")
+        t0 = time.perf_counter()
+        with self._lock:
+            if not self.stores_raw_rows:
+                shape = (len(hs), 2, c.num_layers, c.block_tokens, c.num_kv_heads, c.head_dim)
+                blocks = rows.view(torch_dtype(c.dtype)).reshape(shape)
+                kv = blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, c.num_layers, -1, c.num_kv_heads, c.head_dim)
+                return self._put_chain(hs, kv, parent)
+            plan = self._plan_put(hs, parent)
+            assert plan is not None  # evicting plans always exist
+            present, new, slots = plan
+            sums: list[str] = []
+            if new:
+                part = rows[present : present + len(new)]
+                pool = self._tiers[PRIMARY].pool
+                pool.write_rows(slots, part)
+                sums = (
+                    list(checksums[present : present + len(new)]) if checksums else pool.row_checksums(part)
+                )
+            self._link(hs, parent, present, list(zip(new, slots, sums, strict=True)))
+            self._latency.record("put", (time.perf_counter() - t0) * 1000)
+            self._maybe_gc()
+            return len(new)
 
     def _put_chain(self, hashes: list[BlockHash], kv: torch.Tensor, parent: BlockHash | None) -> int:
         t0 = time.perf_counter()

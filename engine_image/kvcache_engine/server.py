@@ -527,7 +527,9 @@ class EngineServer:
             header = decode_frame_header(await _read_exact(reader, hlen))
         kind, values = self._chain(header)
         want = self._frame_shape(header, kind, values, declared - PREFIX_BYTES - hlen)
-        res = await self._run(self._reserve, kind, values) if self.engine.stores_raw_rows else None
+        raw = self.engine.stores_raw_rows
+        hashes = self._hashes(kind, values) if raw else []
+        res = await self._run(self.engine.reserve_put, hashes) if hashes else None
         if res is not None:
             return await self._put_in_place(request, res, want, cfg)
         numel = math.prod(want)
@@ -536,6 +538,8 @@ class EngineServer:
             view = byte_view(buf)[: numel * DTYPE_BYTES[cfg.dtype]] if buf is not None else None
             if view is None:
                 view = memoryview(bytearray(numel * DTYPE_BYTES[cfg.dtype]))
+            if hashes:  # staged as slot rows, checksummed on the way: put_rows copies them as is
+                return await self._put_rows_staged(request, hashes, want, view, cfg)
             async with asyncio.timeout(self.settings.body_timeout_s):
                 await _BodyViews([view]).read_from(reader)
             return await self._store(kind, values, self._as_kv(want, view))
@@ -543,20 +547,18 @@ class EngineServer:
             if buf is not None:
                 self.staging.give(buf)
 
-    def _reserve(self, kind: str, values: list[int]) -> PutReservation | None:
-        hashes: list[int] = values if kind == "hashes" else [int(h) for h in self.engine.block_hashes(values)]
-        return self.engine.reserve_put(hashes) if hashes else None
+    def _hashes(self, kind: str, values: list[int]) -> list[int]:
+        """The block hashes of a put's chain (its full blocks when given as tokens)."""
+        return values if kind == "hashes" else [int(h) for h in self.engine.block_hashes(values)]
 
     async def _put_in_place(
         self, request: web.Request, res: PutReservation, shape: list[int], cfg: KVCacheConfig
     ) -> web.Response:
         """The zero-copy put: the body's bytes go from aiohttp's chunks straight into the slots
-        the engine reserved (no staging buffer, no second copy), then the engine checksums and
-        indexes them. A body cut short releases the slots and indexes nothing."""
-        two, layers, n_tokens, heads, dim = shape
-        token_bytes = heads * dim * DTYPE_BYTES[cfg.dtype]
-        bt = cfg.block_tokens
-        body = _BodyViews.for_blocks(res.targets, two * layers, n_tokens * token_bytes, bt * token_bytes)
+        the engine reserved (no staging buffer, no second copy), then the engine indexes them
+        (checksummed on the way, or at commit without the C kernel). A body cut short releases
+        the slots and indexes nothing."""
+        body = _BodyViews.for_blocks(res.targets, *_wire_pieces(shape, cfg))
         try:
             async with asyncio.timeout(self.settings.body_timeout_s):
                 await body.read_from(request.content)
@@ -566,7 +568,27 @@ class EngineServer:
         checksums = body.sums.digests() if body.sums is not None else None
         loop = asyncio.get_running_loop()
         stored = await loop.run_in_executor(self.commit_executor, self.engine.commit_put, res, checksums)
-        return web.json_response({"stored_blocks": stored, "block_tokens": bt})
+        return web.json_response({"stored_blocks": stored, "block_tokens": cfg.block_tokens})
+
+    async def _put_rows_staged(
+        self, request: web.Request, hashes: list[int], shape: list[int], view: memoryview, cfg: KVCacheConfig
+    ) -> web.Response:
+        """The staged put of a raw-rows engine (no free slots to reserve): the body lands in the
+        staging buffer already laid out as the blocks' slot rows, checksummed on the way with the
+        C kernel; engine.put_rows then evicts, copies the new rows into their slots as they are
+        and indexes them. A body cut short changes nothing."""
+        import torch
+
+        planes, plane_bytes, piece = _wire_pieces(shape, cfg)
+        width = planes * piece
+        targets: list[memoryview | None] = [view[j * width : (j + 1) * width] for j in range(len(hashes))]
+        body = _BodyViews.for_blocks(targets, planes, plane_bytes, piece)
+        async with asyncio.timeout(self.settings.body_timeout_s):
+            await body.read_from(request.content)
+        checksums = body.sums.digests() if body.sums is not None else None
+        rows = torch.frombuffer(view, dtype=torch.uint8, count=len(hashes) * width).view(len(hashes), width)
+        stored = await self._run(self.engine.put_rows, hashes, rows, checksums)
+        return web.json_response({"stored_blocks": stored, "block_tokens": cfg.block_tokens})
 
     async def _store(self, kind: str, values: list[int], kv: torch.Tensor) -> web.Response:
         if kind == "hashes":
@@ -871,6 +893,14 @@ async def _send_direct(request: web.Request, payload: memoryview) -> bool:
     if writer.length is not None:
         writer.length = max(0, writer.length - payload.nbytes)
     return True
+
+
+def _wire_pieces(shape: list[int], cfg: KVCacheConfig) -> tuple[int, int, int]:
+    """(planes, plane bytes, piece bytes) of a put frame's ``[2, L, n, H, D]`` payload: 2L
+    planes of n tokens, each plane one block_tokens piece per block, then a partial tail."""
+    two, layers, n_tokens, heads, dim = shape
+    token_bytes = heads * dim * DTYPE_BYTES[cfg.dtype]
+    return two * layers, n_tokens * token_bytes, cfg.block_tokens * token_bytes
 
 
 class _BodyViews:

@@ -83,6 +83,46 @@ def test_commit_takes_the_writers_checksums(engine_factory: Any) -> None:
     assert not engine.validate_cache_integrity()["is_valid"]  # a wrong sum is caught, not hidden
 
 
+def rows_of(kv: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The slot rows of a chain's first blocks: row j = block j's [2, L, bt, H, D] bytes."""
+    two, layers, _, heads, dim = kv.shape
+    per_block = kv[:, :, : blocks * BT].reshape(two, layers, blocks, BT, heads, dim).permute(2, 0, 1, 3, 4, 5)
+    return per_block.contiguous().view(torch.uint8).reshape(blocks, -1)
+
+
+@pytest.mark.parametrize("with_sums", [False, True], ids=["computed", "given"])
+def test_put_rows_stores_what_put_stores_and_evicts(engine_factory: Any, with_sums: bool) -> None:
+    """The staged raw put: rows copied as they are, evicting when full, checksums taken as
+    given or computed; the same bytes and checksums as put()."""
+    direct, engine = engine_factory(), engine_factory()
+    tokens, kv = make_tokens(1, 3), chain_kv(1, 3)
+    direct.put(tokens, kv)
+    sums = [b.checksum for b in direct.export_blocks()] if with_sums else None
+    hashes = engine.block_hashes(tokens)
+    assert engine.put_rows(hashes[:2], rows_of(kv, 2), sums[:2] if sums else None) == 2
+    assert engine.put_rows(hashes, rows_of(kv, 3), sums) == 1  # over a cached prefix
+    assert torch.equal(engine.get(tokens), kv)
+    assert [b.checksum for b in engine.export_blocks()] == [b.checksum for b in direct.export_blocks()]
+    assert engine.validate_cache_integrity()["is_valid"]
+    assert engine.put_rows(hashes, rows_of(kv, 3), sums) == 0  # all cached: nothing new
+    with pytest.raises(ValueError, match=r"rows: expected uint8 \[3, "):
+        engine.put_rows(hashes, rows_of(kv, 2))
+    with pytest.raises(ValueError, match="checksums: 1 given for 3 blocks"):
+        engine.put_rows(hashes, rows_of(kv, 3), ["0" * 32])
+
+
+def test_put_rows_encodes_when_the_codec_changed(engine_factory: Any) -> None:
+    """A codec switched between the server's check and the store: the rows are encoded."""
+    engine = engine_factory()
+    engine.reconfigure(use_compression=True, compression_codec="int8")
+    assert not engine.stores_raw_rows
+    tokens, kv = make_tokens(2, 2), chain_kv(2, 2)
+    assert engine.put_rows(engine.block_hashes(tokens), rows_of(kv, 2)) == 2
+    got = engine.get(tokens)
+    assert got is not None and (got.float() - kv.float()).abs().max() < 0.1
+    assert engine.validate_cache_integrity()["is_valid"]
+
+
 def test_release_leaves_nothing_behind(engine_factory: Any) -> None:
     engine = engine_factory()
     engine.put(make_tokens(1, 2), chain_kv(1, 2))

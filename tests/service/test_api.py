@@ -405,3 +405,10 @@ def test_a_cut_put_into_a_full_pool_evicts_nothing(live_server) -> None:
     assert srv.engine.cached_hashes() == before
     status, body = http("POST", srv.url + "/v1/put", frame)  # complete: now it evicts
     assert status == 200 and json.loads(body)["stored_blocks"] == 4
+    # Staged as slot rows (checksummed on the way with the C kernel), then copied as they are:
+    # the same bytes back, and stored checksums that a recomputation agrees with.
+    with _client(srv.url) as c:
+        got = c.get(make_tokens(16, seed=2))
+        assert got is not None and torch.equal(got, make_kv(cfg, 16, seed=2))
+    assert srv.engine.validate_cache_integrity()["is_valid"]
+    assert srv.server.staging._held > 0  # this put did take a staging buffer
