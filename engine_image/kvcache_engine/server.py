@@ -939,12 +939,12 @@ class _BodyViews:
                 views.append(scratch[:tail])
         return cls(views)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Copy ``data`` (the next bytes of the body) into place."""
         if self.filled + len(data) > self.total:
             raise BadRequestError("body longer than its Content-Length")
         if self.sums is not None:
-            self.sums.feed(data)
+            self.sums.feed(data if isinstance(data, bytes) else bytes(data))  # the kernel takes bytes
             self.filled += len(data)
             return
         src = memoryview(data)
