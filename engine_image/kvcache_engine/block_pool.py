@@ -108,6 +108,9 @@ class ScatterSums:
                 f"ScatterSums: {len(targets)} pieces of {piece} bytes (a multiple of 4) "
                 f"do not fit planes of {plane_bytes}"
             )
+        planes = -(-total // plane_bytes)  # the kernel writes up to planes * piece bytes per target
+        if any(t is not None and (t.readonly or t.nbytes < planes * piece) for t in targets):
+            raise ValueError(f"ScatterSums: every target must be a writable buffer of {planes * piece} bytes")
         self._kernel = kernel
         self._targets = list(targets)  # keeps the buffers the pointers below point into alive
         n = len(targets)

@@ -81,6 +81,17 @@ def test_scatter_digests_need_the_whole_body() -> None:
         views.sums.digests()
 
 
+def test_scatter_refuses_targets_it_would_overrun() -> None:
+    """The kernel writes planes x piece bytes into each target: a shorter or read-only one is
+    refused up front, never written past."""
+    if not block_pool.ScatterSums.available():
+        pytest.skip("C kernel not built (covered by test_checksum's build check)")
+    with pytest.raises(ValueError, match="writable buffer of 8 bytes"):
+        block_pool.ScatterSums([memoryview(bytearray(4))], 4, 4, 8)
+    with pytest.raises(ValueError, match="writable buffer of 8 bytes"):
+        block_pool.ScatterSums([memoryview(bytes(8))], 4, 4, 8)
+
+
 def test_unaligned_pieces_take_the_plain_scatter() -> None:
     """A piece that is not whole words (odd geometries) cannot fold per piece: the engine then
     checksums the slots at commit."""
