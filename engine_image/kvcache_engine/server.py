@@ -1015,6 +1015,13 @@ def serve(config_path: str | None, settings: ServerSettings, environ: dict[str, 
     from kvcache_engine.engine import KVCacheEngine
 
     engine = KVCacheEngine(config, load_on_start=False)
+    if ScatterSums.available():
+        log.info("checksums: C kernel (_wordsums)")
+    else:
+        log.warning(
+            "checksums: the C kernel (_wordsums.c) was not built; torch computes the same digests "
+            "~3x slower (puts, loads, validation): install with a C compiler present"
+        )
     server = EngineServer(engine, settings)
     if settings.token is None:
         log.warning(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvcache_engine import block_pool
 from kvcache_engine.client import KVCacheClient
 from kvcache_engine.config import KVCacheConfig
 from tests.service.conftest import GEOMETRY, TOKEN, EngineProcess, http, http_json, make_kv, make_tokens
@@ -49,7 +50,10 @@ def test_sigterm_persists_before_exit(engine_process) -> None:
     with _client(proc.url) as c:
         assert c.put(tokens, make_kv(cfg, 32, seed=7), wait=True) == 8
     assert proc.terminate() == 0
-    assert "final persist on shutdown: ok" in proc.log.read_text()
+    log = proc.log.read_text()
+    assert "final persist on shutdown: ok" in log
+    # The engine says which checksum code it runs (the C kernel whenever it was built here).
+    assert ("checksums: C kernel" in log) == block_pool.ScatterSums.available(), log[:2000]
     proc.start()
     with _client(proc.url) as c:
         assert c.lookup(tokens) == 32
