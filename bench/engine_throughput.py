@@ -2,7 +2,7 @@
 head_dim 128, 16 tokens, fp16: 2 MiB per block), per codec.
 
     python -m bench.engine_throughput [--blocks 128] [--chain 8] [--codecs none,int8,int4]
-                                      [--torch-checksum] [--json]
+                                      [--torch-checksum] [--checksum-threads N] [--json]
 
 Each figure is the best of 3 runs. put: chains of ``--chain`` new blocks (encode + checksum +
 copy into the preallocated pool); lookup: the same prompts (hashing + index walk); get: decode
@@ -111,11 +111,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="checksum with the torch forms instead of the C kernel (_wordsums.c), to compare",
     )
+    parser.add_argument(
+        "--checksum-threads",
+        type=int,
+        default=None,
+        help="threads the C kernel splits a large checksum over (default: up to 4, one per core)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.torch_checksum:
         block_pool.NATIVE_SUMS = None
+    if args.checksum_threads is not None:
+        block_pool._SUM_THREADS = max(1, args.checksum_threads)
     rows = [run(c.strip(), args.blocks, args.chain) for c in args.codecs.split(",") if c.strip()]
     if args.json:
         for row in rows:

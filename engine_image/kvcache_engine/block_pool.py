@@ -119,6 +119,7 @@ class ScatterSums:
         self._args = (self._blk, n, piece, plane_bytes)
         self._pos = ctypes.c_uint64(0)
         self._sums = (ctypes.c_uint64 * (2 * n))()
+        self._state = (ctypes.byref(self._pos), self._sums)
         self.total = total
         self.filled = 0
 
@@ -130,7 +131,7 @@ class ScatterSums:
         """Copy ``chunk``, the body's next bytes, into place."""
         if self.filled + len(chunk) > self.total:
             raise ValueError(f"ScatterSums: {self.filled} + {len(chunk)} bytes exceed {self.total}")
-        self._kernel(chunk, len(chunk), *self._args, ctypes.byref(self._pos), self._sums)
+        self._kernel(chunk, len(chunk), *self._args, *self._state)
         self.filled += len(chunk)
 
     def digests(self) -> list[str]:

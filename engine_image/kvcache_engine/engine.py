@@ -359,7 +359,7 @@ class KVCacheEngine:
         would. Returns blocks newly stored."""
         hs = _as_hashes(hashes)
         c = self._config
-        width = 2 * c.num_layers * c.block_tokens * c.num_kv_heads * c.head_dim * DTYPE_BYTES[c.dtype]
+        width = c.block_tokens * self._token_elems() * DTYPE_BYTES[c.dtype]
         if not hs or rows.dtype != torch.uint8 or tuple(rows.shape) != (len(hs), width):
             raise ValueError(
                 f"rows: expected uint8 [{len(hs)}, {width}] for {len(hs)} blocks, got "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hmac
 import http.client
@@ -565,9 +566,8 @@ class EngineServer:
         except BaseException:
             self.engine.release_put(res)
             raise
-        checksums = body.sums.digests() if body.sums is not None else None
-        loop = asyncio.get_running_loop()
-        stored = await loop.run_in_executor(self.commit_executor, self.engine.commit_put, res, checksums)
+        commit = functools.partial(self.engine.commit_put, res, body.checksums())
+        stored = await asyncio.get_running_loop().run_in_executor(self.commit_executor, commit)
         return web.json_response({"stored_blocks": stored, "block_tokens": cfg.block_tokens})
 
     async def _put_rows_staged(
@@ -585,9 +585,8 @@ class EngineServer:
         body = _BodyViews.for_blocks(targets, planes, plane_bytes, piece)
         async with asyncio.timeout(self.settings.body_timeout_s):
             await body.read_from(request.content)
-        checksums = body.sums.digests() if body.sums is not None else None
         rows = torch.frombuffer(view, dtype=torch.uint8, count=len(hashes) * width).view(len(hashes), width)
-        stored = await self._run(self.engine.put_rows, hashes, rows, checksums)
+        stored = await self._run(self.engine.put_rows, hashes, rows, body.checksums())
         return web.json_response({"stored_blocks": stored, "block_tokens": cfg.block_tokens})
 
     async def _store(self, kind: str, values: list[int], kv: torch.Tensor) -> web.Response:
@@ -907,12 +906,12 @@ class _BodyViews:
     """A request body's destination as a list of views, filled in order as the body arrives
     (a staged put: one staging buffer; a zero-copy put: see :meth:`for_blocks`)."""
 
-    def __init__(self, views: list[memoryview]) -> None:
+    def __init__(self, views: list[memoryview], sums: ScatterSums | None = None) -> None:
         self.views = views
-        self.total = sum(v.nbytes for v in views)
+        self.sums = sums  # the C kernel's scatter (for_blocks): it fills the blocks itself
+        self.total = sums.total if sums is not None else sum(v.nbytes for v in views)
         self.filled = 0
         self._i = self._off = 0  # the next byte goes to views[_i][_off]
-        self.sums: ScatterSums | None = None  # set by for_blocks: fills the views itself
 
     @classmethod
     def for_blocks(
@@ -924,12 +923,8 @@ class _BodyViews:
         a plane's partial last block are dropped. With the C kernel (and word-aligned pieces) the
         blocks' checksums are folded in as the bytes land (``sums.digests()``, in the order of
         the targets that are set)."""
-        total = planes * plane_bytes
         if ScatterSums.available() and piece % 4 == 0:
-            body = cls([])
-            body.total = total
-            body.sums = ScatterSums(targets, piece, plane_bytes, total)
-            return body
+            return cls([], ScatterSums(targets, piece, plane_bytes, planes * plane_bytes))
         tail = plane_bytes - len(targets) * piece
         scratch = memoryview(bytearray(max(piece, tail)))
         views: list[memoryview] = []
@@ -945,7 +940,7 @@ class _BodyViews:
             raise BadRequestError("body longer than its Content-Length")
         if self.sums is not None:
             self.sums.feed(data if isinstance(data, bytes) else bytes(data))  # the kernel takes bytes
-            self.filled += len(data)
+            self.filled = self.sums.filled
             return
         src = memoryview(data)
         pos = 0
@@ -958,6 +953,10 @@ class _BodyViews:
             if self._off == view.nbytes:
                 self._i, self._off = self._i + 1, 0
         self.filled += src.nbytes
+
+    def checksums(self) -> list[str] | None:
+        """The blocks' checksums when the C kernel folded them in (else the engine computes them)."""
+        return self.sums.digests() if self.sums is not None else None
 
     async def read_from(self, reader: Any) -> None:
         """Fill every view from an aiohttp body stream, one received chunk at a time
@@ -1046,7 +1045,7 @@ async def _serve_forever(server: EngineServer) -> None:
         loop.add_signal_handler(sig, stop.set)
     # Once loaded, what startup made (modules: torch, aiohttp; the loaded index) moves to the
     # collector's permanent generation, so its full passes walk only what came later: a full
-    # pass over all of it took ~80 ms and landed on every ~13th 128 MiB put.
+    # pass over all of it took 65-86 ms (docs/benchmarks.md, "Put pass 2").
     server.load_in_background(then=gc.freeze)
     await stop.wait()
     log.info("shutting down: draining requests, then persisting")
