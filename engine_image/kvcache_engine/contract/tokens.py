@@ -1,0 +1,91 @@
+"""The one token resolver: where an engine's bearer token comes from, for servers and clients.
+
+Order: an explicit token, else a token file (``--token-file``, else ``$KVCACHE_TOKEN_FILE``), else
+``$KVCACHE_TOKEN``, else none. A token file is re-read at most once a second (Secret rotation)
+by ``TokenSource``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Mapping
+
+__all__ = ["TokenError", "TokenSource", "read_token_file", "resolve_token"]
+
+TOKEN_FILE_ENV = "KVCACHE_TOKEN_FILE"
+TOKEN_ENV = "KVCACHE_TOKEN"
+
+
+class TokenError(ValueError):
+    """A token file that cannot be read or is empty; the message names the file."""
+
+
+def read_token_file(path: str) -> str:
+    """The stripped contents of a token file (TokenError naming it when unreadable or empty)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise TokenError(f"token file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TokenError(f"token file {path}: not UTF-8 text") from None
+    if not token:
+        raise TokenError(f"token file {path}: the file is empty")
+    return token
+
+
+def resolve_token(
+    token_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    token: str | None = None,
+) -> tuple[str | None, str | None]:
+    """(token, token_file): the token to use now and the file to re-read it from (None: fixed)."""
+    if token is not None:
+        return token or None, None
+    env = os.environ if environ is None else environ
+    path = token_file or env.get(TOKEN_FILE_ENV)
+    if path:
+        return read_token_file(path), path
+    return env.get(TOKEN_ENV) or None, None
+
+
+class TokenSource:
+    """A token that follows its file: re-read at most every ``recheck_s`` seconds; a file that
+    becomes unreadable keeps the last good token (a Secret update is not atomic)."""
+
+    def __init__(self, token: str | None, token_file: str | None, *, recheck_s: float = 1.0) -> None:
+        self._token = token
+        self._file = token_file
+        self._recheck_s = recheck_s
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def resolve(
+        cls,
+        token_file: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        token: str | None = None,
+    ) -> TokenSource:
+        return cls(*resolve_token(token_file, environ, token=token))
+
+    @property
+    def file(self) -> str | None:
+        return self._file
+
+    def get(self) -> str | None:
+        if self._file is None:
+            return self._token
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked >= self._recheck_s:
+                self._checked = now
+                # keep the last good token while the file is being replaced
+                with contextlib.suppress(TokenError):
+                    self._token = read_token_file(self._file)
+            return self._token
