@@ -69,7 +69,7 @@ FROM engine-base AS engine-build
 ARG TORCH_INDEX_URL
 ARG TORCH_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# A C compiler for the checksum kernel (setup.py, kvcache_engine/_wordsums.c); it stays in this
+# A C compiler for the checksum kernel (setup.py, kvcache_engine/core/_wordsums.c); it stays in this
 # stage: the engine image gets the built venv only.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -85,7 +85,7 @@ COPY operator /src/operator
 COPY engine_image /src/engine_image
 COPY setup.py /src/
 RUN /opt/venv/bin/pip install --no-deps /src \
-    && /opt/venv/bin/python -c 'from kvcache_engine import block_pool; assert block_pool.NATIVE_SUMS, "checksum kernel not built"' \
+    && /opt/venv/bin/python -c 'from kvcache_engine.core import block_pool; assert block_pool.NATIVE_SUMS, "checksum kernel not built"' \
     && /opt/venv/bin/pip uninstall -y pip setuptools wheel
 
 # --- engine: torch, the KV cache server ----------------------------------------------------------

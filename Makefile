@@ -17,7 +17,7 @@ help:
 	@echo "make bench  - benchmarks; tables printed and recorded in docs/benchmarks.md"
 	@echo "make lint   - ruff, mypy, yamllint, shellcheck, hadolint, helm lint"
 
-$(STAMP): pyproject.toml setup.py engine_image/kvcache_engine/_wordsums.c
+$(STAMP): pyproject.toml setup.py engine_image/kvcache_engine/core/_wordsums.c
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)

@@ -26,8 +26,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvcache_engine import block_pool
-from kvcache_engine.compression import make_codec
+from kvcache_engine.core import block_pool
+from kvcache_engine.core.compression import make_codec
 from kvcache_engine.engine import KVCacheEngine
 
 LLAMA8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "block_tokens": 16}

@@ -57,9 +57,9 @@ def _block_bytes() -> int:
 
 def bench_transfers(blocks: int) -> list[dict[str, Any]]:
     """Raw pinned copy vs TierCopier slot copies, both directions."""
-    from kvcache_engine.block_pool import BlockPool
     from kvcache_engine.config import payload_layout
-    from kvcache_engine.tiers import TierCopier
+    from kvcache_engine.core.block_pool import BlockPool
+    from kvcache_engine.core.tiers import TierCopier
 
     device = torch.device("cuda", torch.cuda.current_device())
     layout = payload_layout("none", **LLAMA8B)
@@ -185,7 +185,7 @@ def bench_engine_tier(gpu_blocks: int = 64, cpu_blocks: int = 256) -> list[dict[
 
 def bench_codecs(blocks: int, codecs: Sequence[str] = ("int8", "int4")) -> list[dict[str, Any]]:
     """Encode/decode GB/s of fp16 input for each lossy codec, on a batch of blocks."""
-    from kvcache_engine.compression import make_codec, relative_error
+    from kvcache_engine.core.compression import make_codec, relative_error
 
     rows = []
     g = LLAMA8B
@@ -395,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench.gpu: no CUDA GPU on this host; nothing to measure")
         return 0
     if args.eager:
-        from kvcache_engine import compression
+        from kvcache_engine.core import compression
 
         compression.COMPILE_ON_CUDA = False
     sections: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [

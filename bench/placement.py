@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from kvcache_engine.hashing import chain_hashes
+from kvcache_engine.core.hashing import chain_hashes
 from kvcache_engine.replay import load_trace
 from kvcache_engine.wire import rendezvous_owner, route_key
 

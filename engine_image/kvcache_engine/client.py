@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from prometheus_client import Counter, Gauge, Histogram
 
 from kvcache_engine.config import DTYPE_BYTES, KVCacheConfig
-from kvcache_engine.hashing import chain_hashes
+from kvcache_engine.core.hashing import chain_hashes
 from kvcache_engine.wire import (
     FRAME_CONTENT_TYPE,
     PREFIX_BYTES,

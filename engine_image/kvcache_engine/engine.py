@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import ValidationError
 
-from kvcache_engine.block_pool import BlockPool, StoredBlock, payload_checksum
-from kvcache_engine.compression import Codec, make_codec, torch_dtype
 from kvcache_engine.config import (
     DTYPE_BYTES,
     LIVE_FIELDS,
@@ -41,10 +39,12 @@ from kvcache_engine.config import (
     format_validation_error,
     pool_blocks,
 )
-from kvcache_engine.eviction import LRUStrategy, make_strategy
-from kvcache_engine.hashing import BlockHash, chain_hashes
-from kvcache_engine.prefix_index import BlockEntry, PrefixIndex
-from kvcache_engine.tiers import PRIMARY, SECONDARY, Tier, TierCopier, allocate_pool, resolve_device
+from kvcache_engine.core.block_pool import BlockPool, StoredBlock, payload_checksum
+from kvcache_engine.core.compression import Codec, make_codec, torch_dtype
+from kvcache_engine.core.eviction import LRUStrategy, make_strategy
+from kvcache_engine.core.hashing import BlockHash, chain_hashes
+from kvcache_engine.core.prefix_index import BlockEntry, PrefixIndex
+from kvcache_engine.core.tiers import PRIMARY, SECONDARY, Tier, TierCopier, allocate_pool, resolve_device
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from kvcache_engine.hashing import BlockHash, chain_hashes
+from kvcache_engine.core.hashing import BlockHash, chain_hashes
 
 if TYPE_CHECKING:
     from kvcache_engine.config import KVCacheConfig

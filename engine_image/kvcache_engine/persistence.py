@@ -50,8 +50,8 @@ from kvcache_engine.wire import (
 if TYPE_CHECKING:
     import torch
 
-    from kvcache_engine.block_pool import StoredBlock
     from kvcache_engine.config import KVCacheConfig
+    from kvcache_engine.core.block_pool import StoredBlock
     from kvcache_engine.engine import KVCacheEngine
 
 __all__ = [
@@ -214,8 +214,8 @@ def _blocks_from_tensors(
     *,
     verify: bool = True,
 ) -> list[StoredBlock]:
-    from kvcache_engine.block_pool import StoredBlock, payload_checksum
-    from kvcache_engine.hashing import BlockHash
+    from kvcache_engine.core.block_pool import StoredBlock, payload_checksum
+    from kvcache_engine.core.hashing import BlockHash
 
     out: list[StoredBlock] = []
     for meta in metas:
@@ -535,7 +535,7 @@ class Persister:
         return written
 
     def _export(self, hashes: list[int]) -> Iterator[StoredBlock]:
-        from kvcache_engine.hashing import BlockHash
+        from kvcache_engine.core.hashing import BlockHash
 
         return self.engine.export_blocks([BlockHash(h) for h in hashes])
 

@@ -25,12 +25,12 @@ from typing import IO, Any
 
 import torch
 
-from kvcache_engine.block_pool import BlockPool
-from kvcache_engine.compression import CODECS
 from kvcache_engine.config import payload_layout
-from kvcache_engine.eviction import STRATEGIES, EvictionStrategy, make_strategy
-from kvcache_engine.hashing import BlockHash
-from kvcache_engine.prefix_index import BlockEntry, PrefixIndex
+from kvcache_engine.core.block_pool import BlockPool
+from kvcache_engine.core.compression import CODECS
+from kvcache_engine.core.eviction import STRATEGIES, EvictionStrategy, make_strategy
+from kvcache_engine.core.hashing import BlockHash
+from kvcache_engine.core.prefix_index import BlockEntry, PrefixIndex
 
 __all__ = [
     "REPLAY_GEOMETRY",

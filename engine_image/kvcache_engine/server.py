@@ -40,9 +40,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from kvcache_engine.block_pool import ScatterSums
 from kvcache_engine.client import byte_view, torch_dtype
 from kvcache_engine.config import DTYPE_BYTES, LIVE_FIELDS, ConfigError, KVCacheConfig, load_config
+from kvcache_engine.core.block_pool import ScatterSums
 from kvcache_engine.persistence import (
     SEGMENT_BYTES,
     GeometryMismatchError,
@@ -79,7 +79,7 @@ from kvcache_engine.wire import (
 if TYPE_CHECKING:
     import torch
 
-    from kvcache_engine.block_pool import StoredBlock
+    from kvcache_engine.core.block_pool import StoredBlock
     from kvcache_engine.engine import KVCacheEngine, PutReservation
 
 __all__ = ["EngineServer", "ServerSettings", "resolve_token", "serve"]

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache_engine.block_pool import BlockPool, payload_checksum
-from kvcache_engine.compression import make_codec
 from kvcache_engine.config import payload_layout
+from kvcache_engine.core.block_pool import BlockPool, payload_checksum
+from kvcache_engine.core.compression import make_codec
 
 
 def make_pool(slots: int = 4, codec: str = "none") -> BlockPool:

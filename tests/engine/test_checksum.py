@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcache_engine import block_pool
-from kvcache_engine.block_pool import BlockPool, payload_checksum, payload_checksums
-from kvcache_engine.compression import make_codec
 from kvcache_engine.config import payload_layout
+from kvcache_engine.core import block_pool
+from kvcache_engine.core.block_pool import BlockPool, payload_checksum, payload_checksums
+from kvcache_engine.core.compression import make_codec
 
 _MASK = (1 << 64) - 1
 

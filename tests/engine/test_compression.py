@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kvcache_engine.compression import CODECS, make_codec, relative_error
 from kvcache_engine.config import KVCacheConfig, payload_layout, pool_blocks, pool_bytes
+from kvcache_engine.core.compression import CODECS, make_codec, relative_error
 from kvcache_engine.engine import KVCacheEngine
 
 BOUNDS = {"none": 0.0, "fp8": 0.05, "int8": 0.01, "int4": 0.10}
@@ -177,7 +177,7 @@ def test_cpu_chunking_gives_the_same_bytes(name: str, monkeypatch: pytest.Monkey
     """Eager CPU codecs work through cache-sized runs of blocks (_CPU_CHUNK_BYTES); the result
     is bit-identical to one pass over the whole batch, for every entry point, including a last
     run shorter than the others and a caller's ``out`` buffer."""
-    from kvcache_engine import compression
+    from kvcache_engine.core import compression
 
     codec = make_geometry_codec(name, layers=2, tokens=16, heads=2, dim=64)
     kv = torch.randn(7, *codec.block_shape, generator=torch.Generator().manual_seed(5)).half()

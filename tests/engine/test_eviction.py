@@ -5,8 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvcache_engine.config import CacheStrategy
-from kvcache_engine.eviction import AdaptiveStrategy, LFUStrategy, LRUStrategy, make_strategy
-from kvcache_engine.hashing import BlockHash
+from kvcache_engine.core.eviction import AdaptiveStrategy, LFUStrategy, LRUStrategy, make_strategy
+from kvcache_engine.core.hashing import BlockHash
 
 
 def H(*xs: int) -> list[BlockHash]:

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvcache_engine.hashing import chain_hashes
+from kvcache_engine.core.hashing import chain_hashes
 
 
 def test_one_hash_per_full_block_partial_tail_ignored() -> None:

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from kvcache_engine import tiers
 from kvcache_engine.config import ConfigError
-from kvcache_engine.tiers import PoolAllocationError, available_bytes
+from kvcache_engine.core import tiers
+from kvcache_engine.core.tiers import PoolAllocationError, available_bytes
 from tests.engine.helpers import make_kv, make_tokens
 
 LENGTHS = (2, 3, 1, 4, 2, 3)  # blocks per chain: 15 of 16 slots, in put order

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvcache_engine.hashing import BlockHash
-from kvcache_engine.prefix_index import BlockEntry, PrefixIndex
+from kvcache_engine.core.hashing import BlockHash
+from kvcache_engine.core.prefix_index import BlockEntry, PrefixIndex
 
 
 def make_index(edges: list[tuple[int, int | None]]) -> PrefixIndex:

@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 import torch
 
-from kvcache_engine.block_pool import BlockPool
 from kvcache_engine.config import payload_layout
-from kvcache_engine.tiers import TierCopier, resolve_device
+from kvcache_engine.core.block_pool import BlockPool
+from kvcache_engine.core.tiers import TierCopier, resolve_device
 from tests.engine.helpers import make_kv, make_tokens
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,7 +80,7 @@ def test_cuda_tier_demotes_promotes_and_stays_exact(engine_factory: Any) -> None
 @needs_cuda
 @pytest.mark.parametrize("codec", ["int8", "int4"])
 def test_cuda_codecs_match_cpu_bounds(codec: str) -> None:
-    from kvcache_engine.compression import make_codec, relative_error
+    from kvcache_engine.core.compression import make_codec, relative_error
 
     c = make_codec(codec, num_layers=4, block_tokens=16, num_kv_heads=2, head_dim=64)
     kv = torch.randn(8, *c.block_shape, device="cuda").half()

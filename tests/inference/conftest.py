@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvcache_engine.hashing import BlockHash, chain_hashes
+from kvcache_engine.core.hashing import BlockHash, chain_hashes
 from kvcache_engine.inference import KVGeometry, ModelIdentity
 
 TINY_GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16)

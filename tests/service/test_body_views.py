@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache_engine import block_pool
-from kvcache_engine.block_pool import payload_checksum
+from kvcache_engine.core import block_pool
+from kvcache_engine.core.block_pool import payload_checksum
 from kvcache_engine.server import BadRequestError, _BodyViews
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvcache_engine.client import KVCacheClient
-from kvcache_engine.hashing import chain_hashes
+from kvcache_engine.core.hashing import chain_hashes
 from kvcache_engine.replay import load_trace
 from kvcache_engine.wire import rendezvous_owner, route_key
 from tests.service.conftest import TOKEN, http_json, make_config, make_kv, make_tokens

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from kvcache_engine.hashing import BlockHash
+from kvcache_engine.core.hashing import BlockHash
 
 __all__ = ["BlockEntry", "PrefixIndex"]
 

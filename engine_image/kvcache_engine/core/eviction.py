@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Iterator
 
 from kvcache_engine.config import CacheStrategy
-from kvcache_engine.hashing import BlockHash
+from kvcache_engine.core.hashing import BlockHash
 
 __all__ = [
     "STRATEGIES",

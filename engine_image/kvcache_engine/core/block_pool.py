@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from kvcache_engine.compression import torch_dtype
 from kvcache_engine.config import PayloadLayout
-from kvcache_engine.hashing import BlockHash
+from kvcache_engine.core.compression import torch_dtype
+from kvcache_engine.core.hashing import BlockHash
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kvcache_engine.block_pool")
 
 __all__ = ["BlockPool", "ScatterSums", "StoredBlock", "payload_checksum", "payload_checksums"]
 

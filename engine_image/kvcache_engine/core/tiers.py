@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from kvcache_engine.block_pool import BlockPool
 from kvcache_engine.config import ConfigError, PayloadLayout
-from kvcache_engine.eviction import EvictionStrategy
+from kvcache_engine.core.block_pool import BlockPool
+from kvcache_engine.core.eviction import EvictionStrategy
 
 __all__ = [
     "PRIMARY",
