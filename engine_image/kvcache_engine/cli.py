@@ -53,9 +53,21 @@ def _add_serve(sub: Sub) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kvcache_engine.server import cmd_serve
+    """Serve; a failure is classified (kvcache_engine.termination), written as the container's
+    termination message and printed as one line, exiting non-zero."""
+    from kvcache_engine import termination
 
-    return cmd_serve(args)
+    try:
+        from kvcache_engine.server import cmd_serve
+
+        return cmd_serve(args)
+    except Exception as exc:
+        failure = termination.classify(exc)
+        termination.write(failure.line)
+        if not failure.expected:
+            raise  # a bug: keep its traceback (the message file already names it)
+        print(f"kvcache-engine serve: error: {failure.line}", file=sys.stderr)
+        return failure.exit_code
 
 
 def _add_url_args(p: argparse.ArgumentParser) -> None:
