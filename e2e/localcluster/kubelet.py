@@ -8,6 +8,14 @@ exec) that decide started/Ready/liveness restarts, ``restartPolicy`` with ``rest
 crash-loop back-off, and graceful deletion: preStop, SIGTERM, ``terminationGracePeriodSeconds``,
 SIGKILL.
 
+A container's status reads as a node writes it: ``state`` (running / waiting with its reason, e.g.
+``CrashLoopBackOff`` during the back-off / terminated), ``lastState.terminated`` with exitCode,
+reason, finishedAt and ``message``: the contents of the container's termination-message file
+(``terminationMessagePath``, a per-container file under the pod's directory that the path is
+remapped to, emptied before each start, at most 4096 bytes), or with
+``terminationMessagePolicy: FallbackToLogsOnError`` and an empty file after a failure, the tail of
+that run's log (80 lines, 2048 bytes).
+
 Deletion is made graceful the way a node makes it graceful: the kubelet puts its own finalizer on
 every pod it runs, so a DELETE only marks the pod (``deletionTimestamp``); the kubelet stops the
 containers and then removes the finalizer, and only then is the pod gone. A StatefulSet therefore
@@ -60,6 +68,11 @@ class KubeletConfig:
     backoff_max_s: float = 8.0
     sync_period_s: float = 0.3
     entrypoints: Mapping[str, list[str]] = field(default_factory=lambda: dict(podenv.DEFAULT_ENTRYPOINTS))
+
+
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the API's default terminationMessagePath
+MAX_TERMINATION_MESSAGE_BYTES = 4096
+FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
 
 
 class PodNotReadyError(Exception):
@@ -164,7 +177,13 @@ class ContainerRunner:
                 return code
             if ran_s > 30:
                 backoff = self.pod.kubelet.config.backoff_initial_s
-            self.state = {"waiting": {"reason": "CrashLoopBackOff" if code != 0 else "Restarting"}}
+            waiting = {"reason": "CrashLoopBackOff" if code != 0 else "Restarting"}
+            if code != 0:
+                pod = f"{self.pod.name}_{self.pod.namespace}({self.pod.uid})"
+                waiting["message"] = (
+                    f"back-off {backoff:g}s restarting failed container={self.name} pod={pod}"
+                )
+            self.state = {"waiting": waiting}
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.pod.kubelet.config.backoff_max_s)
             self.restart_count += 1
@@ -174,6 +193,9 @@ class ContainerRunner:
         cfg = self.pod.kubelet.config
         log_path = cfg.state_dir / "logs" / f"{self.pod.namespace}_{self.pod.name}_{self.name}.log"
         cwd = self.pod.workdir(self.spec)
+        message_file = self.pod.termination_message_file(self.spec)
+        message_file.write_bytes(b"")  # a fresh file per container start, as a node mounts one
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         proc = self.pod.kubelet.procs.spawn(argv, env=env, cwd=cwd, log_path=log_path)
         self.proc = proc
         started_at = now_iso()
@@ -191,17 +213,36 @@ class ContainerRunner:
         self.pod.kubelet.procs.forget(proc)
         exit_code = 128 - code if code < 0 else code  # a signal N reads as 128+N, like a runtime
         reason = "Completed" if exit_code == 0 else "Error"
+        message = self._termination_message(message_file, exit_code, log_path, log_start)
         self.state = {
             "terminated": {
                 "exitCode": exit_code,
                 "reason": reason,
                 "startedAt": started_at,
                 "finishedAt": now_iso(),
-                **({"message": self._kill_reason} if self._kill_reason else {}),
+                **({"message": message} if message else {}),
             }
         }
         self.last_state = self.state
         return exit_code, time.monotonic() - t0
+
+    def _termination_message(self, message_file: Path, exit_code: int, log_path: Path, log_start: int) -> str:
+        """The termination-message file; after a failure with FallbackToLogsOnError and an empty
+        file, this run's log tail; else the kubelet's own reason for a kill (a failed probe)."""
+        with contextlib.suppress(OSError):
+            with message_file.open("rb") as fh:
+                text = fh.read(MAX_TERMINATION_MESSAGE_BYTES).decode("utf-8", errors="replace").strip()
+            if text:
+                return text
+        if exit_code != 0 and self.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            with contextlib.suppress(OSError):
+                with log_path.open("rb") as fh:
+                    fh.seek(log_start)
+                    lines = fh.read().decode("utf-8", errors="replace").splitlines()[-FALLBACK_LOG_LINES:]
+                tail = "\n".join(lines).encode()[-FALLBACK_LOG_BYTES:].decode("utf-8", errors="ignore")
+                if tail.strip():
+                    return tail.strip()
+        return self._kill_reason or ""
 
     # -- probes
     def _start_probes(self) -> list[asyncio.Task[None]]:
@@ -468,6 +509,12 @@ class PodWorker:
                 out.update(self.container_mounts(c))
         return out
 
+    def termination_message_file(self, spec: Mapping[str, Any]) -> Path:
+        """The host file behind a container's ``terminationMessagePath``."""
+        path = self.dir / "termination" / str(spec["name"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def workdir(self, spec: Mapping[str, Any]) -> Path:
         if spec.get("workingDir"):
             mapped = Path(podenv.remap_paths(str(spec["workingDir"]), self.container_mounts(spec)))
@@ -482,6 +529,8 @@ class PodWorker:
         """argv and env of a container, with paths, listen address and Service names rewritten."""
         cfg = self.kubelet.config
         mounts = self.container_mounts(spec)
+        message_path = str(spec.get("terminationMessagePath") or TERMINATION_MESSAGE_PATH)
+        mounts[message_path] = str(self.termination_message_file(spec))
         home = self.dir / "home"
         home.mkdir(parents=True, exist_ok=True)
         base = podenv.base_env(self.name, home, cfg.bin_dir)
