@@ -377,7 +377,7 @@ def kill_9_reloads_from_pvc(driver: Driver, name: str) -> None:
     """kill -9 of an engine → restarted by the kubelet, its persisted cache reloaded (hits right after)."""
     manifest = create_ready(driver, name, replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"})
     replay_once(driver, name, manifest, 60)
-    time.sleep(7)  # persistIntervalSeconds is 5 in the sample: at least one persist has run
+    time.sleep(7)  # cache.persistIntervalS is 5 in the sample: at least one persist has run
     pod = engine_pods(driver, name)[0]
     driver.kill_engine(pod["metadata"]["name"])
     driver.wait_for(

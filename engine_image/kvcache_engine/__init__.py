@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kvcache_engine.config import CacheStrategy, KVCacheConfig
+from kvcache_engine.contract.cache import CacheStrategy, KVCacheConfig
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from kvcache_engine.config import STAGING_MB_DEFAULT, KVCacheConfig, pool_bytes, staging_bytes
+from kvcache_engine.contract import STAGING_MB_DEFAULT, KVCacheConfig, achieved_compression_ratio
+from kvcache_engine.contract import memory_request_bytes as engine_memory_bytes
 
 GROUP = "kvcache.dev"
 VERSION = "v1alpha1"
@@ -167,12 +168,6 @@ class Persistence(_Model):
     enabled: bool = Field(False, description="Give each replica a PVC and persist the cache to it.")
     size: str = Field("10Gi", pattern=QUANTITY_PATTERN, description="Size of each replica's PVC.")
     storage_class_name: str | None = Field(None, description="StorageClass of the PVCs (unset: the default).")
-    persist_interval_seconds: int | None = Field(
-        None,
-        ge=0,
-        le=86400,
-        description="Seconds between incremental persists (0: only on SIGTERM/preStop); unset: spec.cache's.",
-    )
     when_deleted: Retention = Field(Retention.RETAIN, description="PVCs when the KVCache is deleted.")
     when_scaled: Retention = Field(Retention.RETAIN, description="PVCs of replicas removed by a scale-down.")
 
@@ -429,6 +424,26 @@ def _tuning_holds_max_tokens(s: KVCacheSpec) -> bool:
 
 CROSS_FIELD_RULES: tuple[Rule, ...] = (
     Rule(
+        ("spec", "cache"),
+        "!has(self.persistencePath)",
+        "spec.cache.persistencePath is set by the operator (the replica's volume); "
+        "use spec.persistence.enabled instead",
+        lambda s: s.cache.persistence_path is None,
+    ),
+    Rule(
+        ("spec", "cache"),
+        "!has(self.modelPath)",
+        "spec.cache.modelPath is set by the operator (the mounted model); use spec.model instead",
+        lambda s: s.cache.model_path is None,
+    ),
+    Rule(
+        ("spec", "cache"),
+        "!has(self.memoryPoolSize)",
+        "spec.cache.memoryPoolSize is not used by the operator: size the cache with spec.cache.maxTokens "
+        "(the pod's memory is sized from it)",
+        lambda s: s.cache.memory_pool_size is None,
+    ),
+    Rule(
         ("spec", "autoscaling"),
         "self.minReplicas <= self.maxReplicas",
         "spec.autoscaling.minReplicas must be less than or equal to spec.autoscaling.maxReplicas",
@@ -568,24 +583,47 @@ def pool_on_gpu(spec: KVCacheSpec) -> bool:
     return spec.resources.gpus > 0 and spec.cache.device != "cpu"
 
 
-def cpu_tier_bytes(cache: KVCacheConfig) -> int:
-    """Host bytes of the CPU tier behind a GPU pool: the engine sizes it with the primary pool's formula
-    (``cpuTierTokens`` as the fp16 budget, at least one slot)."""
-    if cache.cpu_tier_tokens == 0:
-        return 0
-    tier = cache.model_copy(update={"max_tokens": cache.cpu_tier_tokens, "memory_pool_size": None})
-    return pool_bytes(tier)
+def max_tokens_ceiling(spec: KVCacheSpec) -> int:
+    """The largest ``maxTokens`` the live path may set without a restart: ``spec.tuning.maxTokensMax``
+    while tuning is on (the tuner and users' edits stay inside it), else ``spec.cache.maxTokens``
+    (then a maxTokens edit resizes the pod: a restart, reported as RestartPending)."""
+    if spec.tuning.mode != Mode.OFF:
+        return max(spec.tuning.max_tokens_max, spec.cache.max_tokens)
+    return spec.cache.max_tokens
 
 
 def memory_request_bytes(spec: KVCacheSpec) -> int:
-    """Host memory an engine pod needs: the pool when it is host-resident (``pool_bytes``, the engine's
-    own formula), the CPU tier behind a GPU pool, the server's reusable get buffers (host memory
-    whatever the pool's device: ``staging_bytes`` of the ``--staging-mb`` the pod is started with,
-    ENGINE_STAGING_MB), plus ``resources.memoryOverhead``."""
+    """Host memory of an engine pod: ``resources.memory`` when set, else the contract's formula over the
+    live envelope (every codec, up to ``max_tokens_ceiling``) + the get staging buffers + overhead."""
     if spec.resources.memory is not None:
         return math.ceil(parse_quantity(spec.resources.memory))
-    pool = cpu_tier_bytes(spec.cache) if pool_on_gpu(spec) else pool_bytes(spec.cache)
-    return pool + staging_bytes(ENGINE_STAGING_MB) + math.ceil(parse_quantity(spec.resources.memory_overhead))
+    return engine_memory_bytes(
+        spec.cache,
+        pool_on_gpu=pool_on_gpu(spec),
+        overhead_bytes=math.ceil(parse_quantity(spec.resources.memory_overhead)),
+        staging_mb=ENGINE_STAGING_MB,
+        max_tokens_ceiling=max_tokens_ceiling(spec),
+    )
+
+
+def spec_warnings(spec: KVCacheSpec) -> list[str]:
+    """Accepted values the engines will not run as written: one sentence each, naming the field and
+    what runs instead (admission warnings and Events)."""
+    warnings: list[str] = []
+    cache = spec.cache
+    if cache.codec in ("int8", "int4"):
+        achieved = achieved_compression_ratio(cache)
+        if cache.compression_codec == "auto" and achieved > cache.compression_ratio + 0.005:
+            warnings.append(
+                f"spec.cache.compressionRatio {cache.compression_ratio:g} is below what {cache.codec} "
+                f"stores for this geometry: the engines store {achieved:.3f} of the fp16 bytes"
+            )
+    if cache.device == "auto" and spec.resources.gpus == 0:
+        if cache.enable_prefetch:
+            warnings.append("spec.cache.enablePrefetch does nothing on CPU engines (resources.gpus is 0)")
+        if cache.cpu_tier_tokens > 0:
+            warnings.append("spec.cache.cpuTierTokens does nothing on CPU engines (resources.gpus is 0)")
+    return warnings
 
 
 def format_mebibytes(n_bytes: int) -> str:

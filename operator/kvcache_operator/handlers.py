@@ -32,6 +32,7 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
+from kvcache_engine.contract import LiveConfig
 from kvcache_operator import api, k8s, policy, reconcile, resources, scrape
 from kvcache_operator import status as status_mod
 from kvcache_operator.metrics import OperatorMetrics
@@ -185,11 +186,8 @@ async def converge(
         raise
     observed = await _observe_children(kube, namespace, name)
     sts = next((o for o in observed.get("StatefulSet", []) if o["metadata"]["name"] == name), None)
-    overrides = {
-        k: v
-        for k, v in reconcile.live_overrides(kvc.spec, previous.get("effectiveConfig")).items()
-        if k not in reset
-    }
+    tuned = reconcile.live_overrides(kvc.spec, previous.get("effectiveConfig")).given()
+    overrides = LiveConfig.model_validate({k: v for k, v in tuned.items() if k not in reset})
     replicas = reconcile.desired_replicas(kvc.spec, sts)
     config = resources.engine_config(kvc, overrides)
     paused = reconcile.is_paused(meta)
@@ -209,7 +207,7 @@ async def converge(
     pods = await kube.list(k8s.PODS, namespace, resources.selector_string(name)) or []
     token = await _token(kube, kvc)
     if not paused:
-        await _push_live_config(memo.http, pods, config.to_file_dict(), token, logger)
+        await _push_live_config(memo.http, pods, LiveConfig.of(config), token, logger)
     backup_selector = ",".join(f"{k}={v}" for k, v in resources.selector_labels(name, "backup").items())
     jobs = await kube.list(k8s.JOBS, namespace, backup_selector) if kvc.spec.backup.enabled else []
     new_status = status_mod.build_status(
@@ -294,19 +292,17 @@ async def _token(kube: k8s.KubeClient, kvc: api.KVCache) -> str | None:
 async def _push_live_config(
     http: aiohttp.ClientSession,
     pods: Sequence[Mapping[str, Any]],
-    config: Mapping[str, Any],
+    desired: LiveConfig,
     token: str | None,
     logger: Logger,
 ) -> None:
-    """POST the live fields that differ to every ready engine (no restart); failures are logged."""
-    desired = reconcile.live_config(config)
+    """Send every ready engine the live fields that differ (no restart); failures are logged."""
 
     async def push(pod: str, url: str) -> None:
         try:
-            changes = reconcile.config_changes(desired, await scrape.get_config(http, url, token=token))
-            if changes:
-                await scrape.post_config(http, url, changes, token=token)
-                logger.info(f"live config applied to {pod}: {sorted(changes)}")
+            sent = await scrape.push_live(http, url, desired, token=token)
+            if sent:
+                logger.info(f"live config applied to {pod}: {sorted(sent.to_wire())}")
         except scrape.EngineError as exc:
             logger.warning(f"live config not applied to {pod}: {exc}")
 
@@ -413,9 +409,8 @@ async def _decide(
         state.last_tune_s = now
         _record(body, memo, state, tune)
         if tune.applied:
-            updated = resources.engine_config(
-                kvc, {**reconcile.live_overrides(kvc.spec, effective), **tune.changes}
-            ).to_file_dict()
+            changes = resources.as_live(tune.changes).over(reconcile.live_overrides(kvc.spec, effective))
+            updated = resources.engine_config(kvc, changes).to_file_dict()
             body.setdefault("status", {})["effectiveConfig"] = updated  # converge renders it next
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kvcache_engine.config import LIVE_FIELDS, KVCacheConfig
+from kvcache_engine.contract import TUNED_FIELDS, LiveConfig
 from kvcache_operator import api, resources
 
 Manifest = dict[str, Any]
@@ -144,34 +144,14 @@ def rolling_out(statefulset: Mapping[str, Any] | None) -> bool:
     return int(status.get("updatedReplicas", replicas) or 0) < replicas
 
 
-TUNED_FIELDS = ("max_tokens", "use_compression", "compression_ratio")
-
-
-def live_overrides(spec: api.KVCacheSpec, effective_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Tuned live values to keep applying: the effective config's tuned fields that differ from
-    spec.cache, only while tuning is Auto (Off/DryRun: spec.cache is the truth)."""
-    if spec.tuning.mode != api.Mode.AUTO or not effective_config:
-        return {}
-    cache = spec.cache.model_dump()
-    camel = {name: _camel(name) for name in TUNED_FIELDS}
-    return {
-        name: effective_config[camel[name]]
-        for name in TUNED_FIELDS
-        if camel[name] in effective_config and effective_config[camel[name]] != cache[name]
-    }
-
-
-def live_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The live (hot-reloadable) fields of a camelCase config dict."""
-    live = {_camel(name) for name in LIVE_FIELDS}
-    return {key: value for key, value in config.items() if key in live}
-
-
-def config_changes(desired_live: Mapping[str, Any], engine: Mapping[str, Any]) -> dict[str, Any]:
-    """Live fields whose engine value differs from the desired one (camelCase; what to POST)."""
-    return {key: value for key, value in desired_live.items() if engine.get(key) != value}
-
-
-def _camel(name: str) -> str:
-    alias = KVCacheConfig.model_fields[name].alias
-    return alias or name
+def live_overrides(spec: api.KVCacheSpec, tuned: LiveConfig | Mapping[str, Any] | None) -> LiveConfig:
+    """Tuned live values to keep applying: the tuned fields (``TUNED_FIELDS``) of ``tuned`` (a LiveConfig
+    or a camelCase/snake_case mapping, e.g. the tuner's record) that differ from spec.cache, only while
+    tuning is Auto (Off/DryRun: spec.cache is the truth). Other keys are ignored."""
+    if spec.tuning.mode != api.Mode.AUTO or not tuned:
+        return LiveConfig()
+    if not isinstance(tuned, LiveConfig):
+        tuned = LiveConfig.parse({k: v for k, v in tuned.items() if LiveConfig.is_live(str(k))}, "tuned")
+    values = tuned.given()
+    keep = {name: values[name] for name in TUNED_FIELDS if name in values}
+    return LiveConfig.model_validate(keep).diff(LiveConfig.of(spec.cache))

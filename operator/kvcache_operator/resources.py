@@ -9,8 +9,8 @@ Contract for the operator (H5)::
                                                 # (with autoscaling Auto the operator passes its own count)
         token: str | None = None,               # generated API token; None = a fresh random one
                                                 # (only used when spec.auth.existingSecret is unset)
-        live_overrides: Mapping[str, Any] | None = None,
-                                                # tuned live fields (snake_case, config.LIVE_FIELDS only)
+        live_overrides: LiveConfig | None = None,
+                                                # tuned live fields (contract.LiveConfig)
                                                 # rendered into the engine ConfigMap; they never change
                                                 # the pod template's config hash (so no restart)
     ) -> list[dict[str, Any]]
@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from kvcache_engine.config import LIVE_FIELDS, KVCacheConfig
+from kvcache_engine.contract import LIVE_FIELDS, KVCacheConfig, LiveConfig
 from kvcache_operator import api
 from kvcache_operator.api import KVCache, KVCacheSpec
 
@@ -46,6 +46,7 @@ CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 TOKEN_DIR = "/var/run/kvcache/token"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
 DATA_DIR = "/var/lib/kvcache"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the Kubernetes default, named explicitly
 BACKUP_DIR = "/backups"
 RUN_AS_USER = 10001
 CONNECTION_FORMAT_VERSION = 1
@@ -106,25 +107,35 @@ def pod_url(kvc: KVCache, ordinal: int) -> str:
 # --- engine config --------------------------------------------------------------------------------
 
 
-def engine_config(kvc: KVCache, live_overrides: Mapping[str, Any] | None = None) -> KVCacheConfig:
+def as_live(values: LiveConfig | Mapping[str, Any] | None) -> LiveConfig:
+    """Tuned live values as a LiveConfig (a mapping may use either case); SpecError naming a field
+    that is not live."""
+    if isinstance(values, LiveConfig):
+        return values
+    try:
+        return LiveConfig.parse(dict(values or {}), "live_overrides")
+    except ValueError as exc:
+        raise api.SpecError(str(exc)) from exc
+
+
+def engine_config(
+    kvc: KVCache, live_overrides: LiveConfig | Mapping[str, Any] | None = None
+) -> KVCacheConfig:
     """spec.cache as the engine runs it in a pod: paths point at the mounts, an ``auto`` device is
     resolved from the GPU request, tuned live fields (``live_overrides``) applied."""
     spec = kvc.spec
     update: dict[str, Any] = {}
     if spec.persistence.enabled:
         update["persistence_path"] = f"{DATA_DIR}/cache"
-        if spec.persistence.persist_interval_seconds is not None:
-            update["persist_interval_s"] = float(spec.persistence.persist_interval_seconds)
     if spec.model is not None:
         update["model_path"] = "/".join(p for p in (spec.model.mount_path.rstrip("/"), spec.model.path) if p)
     if spec.cache.device == "auto":
         update["device"] = "cuda" if spec.resources.gpus > 0 else "cpu"
-    overrides = dict(live_overrides or {})
-    not_live = sorted(set(overrides) - LIVE_FIELDS)
-    if not_live:
-        raise api.SpecError(f"live_overrides: not live fields: {', '.join(not_live)}")
-    data = {**spec.cache.model_dump(), **update, **overrides}
-    return KVCacheConfig.model_validate(data)
+    base = KVCacheConfig.model_validate({**spec.cache.model_dump(), **update})
+    try:
+        return as_live(live_overrides).apply(base, "live_overrides")
+    except ValueError as exc:
+        raise api.SpecError(str(exc)) from exc
 
 
 def config_hash(config: KVCacheConfig) -> str:
@@ -279,7 +290,11 @@ def build_engine_container(kvc: KVCache) -> Manifest:
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "HOME", "value": "/tmp"},
+            # serve writes why it could not start here; the kubelet puts it in lastState.terminated
+            {"name": "KVCACHE_TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
         ],
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": engine_resources(spec),
         # startup covers loading a large persisted cache (up to 10 minutes) before liveness applies.
         "startupProbe": _probe("/healthz", 5, 120),
@@ -612,7 +627,7 @@ def build_children(
     *,
     replicas: int | None = None,
     token: str | None = None,
-    live_overrides: Mapping[str, Any] | None = None,
+    live_overrides: LiveConfig | Mapping[str, Any] | None = None,
 ) -> list[Manifest]:
     """Every child manifest of one KVCache, in apply order (see the module docstring)."""
     kvc = api.parse_kvcache(kvcache)

@@ -96,12 +96,11 @@ def test_first_difference_and_replicas_and_rollout() -> None:
 def test_live_overrides_only_while_tuning_is_auto() -> None:
     tuned = {"maxTokens": 4096, "useCompression": True, "compressionRatio": 0.5}
     auto = api.parse_spec({"tuning": {"mode": "Auto"}, "cache": {"maxTokens": 2048}})
-    assert reconcile.live_overrides(auto, tuned) == {"max_tokens": 4096, "use_compression": True}
-    assert reconcile.live_overrides(api.parse_spec({"cache": {"maxTokens": 2048}}), tuned) == {}
-    assert reconcile.config_changes(
-        {"maxTokens": 1, "prefetchSize": 2}, {"maxTokens": 1, "prefetchSize": 3}
-    ) == {"prefetchSize": 2}
-    assert set(reconcile.live_config({"maxTokens": 1, "numLayers": 2})) == {"maxTokens"}
+    assert reconcile.live_overrides(auto, tuned).given() == {"max_tokens": 4096, "use_compression": True}
+    assert not reconcile.live_overrides(api.parse_spec({"cache": {"maxTokens": 2048}}), tuned)
+    # keys that are not tuned (or not live at all) in the record are ignored, not applied
+    noisy = {**tuned, "prefetchSize": 64, "numLayers": 2}
+    assert reconcile.live_overrides(auto, noisy).given() == {"max_tokens": 4096, "use_compression": True}
 
 
 def test_pause_annotation() -> None:

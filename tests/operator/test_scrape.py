@@ -10,7 +10,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kvcache_operator.scrape import PodScrape, Scrape, histogram_quantile, observe, parse_metrics, scrape_all
+from kvcache_engine.contract import parse_engine_stats
+from kvcache_operator.scrape import PodScrape, Scrape, histogram_quantile, observe, scrape_all
 
 
 def make_metrics(
@@ -31,7 +32,10 @@ def make_metrics(
 
 
 def scrape_of(time_s: float, **pods: str) -> Scrape:
-    return Scrape(time_s, {name: parse_metrics(name, f"http://{name}", text) for name, text in pods.items()})
+    return Scrape(
+        time_s,
+        {name: PodScrape(name, f"http://{name}", parse_engine_stats(text)) for name, text in pods.items()},
+    )
 
 
 def test_rates_come_from_counter_deltas_across_scrapes() -> None:
@@ -91,5 +95,5 @@ async def test_dead_and_slow_pods_are_marked_not_fatal(engine_url: str) -> None:
         result = await asyncio.wait_for(scrape_all(http, targets, timeout_s=0.5, token="tok"), 5)
     assert result.failed == ["dead", "slow"]
     good: PodScrape = result.pods["good"]
-    assert good.ok and good.gauges["kvcache_memory_pressure"] == 0.25
+    assert good.ok and good.stats is not None and good.stats.memory_pressure == 0.25
     assert observe(None, result).sample.ready_replicas == 1

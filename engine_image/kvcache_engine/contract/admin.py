@@ -66,11 +66,13 @@ def _headers(token: str | None, content_type: str | None = None) -> dict[str, st
 
 
 def _base(url: str) -> str:
+    """``http://host:port[/prefix]`` without a trailing slash (AdminError naming a bad URL)."""
     text = url.strip().rstrip("/")
-    parts = urlsplit(text if "//" in text else "http://" + text)
+    text = text if "//" in text else "http://" + text
+    parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AdminError(f"engine URL {url!r}: expected http://host:port")
-    return f"{parts.scheme}://{parts.netloc}"
+    return text
 
 
 def _decode(where: str, status: int, raw: bytes) -> dict[str, Any]:
@@ -192,6 +194,7 @@ class SyncAdminClient:
         parts = urlsplit(self.url)
         self._host, self._port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
         self._https = parts.scheme == "https"
+        self._prefix = parts.path
 
     def _connect(self, timeout_s: float | None) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
@@ -213,7 +216,11 @@ class SyncAdminClient:
         conn = self._connect(timeout_s)
         try:
             conn.request(
-                method, path, body=body, headers=_headers(self.token, content_type), encode_chunked=chunked
+                method,
+                self._prefix + path,
+                body=body,
+                headers=_headers(self.token, content_type),
+                encode_chunked=chunked,
             )
             resp = conn.getresponse()
             length = resp.getheader("Content-Length")
@@ -243,7 +250,7 @@ class SyncAdminClient:
         where = f"GET {self.url}{path}"
         conn = self._connect(timeout_s)
         try:
-            conn.request("GET", path, headers=_headers(self.token))
+            conn.request("GET", self._prefix + path, headers=_headers(self.token))
             resp = conn.getresponse()
             if resp.status != 200:
                 _decode(where, resp.status, resp.read(MAX_JSON_BYTES))
