@@ -15,7 +15,7 @@ help:
 	@echo "make test   - lint, type-check and run the test suite (CPU only, no cluster needed)"
 	@echo "make e2e    - every end-to-end scenario on the local cluster (slow)"
 	@echo "make bench  - benchmarks; tables printed and recorded in docs/benchmarks.md"
-	@echo "make lint   - ruff, mypy, yamllint, shellcheck, hadolint, helm lint"
+	@echo "make lint   - ruff, mypy, import contracts (.importlinter), yamllint, shellcheck, hadolint, helm lint"
 
 $(STAMP): pyproject.toml setup.py engine_image/kvcache_engine/core/_wordsums.c
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,7 @@ tools: $(STAMP)
 lint: $(STAMP) tools
 	$(PY) -m ruff check operator engine_image tests e2e bench
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 	bash scripts/lint.sh
 
 typecheck: $(STAMP)
