@@ -80,7 +80,8 @@ if TYPE_CHECKING:
     import torch
 
     from kvcache_engine.core.block_pool import StoredBlock
-    from kvcache_engine.engine import KVCacheEngine, PutReservation
+    from kvcache_engine.core.reservations import PutReservation
+    from kvcache_engine.engine import KVCacheEngine
 
 __all__ = ["EngineServer", "ServerSettings", "resolve_token", "serve"]
 

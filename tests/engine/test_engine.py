@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kvcache_engine import CacheStrategy, KVCacheEngine
 from kvcache_engine.config import ConfigError
 from kvcache_engine.core.compression import relative_error
-from kvcache_engine.engine import LATENCY_BUCKETS_MS
+from kvcache_engine.core.stats import LATENCY_BUCKETS_MS
 from tests.engine.helpers import make_config, make_engine, make_kv, make_tokens, snapshot
 
 STATS_KEYS = {
@@ -165,7 +165,7 @@ def test_a_block_whose_parent_is_gone_is_never_served(engine_factory: Any) -> No
         engine.lookup_hashes(hashes[1:])  # not a chain from the root: counts nothing, touches nothing
     assert engine.lookup_hashes(hashes[1:]) == 0
     # Force the root out: the chain's descendants go with it.
-    engine._drop(hashes[0], engine._tiers[0])
+    engine._slots.drop(hashes[0], engine._state.tiers[0])
     assert engine.cached_hashes() == [] and engine.lookup(tokens) == 0
     assert engine.validate_cache_integrity()["is_valid"]
 
@@ -194,7 +194,7 @@ def test_background_gc_evicts_down_to_the_threshold(engine_factory: Any) -> None
     assert done.is_set() and used() == 4
     assert engine.get_stats()["evictions"] >= 4
     engine.close()
-    assert engine._gc_thread is not None and not engine._gc_thread.is_alive()
+    assert engine._gc.thread is not None and not engine._gc.thread.is_alive()
 
 
 # ---------------------------------------------------------------- compression through the engine
@@ -227,8 +227,8 @@ def test_flipped_byte_is_caught(engine_factory: Any) -> None:
         "is_valid": True, "errors": [], "checked_blocks": 3,
         "corrupt_blocks": 0, "dangling_blocks": 0, "repaired_blocks": 0,
     }  # fmt: skip
-    victim = engine._index.get(engine.block_hashes(tokens)[1])
-    engine._tiers[victim.tier].pool.storage[victim.slot, 17] ^= 0x40
+    victim = engine._state.index.get(engine.block_hashes(tokens)[1])
+    engine._state.tiers[victim.tier].pool.storage[victim.slot, 17] ^= 0x40
     report = engine.validate_cache_integrity()
     assert not report["is_valid"] and report["corrupt_blocks"] == 1
     assert any(f"{victim.hash:016x}" in e and "checksum" in e for e in report["errors"])
@@ -241,9 +241,9 @@ def test_dangling_chain_is_caught(engine_factory: Any) -> None:
     engine = engine_factory()
     tokens = put_chain(engine, 1, 3)
     root = engine.block_hashes(tokens)[0]
-    entry = engine._index._entries.pop(root)  # planted: the parent vanishes from the index alone
-    engine._tiers[0].pool.free(entry.slot)
-    engine._tiers[0].strategy.remove(root)
+    entry = engine._state.index._entries.pop(root)  # planted: the parent vanishes from the index alone
+    engine._state.tiers[0].pool.free(entry.slot)
+    engine._state.tiers[0].strategy.remove(root)
     report = engine.validate_cache_integrity()
     assert not report["is_valid"] and report["dangling_blocks"] == 1
     assert any("dangling" in e for e in report["errors"])
@@ -329,10 +329,10 @@ def test_compact_moves_live_blocks_to_the_front(engine_factory: Any) -> None:
     engine = engine_factory(cache_strategy="LRU")
     chains = [put_chain(engine, c, 1, seed=c) for c in range(8)]
     for c in (0, 2, 3, 5):
-        engine._drop(engine.block_hashes(chains[c])[0], engine._tiers[0])
+        engine._slots.drop(engine.block_hashes(chains[c])[0], engine._state.tiers[0])
     result = engine.compact_cache()
     assert result == {"moved_blocks": 3, "used_blocks": 4, "free_blocks": 4}  # slots 4, 6, 7 -> 0, 2, 3
-    assert sorted(e.slot for e in engine._index) == [0, 1, 2, 3]
+    assert sorted(e.slot for e in engine._state.index) == [0, 1, 2, 3]
     for c in (1, 4, 6, 7):
         assert torch.equal(engine.get(chains[c]), make_kv(4, seed=c))
     assert engine.validate_cache_integrity()["is_valid"]
@@ -424,7 +424,7 @@ def test_engine_invariants(script: list[tuple[str, int, int]], strategy: str, co
         assert set(survivors) <= set(kept)
         assert len(survivors) == min(len(kept), new_slots) or len(survivors) < new_slots
         engine.compact_cache()
-        assert sorted(e.slot for e in engine._index) == list(range(len(engine.cached_hashes())))
+        assert sorted(e.slot for e in engine._state.index) == list(range(len(engine.cached_hashes())))
 
 
 def test_gc_thread_ends_when_an_unclosed_engine_is_dropped() -> None:
@@ -433,7 +433,7 @@ def test_gc_thread_ends_when_an_unclosed_engine_is_dropped() -> None:
     engine = make_engine(enable_gc=True, gc_threshold=0.5)
     for chain in range(8):
         put_chain(engine, chain, 1)
-    thread = engine._gc_thread
+    thread = engine._gc.thread
     assert thread is not None
     del engine
     gc.collect()

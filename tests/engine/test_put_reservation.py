@@ -14,7 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache_engine.engine import KVCacheEngine, PutReservation
+from kvcache_engine.core.reservations import PutReservation
+from kvcache_engine.engine import KVCacheEngine
 from tests.engine.helpers import make_engine, make_kv, make_tokens
 
 BT = 4
