@@ -121,13 +121,16 @@ def open_api_schema() -> JSON:
     return root
 
 
+# What the engines and their kubelet report (status), never what the spec asked.
 PRINTER_COLUMNS: list[JSON] = [
-    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "HitRate", "type": "number", "jsonPath": ".status.hitRate"},
     {"name": "Pressure", "type": "number", "jsonPath": ".status.memoryPressure"},
-    {"name": "MaxTokens", "type": "integer", "jsonPath": ".status.effectiveConfig.maxTokens"},
-    {"name": "Compression", "type": "string", "jsonPath": ".status.codec"},
+    {"name": "Codec", "type": "string", "jsonPath": ".status.codec"},
+    {"name": "Compression", "type": "number", "jsonPath": ".status.achievedCompressionRatio"},
     {"name": "LastBackup", "type": "date", "jsonPath": ".status.lastBackup.time"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -55,6 +55,7 @@ class CacheState:
     last_scale_s: float | None = None
     last_tune_s: float | None = None
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    reported: dict[str, Any] | None = None  # the last status written: Events are its transitions
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -172,9 +173,10 @@ async def converge(
     *,
     reset: Collection[str] = (),
     observation: scrape.Observation | None = None,
+    scraped: status_mod.Scraped | None = None,
 ) -> None:
-    """One level-based pass: children, live config, status. Raises api.SpecError on an invalid spec
-    after writing Degraded (and touching no child)."""
+    """One level-based pass: children, live config, status (and the Events of its transitions).
+    Raises api.SpecError on an invalid spec after writing Degraded (and touching no child)."""
     kube: k8s.KubeClient = memo.kube
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -218,39 +220,28 @@ async def converge(
         pods=pods,
         rolling=touched_sts or reconcile.rolling_out(sts),
         paused=paused,
-        error=None,
         effective_config=config.to_file_dict(),
-        codec=config.codec,
         observation=observation,
+        scraped=scraped,
         decisions=state.decisions,
         last_backup=status_mod.backup_record(jobs or []),
         previous=previous,
         now=_now(),
     )
     await kube.patch(k8s.KVCACHES, namespace, name, {"status": new_status}, subresource="status")
+    for event in status_mod.events(state.reported if state.reported is not None else previous, new_status):
+        post = kopf.warn if event.warning else kopf.info
+        post(cast(kopf.Body, body), reason=event.reason, message=event.message)
+    state.reported = new_status
 
 
 async def _write_degraded(kube: k8s.KubeClient, body: Mapping[str, Any], message: str) -> None:
     meta = body["metadata"]
-    previous = (body.get("status") or {}).get("conditions") or []
     generation = int(meta.get("generation") or 1)
-    now = _now()
-    conditions = [
-        status_mod.condition(
-            "Degraded", True, "InvalidSpec", message, generation=generation, previous=previous, now=now
-        ),
-        status_mod.condition(
-            "Ready",
-            False,
-            "InvalidSpec",
-            "the spec is invalid; nothing was changed",
-            generation=generation,
-            previous=previous,
-            now=now,
-        ),
-    ]
-    others = [c for c in previous if c.get("type") not in ("Degraded", "Ready")]
-    patch = {"status": {"phase": api.Phase.DEGRADED.value, "conditions": conditions + others}}
+    status = status_mod.invalid_spec_status(
+        body.get("status") or {}, message, generation=generation, now=_now()
+    )
+    patch = {"status": status}
     await kube.patch(k8s.KVCACHES, meta["namespace"], meta["name"], patch, subresource="status")
 
 
@@ -353,6 +344,7 @@ async def control_pass(body: dict[str, Any], memo: Any, state: CacheState, logge
     memo.metrics.scrape_seconds.observe(time.perf_counter() - started)
     memo.metrics.scrape_failures.inc(len(current.failed))
     observation = scrape.observe(state.last_scrape, current)
+    scraped = status_mod.scraped(state.last_scrape, current)
     state.last_scrape, state.observation = current, observation
     if observation.sample.ready_replicas > 0:  # no engine answered: no figures, never a "pressure 0"
         state.samples.append(observation.sample)
@@ -360,7 +352,7 @@ async def control_pass(body: dict[str, Any], memo: Any, state: CacheState, logge
         state.samples.popleft()
     if not reconcile.is_paused(body["metadata"]):
         await _decide(body, kvc, memo, state=state, pods=pods, token=token, logger=logger)
-    await converge(body, memo, state, logger, observation=observation)
+    await converge(body, memo, state, logger, observation=observation, scraped=scraped)
 
 
 async def _decide(
@@ -391,7 +383,9 @@ async def _decide(
         state.last_scale_s = now
         _record(body, memo, state, scale)
         if scale.applied and scale.to_replicas is not None:
-            await _drain(memo.http, kvc, pods, scale, token=token, logger=logger)
+            failures = await _drain(memo.http, kvc, pods, scale, token=token, logger=logger)
+            if failures:  # the decision carries them: status reports DrainFailed from it
+                state.decisions[-1] = {**state.decisions[-1], "drainFailures": failures}
             await kube.patch(STATEFULSET, kvc.namespace, kvc.name, {"spec": {"replicas": scale.to_replicas}})
     effective = (body.get("status") or {}).get("effectiveConfig") or {}
     live = resources.engine_config(kvc, reconcile.live_overrides(kvc.spec, effective)).model_dump()
@@ -439,10 +433,12 @@ async def _drain(
     *,
     token: str | None,
     logger: Logger,
-) -> None:
-    """Before a scale-in, push each leaving replica's blocks to the replicas that stay."""
+) -> list[str]:
+    """Before a scale-in, push each leaving replica's blocks to the replicas that stay; returns
+    '<pod>: <error>' for each drain that failed (the scale-in goes on)."""
+    failures: list[str] = []
     if not decision.leaving:
-        return
+        return failures
     endpoints = status_mod.ready_endpoints(pods)
     staying = [url for pod, url in endpoints.items() if _ordinal(pod) < (decision.to_replicas or 0)]
     for ordinal in decision.leaving:
@@ -454,6 +450,8 @@ async def _drain(
             logger.info(f"drained {kvc.name}-{ordinal} into {len(staying)} replicas: {result}")
         except scrape.EngineError as exc:
             logger.warning(f"drain of {kvc.name}-{ordinal} failed, scaling in anyway: {exc}")
+            failures.append(f"{kvc.name}-{ordinal}: {exc}")
+    return failures
 
 
 def _ordinal(pod: str) -> int:
