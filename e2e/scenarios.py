@@ -521,3 +521,86 @@ def invalid_manifest_rejected(driver: Driver, name: str) -> None:
     else:
         raise AssertionError("a KVCache with an unknown field was accepted")
     assert driver.get("KVCache", name) is None
+
+
+def kvcache_events(driver: Driver, name: str) -> list[dict[str, Any]]:
+    """The Events the operator posted about KVCache ``name``."""
+    return [
+        e
+        for e in driver.list("Event")
+        if (e.get("involvedObject") or {}).get("kind") == "KVCache"
+        and (e.get("involvedObject") or {}).get("name") == name
+    ]
+
+
+def degraded(driver: Driver, name: str) -> dict[str, Any] | None:
+    """The KVCache's Degraded condition when it is True."""
+    kvc = driver.get("KVCache", name) or {}
+    found = next(
+        (c for c in (kvc.get("status") or {}).get("conditions") or [] if c["type"] == "Degraded"), None
+    )
+    return found if found and found.get("status") == "True" else None
+
+
+def unallocatable_pool_degrades(driver: Driver, name: str) -> None:
+    """An engine that cannot allocate its pool → within 30 s the KVCache is Degraded with the
+    engine's own reason and line (its termination message), Failed (nothing serves), and an Event
+    says so. The pod's memory is capped at 1 GiB (so it schedules anywhere); the pool asks 256 TiB."""
+    manifest = kvcache_manifest(
+        name,
+        driver,
+        replicas=1,
+        cache={"numLayers": 32, "numKvHeads": 8, "headDim": 128, "maxTokens": 2**31},
+        resources={"memory": "1Gi"},
+        persistence={"enabled": False},
+        backup={"enabled": False},
+        autoscaling={"mode": "Off"},
+        tuning={"mode": "Off"},
+    )
+    driver.apply(manifest)
+    found = driver.wait_for(
+        lambda: (c := degraded(driver, name)) and c["reason"] == "PoolAllocationFailed" and c,
+        30,
+        f"KVCache {name} Degraded with the engine's reason",
+    )
+    assert f"{name}-0: cannot allocate the block pool: max_tokens=2147483648" in found["message"], found
+    status = (driver.get("KVCache", name) or {})["status"]
+    assert status["phase"] == "Failed" and status["readyReplicas"] == 0, status
+    assert status["engines"][0]["reason"] == "PoolAllocationFailed", status
+    driver.wait_for(
+        lambda: any(e.get("reason") == "PoolAllocationFailed" for e in kvcache_events(driver, name)),
+        15,
+        "a PoolAllocationFailed Event",
+    )
+    delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=False, replicas=1)
+
+
+def killed_engine_shows_in_status(driver: Driver, name: str) -> None:
+    """kill -9 of an engine → its restart shows in status (restarts, per engine) and as an Event."""
+    create_ready(
+        driver,
+        name,
+        replicas=1,
+        persistence={"enabled": False},
+        backup={"enabled": False},
+        autoscaling={"mode": "Off"},
+        tuning={"mode": "Off"},
+    )
+    pod = engine_pods(driver, name)[0]["metadata"]["name"]
+    driver.kill_engine(pod)
+
+    def restart_counted() -> dict[str, Any] | None:
+        status = (driver.get("KVCache", name) or {}).get("status") or {}
+        engines = status.get("engines") or [{}]
+        return status if status.get("restarts") == 1 and engines[0].get("restarts") == 1 else None
+
+    driver.wait_for(restart_counted, 30, f"KVCache {name} status counting the restart")
+    event = driver.wait_for(
+        lambda: next((e for e in kvcache_events(driver, name) if e.get("reason") == "EngineRestarted"), None),
+        15,
+        "an EngineRestarted Event",
+    )
+    assert event["type"] == "Warning" and pod in event["message"] and "1 restart" in event["message"], event
+    wait_ready(driver, name, 1, timeout_s=60)
+    assert degraded(driver, name) is None
+    delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=False, replicas=1)

@@ -29,3 +29,13 @@ def test_apply_sample_ready_load_matches_engine_counters_then_delete(driver: Loc
 
 def test_invalid_manifest_is_rejected_naming_the_field(driver: LocalDriver) -> None:
     scenarios.invalid_manifest_rejected(driver, "broken")
+
+
+def test_an_engine_that_cannot_allocate_its_pool_degrades_the_kvcache_with_its_reason(
+    driver: LocalDriver,
+) -> None:
+    scenarios.unallocatable_pool_degrades(driver, "toobig")
+
+
+def test_a_killed_engine_shows_in_status_and_as_an_event(driver: LocalDriver) -> None:
+    scenarios.killed_engine_shows_in_status(driver, "killed")
