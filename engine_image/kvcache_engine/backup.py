@@ -19,8 +19,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from kvcache_engine.contract import AdminError, P, SyncAdminClient, TokenError, resolve_token
+from kvcache_engine.contract.admin import decode_answer
 from kvcache_engine.persistence import (
     decode_segment,
     fsync_dir,
@@ -54,69 +55,25 @@ class BackupError(ValueError):
     """A backup or restore failed; the message says where and why."""
 
 
-# --- HTTP helpers ----------------------------------------------------------------------------------
+# --- HTTP: the contract's admin client ------------------------------------------------------------
 
 
-def _read_token(token_file: str | None) -> str | None:
-    path = token_file or os.environ.get("KVCACHE_TOKEN_FILE")
-    if path:
-        try:
-            return Path(path).read_text().strip() or None
-        except OSError as exc:
-            raise BackupError(f"--token-file {path}: {exc.strerror}") from None
-    return os.environ.get("KVCACHE_TOKEN") or None
-
-
-def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
-    parts = urlsplit(url if "//" in url else "http://" + url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise BackupError(f"--url {url!r}: expected http://host:port")
-    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
-
-
-def _headers(token: str | None, ctype: str | None = None) -> dict[str, str]:
-    out = {"Authorization": f"Bearer {token}"} if token else {}
-    if ctype:
-        out["Content-Type"] = ctype
-    return out
-
-
-def request(
-    url: str,
-    method: str,
-    path: str,
-    token: str | None,
-    *,
-    body: Any = None,
-    content_type: str | None = None,
-    chunked: bool = False,
-    timeout: float = 300.0,
-) -> tuple[http.client.HTTPResponse, bytes]:
-    """One request to an engine's admin API: (response, body bytes). BackupError naming the
-    request on a connection error or a non-200 answer (with the server's message)."""
-    conn = _connect(url, timeout)
+def admin(url: str, token_file: str | None, *, timeout: float = 300.0) -> SyncAdminClient:
+    """The admin client of the engine at ``url`` with the token from ``--token-file`` (else
+    ``$KVCACHE_TOKEN_FILE``, else ``$KVCACHE_TOKEN``); BackupError naming a bad URL or token file."""
     try:
-        headers = _headers(token, content_type)
-        conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
-        resp = conn.getresponse()
-        raw = resp.read()
-    except OSError as exc:
-        raise BackupError(f"{method} {url}{path}: {exc}") from None
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise BackupError(f"{method} {url}{path}: HTTP {resp.status}: {raw[:300].decode('utf-8', 'replace')}")
-    return resp, raw
+        token, _ = resolve_token(token_file)
+        return SyncAdminClient(url, token, timeout_s=timeout)
+    except (AdminError, TokenError) as exc:
+        raise BackupError(str(exc)) from None
 
 
-def request_json(
-    url: str, method: str, path: str, token: str | None, *, body: Any = None, timeout: float = 300.0
-) -> Any:
-    """One JSON request; BackupError with the server's message on a non-200 answer."""
-    data = None if body is None else json.dumps(body).encode()
-    ctype = "application/json" if data else None
-    _, raw = request(url, method, path, token, body=data, content_type=ctype, timeout=timeout)
-    return json.loads(raw)
+def call_json(client: SyncAdminClient, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    """One JSON admin call; BackupError with the engine's message on failure."""
+    try:
+        return client.call(method, path, body)
+    except AdminError as exc:
+        raise BackupError(str(exc)) from None
 
 
 def _read_exact(resp: http.client.HTTPResponse, n: int) -> bytes:
@@ -141,20 +98,16 @@ def pull_backup(
     partial = root / f".partial-{name}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    conn = _connect(url, timeout)
     try:
-        conn.request("GET", "/admin/snapshot", headers=_headers(token))
-        resp = conn.getresponse()
-        if resp.status != 200:
-            detail = resp.read()[:300].decode("utf-8", "replace")
-            raise BackupError(f"GET {url}/admin/snapshot: HTTP {resp.status}: {detail}")
-        header, segments, blocks = _write_stream(resp, partial)
+        for resp in SyncAdminClient(url, token, timeout_s=timeout).stream(P.ADMIN_SNAPSHOT):
+            header, segments, blocks = _write_stream(resp, partial)
         write_manifest(partial, header["geometry"], str(header.get("codec", "none")), segments, generation=0)
+    except AdminError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise BackupError(str(exc)) from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    finally:
-        conn.close()
     final = root / name
     if final.exists():  # two backups in the same second: keep both
         final = root / f"{name}-{os.getpid()}"
@@ -221,12 +174,15 @@ def push_backup(
         raise BackupError(f"restore: {directory} is not a valid backup: {'; '.join(report['errors'])}")
     doc = read_manifest(directory)
     assert doc is not None
-    _, raw = request(
-        url, "POST", "/admin/restore", token, body=_stream_body(directory, doc),
-        content_type=STREAM_CONTENT_TYPE, chunked=True, timeout=timeout,
-    )  # fmt: skip
-    result: dict[str, Any] = json.loads(raw)
-    return result
+    client = SyncAdminClient(url, token, timeout_s=timeout)
+    try:
+        body = _stream_body(directory, doc)
+        status, raw = client.request(
+            "POST", P.ADMIN_RESTORE, body, content_type=STREAM_CONTENT_TYPE, chunked=True
+        )
+        return decode_answer(f"POST {client.url}{P.ADMIN_RESTORE}", status, raw)
+    except AdminError as exc:
+        raise BackupError(str(exc)) from None
 
 
 def _stream_body(directory: Path, doc: dict[str, Any]) -> Iterator[bytes]:
@@ -249,12 +205,12 @@ def _stream_body(directory: Path, doc: dict[str, Any]) -> Iterator[bytes]:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    pull_backup(args.url, _read_token(args.token_file), args.dest, args.keep)
+    pull_backup(args.url, admin(args.url, args.token_file).token, args.dest, args.keep)
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    result = push_backup(getattr(args, "from"), args.url, _read_token(args.token_file))
+    result = push_backup(getattr(args, "from"), args.url, admin(args.url, args.token_file).token)
     print(json.dumps(result))
     return 0
 
@@ -262,7 +218,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     config = None
     if args.config:
-        from kvcache_engine.config import load_config
+        from kvcache_engine.contract import load_config
 
         config = load_config(args.config, {})
     report = validate_path(args.path, config)
@@ -271,7 +227,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = request_json(args.url, "GET", "/v1/stats", _read_token(args.token_file))
+    stats = call_json(admin(args.url, args.token_file), "GET", P.STATS)
     if args.json:
         print(json.dumps(stats, indent=2, default=str))
         return 0
@@ -289,6 +245,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_persist(args: argparse.Namespace) -> int:
-    result = request_json(args.url, "POST", "/admin/persist", _read_token(args.token_file))
+    result = call_json(admin(args.url, args.token_file), "POST", P.ADMIN_PERSIST)
     print(json.dumps({"ok": result["ok"], "error": result.get("error")}))
     return 0 if result["ok"] else 1

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from kvcache_engine.config import STAGING_MB_DEFAULT, ConfigError
+from kvcache_engine.contract import STAGING_MB_DEFAULT, AdminError, ConfigError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, AdminError) as exc:
         print(f"kvcache-engine {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

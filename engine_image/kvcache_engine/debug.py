@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from kvcache_engine.config import pool_blocks
+from kvcache_engine.contract import P, pool_blocks
 from kvcache_engine.wire import WireError, decode_json_object
 
 if TYPE_CHECKING:
@@ -579,16 +579,17 @@ def register_debug_routes(
 
 def cmd_profile(args: Any) -> int:
     """``kvcache-engine profile --url URL --out trace.json [--requests N | --seconds S]``."""
-    from kvcache_engine.backup import _read_token, request
+    from kvcache_engine.backup import admin
 
     body: dict[str, Any] = (
         {"seconds": args.seconds} if args.seconds is not None else {"requests": args.requests}
     )
     body["timeout_s"] = args.timeout
-    resp, data = request(
-        args.url, "POST", "/admin/profile", _read_token(args.token_file), body=json.dumps(body).encode(),
-        content_type="application/json", timeout=args.timeout + 60,
-    )  # fmt: skip
+    client = admin(args.url, args.token_file, timeout=args.timeout + 60)
+    for resp in client.stream(
+        P.ADMIN_PROFILE, method="POST", body=json.dumps(body).encode(), content_type="application/json"
+    ):
+        data = resp.read()
     Path(args.out).write_bytes(data)
     events = len(json.loads(data).get("traceEvents", []))
     print(

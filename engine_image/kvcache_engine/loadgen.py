@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvcache_engine.config import DTYPE_BYTES, KVCacheConfig
+from kvcache_engine.contract import DTYPE_BYTES, KVCacheConfig, SyncAdminClient
 
 if TYPE_CHECKING:
     import torch
@@ -277,13 +277,10 @@ class BenchSpec:
 def run_bench(spec: BenchSpec, progress: Callable[[int], None] | None = None) -> BenchReport:
     """Replay the trace with ``spec.concurrency`` threads (one client each) and report.
     ``progress(done)`` is called about ten times a second from this thread."""
-    from kvcache_engine.backup import request_json
     from kvcache_engine.client import KVCacheClient
 
     trace = load_trace(spec.trace)
-    config = KVCacheConfig.model_validate(
-        request_json(spec.urls[0], "GET", "/v1/config", spec.token, timeout=30.0)
-    )
+    config = KVCacheConfig.model_validate(SyncAdminClient(spec.urls[0], spec.token, timeout_s=30.0).config())
     if spec.route_depth is not None:
         config = config.model_copy(update={"route_depth": spec.route_depth})
     clients = [
@@ -341,13 +338,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kvcache_engine.backup import _read_token
+    from kvcache_engine.contract import resolve_token
 
     if args.requests is None and args.seconds is None:
         args.seconds = 10.0
     load_trace(args.trace, limit=1)  # fail on a bad --trace before touching the engine
     spec = BenchSpec(
-        urls=tuple(args.url), token=_read_token(args.token_file), concurrency=args.concurrency,
+        urls=tuple(args.url), token=resolve_token(args.token_file)[0], concurrency=args.concurrency,
         requests=args.requests, seconds=args.seconds, trace=args.trace, timeout_s=args.timeout,
         route_depth=args.route_depth,
     )  # fmt: skip

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from kvcache_engine.contract.live import LiveConfig
 from kvcache_engine.contract.metrics import EngineStats, parse_engine_stats
 
-__all__ = ["MAX_JSON_BYTES", "AdminClient", "AdminError", "P", "SyncAdminClient"]
+__all__ = ["MAX_JSON_BYTES", "AdminClient", "AdminError", "P", "SyncAdminClient", "decode_answer"]
 
 MAX_JSON_BYTES = 16 * 2**20
 """Largest JSON answer a client reads (a hostile or broken endpoint cannot make it allocate more)."""
@@ -75,7 +75,7 @@ def _base(url: str) -> str:
     return text
 
 
-def _decode(where: str, status: int, raw: bytes) -> dict[str, Any]:
+def decode_answer(where: str, status: int, raw: bytes) -> dict[str, Any]:
     """A JSON object from an answer; AdminError with the engine's own message on an error status."""
     try:
         payload = json.loads(raw) if raw else {}
@@ -131,7 +131,7 @@ class AdminClient:
     ) -> dict[str, Any]:
         """One JSON request; the answer's JSON object."""
         status, raw = await self._raw(method, path, body, timeout_s)
-        return _decode(f"{method} {self.url}{path}", status, raw)
+        return decode_answer(f"{method} {self.url}{path}", status, raw)
 
     async def stats(self, *, timeout_s: float | None = None) -> EngineStats:
         """``GET /metrics`` parsed into EngineStats."""
@@ -177,7 +177,7 @@ class AdminClient:
                 self.url + path, headers=_headers(self.token), timeout=timeout
             ) as response:
                 if response.status != 200:
-                    _decode(where, response.status, await response.content.read(MAX_JSON_BYTES))
+                    decode_answer(where, response.status, await response.content.read(MAX_JSON_BYTES))
                 async for piece in response.content.iter_chunked(chunk):
                     yield piece
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -242,18 +242,27 @@ class SyncAdminClient:
         data = None if body is None else json.dumps(body).encode()
         ctype = "application/json" if data is not None else None
         status, raw = self.request(method, path, data, content_type=ctype, timeout_s=timeout_s)
-        return _decode(f"{method} {self.url}{path}", status, raw)
+        return decode_answer(f"{method} {self.url}{path}", status, raw)
 
-    def stream(self, path: str, *, timeout_s: float | None = None) -> Iterator[http.client.HTTPResponse]:
-        """A GET whose body is read incrementally by the caller (``/admin/snapshot``): yields the
-        open response once, closes the connection afterwards."""
-        where = f"GET {self.url}{path}"
+    def stream(
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        body: bytes | None = None,
+        content_type: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[http.client.HTTPResponse]:
+        """A request whose answer the caller reads incrementally (``/admin/snapshot``, a profile
+        trace): yields the open response once (AdminError with the engine's message on an error
+        status), closes the connection afterwards."""
+        where = f"{method} {self.url}{path}"
         conn = self._connect(timeout_s)
         try:
-            conn.request("GET", self._prefix + path, headers=_headers(self.token))
+            conn.request(method, self._prefix + path, body=body, headers=_headers(self.token, content_type))
             resp = conn.getresponse()
             if resp.status != 200:
-                _decode(where, resp.status, resp.read(MAX_JSON_BYTES))
+                decode_answer(where, resp.status, resp.read(MAX_JSON_BYTES))
             yield resp
         except OSError as exc:
             raise AdminError(f"{where}: {exc}") from None
