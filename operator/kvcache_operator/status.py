@@ -404,7 +404,7 @@ def build_status(
     persisting = (
         persist_failures(scraped.now, scraped.before, was_failing)
         if scraped is not None
-        else {p: f"{p}: persists to its volume fail" for p in sorted(was_failing)}
+        else {e.pod: f"{e.pod}: persists to its volume fail" for e in engines if e.pod in was_failing}
     )
     found = problems(
         kvc=kvc,

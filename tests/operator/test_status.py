@@ -270,6 +270,8 @@ def test_persist_failures_degrade_the_cache_and_are_remembered_in_status() -> No
     assert cond(build(pods, scraped=quiet, previous=first), "Degraded")[1] == "PersistFailed"
     unscraped = build(pods, previous=first)  # a pass without a scrape keeps it too
     assert cond(unscraped, "Degraded")[1] == "PersistFailed"
+    gone = build([make_pod("c-1", ready=True)], previous=first)  # the failing pod is gone
+    assert cond(gone, "Degraded")[0] == "False"
 
 
 def test_scraped_reads_two_scrapes() -> None:
