@@ -164,7 +164,7 @@ def write_segment_file(path: Path, blocks: list[StoredBlock]) -> tuple[int, list
     """Write ``blocks`` as one safetensors segment, atomically, straight from the tensors'
     memory (the header is built here, so no serialised copy of the payload is made).
     Returns (file size, block metadata)."""
-    from kvcache_engine.client import byte_view
+    from kvcache_engine.client.buffers import byte_view
 
     header: dict[str, Any] = {}
     parts: list[bytes | memoryview] = []

@@ -40,7 +40,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from kvcache_engine.client import byte_view, torch_dtype
+from kvcache_engine.client.buffers import byte_view, torch_dtype
 from kvcache_engine.config import DTYPE_BYTES, LIVE_FIELDS, ConfigError, KVCacheConfig, load_config
 from kvcache_engine.core.block_pool import ScatterSums
 from kvcache_engine.persistence import (
