@@ -384,8 +384,10 @@ def build_status(
     now: str,
     scraped: Scraped | None = None,
 ) -> Manifest:
-    """The whole status (camelCase) for one reconcile or control pass. ``scraped`` is None on a pass
-    that did not scrape: the engine-reported fields are then left as they were."""
+    """The whole status (camelCase) for one reconcile or control pass. ``scraped``: this pass's
+    scrape and the one before; a pass that did not scrape passes the last scrape as both
+    (``scraped(last, last)``: nothing changed since), and None (no scrape yet) leaves the
+    engine-reported fields as they were."""
     endpoints = ready_endpoints(pods)
     ready = len(endpoints)
     prev_conditions = previous.get("conditions") or []
