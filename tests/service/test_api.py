@@ -271,16 +271,16 @@ def test_concurrent_gets_with_and_without_staging_buffers(live_server, staging_b
 
 
 def test_large_get_is_sent_directly_and_keeps_the_connection(live_server, monkeypatch) -> None:
-    import kvcache_engine.server as server_module
+    import kvcache_engine.server.body as body_module
 
     direct: list[bool] = []
-    original = server_module._send_direct
+    original = body_module.send_direct
 
     async def counting(request, payload):  # type: ignore[no-untyped-def]
         direct.append(await original(request, payload))
         return direct[-1]
 
-    monkeypatch.setattr(server_module, "_send_direct", counting)
+    monkeypatch.setattr(body_module, "send_direct", counting)
     # 256 KiB blocks: an 8-block get is 2 MiB, above the direct-send threshold.
     cfg = make_config(num_layers=8, num_kv_heads=8, head_dim=64, block_tokens=16, max_tokens=512)
     srv = live_server(cfg)

@@ -1,4 +1,4 @@
-"""The put body's scatter into slots (server._BodyViews.for_blocks): the bytes land where the
+"""The put body's scatter into slots (server.body.BodyViews.for_blocks): the bytes land where the
 wire layout says, whatever the chunking, and with the C kernel each block's checksum, folded in
 as its bytes land (block_pool.ScatterSums), equals the checksum of its payload."""
 
@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from kvcache_engine.core import block_pool
 from kvcache_engine.core.block_pool import payload_checksum
-from kvcache_engine.server import BadRequestError, _BodyViews
+from kvcache_engine.server import BadRequestError
+from kvcache_engine.server.body import BodyViews
 
 
 def chunked(body: bytes, cuts: list[int]) -> list[bytes]:
@@ -46,7 +47,7 @@ def test_scatter_places_bytes_and_checksums_whatever_the_chunking(
     if not native:
         block_pool.NATIVE_SCATTER = None
     try:
-        views = _BodyViews.for_blocks(targets, planes, plane_bytes, piece)
+        views = BodyViews.for_blocks(targets, planes, plane_bytes, piece)
         assert (views.sums is not None) == native
         for i, part in enumerate(chunked(body, cuts)):
             views.feed(part if i % 2 else memoryview(bytearray(part)))  # bytes or a buffer
@@ -74,7 +75,7 @@ def test_scatter_places_bytes_and_checksums_whatever_the_chunking(
 def test_scatter_digests_need_the_whole_body() -> None:
     if not block_pool.ScatterSums.available():
         pytest.skip("C kernel not built (covered by test_checksum's build check)")
-    views = _BodyViews.for_blocks([memoryview(bytearray(8))], 2, 4, 4)
+    views = BodyViews.for_blocks([memoryview(bytearray(8))], 2, 4, 4)
     assert views.sums is not None
     views.feed(b"abcde")
     with pytest.raises(ValueError, match="5 of 8 bytes fed"):
@@ -95,7 +96,7 @@ def test_scatter_refuses_targets_it_would_overrun() -> None:
 def test_unaligned_pieces_take_the_plain_scatter() -> None:
     """A piece that is not whole words (odd geometries) cannot fold per piece: the engine then
     checksums the slots at commit."""
-    views = _BodyViews.for_blocks([memoryview(bytearray(6))], 2, 3, 3)
+    views = BodyViews.for_blocks([memoryview(bytearray(6))], 2, 3, 3)
     assert views.sums is None
     views.feed(b"abcdef")
     assert views.filled == 6

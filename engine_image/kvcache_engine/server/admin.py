@@ -1,0 +1,289 @@
+"""Admin routes of the server: live config, persist, validate, compact, clear, snapshot (a KVS1
+stream out), restore (a KVS1 stream in) and drain (every block pushed to the replica that owns
+its chain).
+
+Invariants: only live fields change through ``/admin/config`` (400 naming any other); a
+snapshot holds copies taken under the engine lock, segment by segment; a restore of another
+geometry is refused (409) before any block is imported; a drain keeps the parent rule on every
+target (a block arrives after its ancestors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from kvcache_engine.config import LIVE_FIELDS, KVCacheConfig
+from kvcache_engine.persistence import (
+    SEGMENT_BYTES,
+    GeometryMismatchError,
+    check_geometry,
+    decode_segment,
+    geometry_of,
+    iter_segments,
+)
+from kvcache_engine.server.body import read_exact
+from kvcache_engine.server.http import REQUEST_ID, BadRequestError, dumps
+from kvcache_engine.wire import (
+    PREFIX_BYTES,
+    SEGMENT_LEN,
+    STREAM_CONTENT_TYPE,
+    STREAM_MAGIC,
+    TRAILER_LEN,
+    WIRE_FORMAT_VERSION,
+    decode_frame_header,
+    decode_frame_prefix,
+    encode_stream_header,
+    encode_stream_segment,
+    encode_stream_trailer,
+    node_id,
+    rendezvous_owner,
+    route_key,
+)
+
+if TYPE_CHECKING:
+    from kvcache_engine.core.block_pool import StoredBlock
+    from kvcache_engine.server.app import EngineServer
+
+__all__ = ["SNAPSHOT_SEGMENT_BYTES", "AdminRoutes", "live_changes"]
+
+log = logging.getLogger("kvcache_engine.server")
+
+SNAPSHOT_SEGMENT_BYTES = 64 * 1024 * 1024
+"""Segment size inside snapshot/drain streams (bounds the server's memory per stream)."""
+
+
+class AdminRoutes:
+    """``/admin/*`` of one server (bearer token: the middleware)."""
+
+    def __init__(self, server: EngineServer) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.settings = server.settings
+        self.persister = server.persister
+
+    async def config(self, request: web.Request) -> web.Response:
+        doc = await self.server.read_json(request)
+        changes = live_changes(doc)
+        await self.server.run(lambda: self.engine.reconfigure(**changes))
+        if "log_level" in changes:
+            logging.getLogger("kvcache_engine").setLevel(str(self.engine.config.log_level))
+        log.info("config reloaded: %s", sorted(changes))
+        return web.json_response({"config": self.engine.config.to_file_dict(), "applied": sorted(changes)})
+
+    async def persist(self, request: web.Request) -> web.Response:
+        ok = await self.server.run(self.persister.persist)
+        st = self.persister.stats()
+        return web.json_response({"ok": ok, "error": st["last_persist_error"], "stats": st})
+
+    async def validate(self, request: web.Request) -> web.Response:
+        report = dict(await self.server.run(self.engine.validate_cache_integrity))
+        extra = [e for e in self.persister.integrity_errors() if e not in report.get("errors", [])]
+        if extra:
+            report["persistence_errors"] = extra
+        return web.json_response(report, dumps=dumps)
+
+    async def compact(self, request: web.Request) -> web.Response:
+        return web.json_response({"compacted": await self.server.run(self.engine.compact_cache)}, dumps=dumps)
+
+    async def clear(self, request: web.Request) -> web.Response:
+        await self.server.run(self.engine.clear_cache)
+        return web.json_response({"ok": True})
+
+    async def snapshot(self, request: web.Request) -> web.StreamResponse:
+        """Stream every block as a KVS1 stream (segments of copies taken under the engine lock);
+        a block evicted meanwhile is left out, and the trailer carries the counts."""
+        hashes = await self.server.run(self.engine.cached_hashes)
+        segments = iter_segments(self.engine.export_blocks(hashes), SNAPSHOT_SEGMENT_BYTES)
+        resp = web.StreamResponse(
+            headers={"Content-Type": STREAM_CONTENT_TYPE, "X-Request-Id": request[REQUEST_ID]}
+        )
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(encode_stream_header(self._stream_header()))
+        blocks = count = 0
+        while True:
+            item = await self.server.run(next, segments, None)
+            if item is None:
+                break
+            data, metas = item
+            await resp.write(encode_stream_segment(data))
+            await resp.write(data)
+            blocks += len(metas)
+            count += 1
+        await resp.write(encode_stream_trailer({"blocks": blocks, "segments": count}))
+        await resp.write_eof()
+        return resp
+
+    def _stream_header(self) -> dict[str, Any]:
+        cfg = self.engine.config
+        return {
+            "format_version": WIRE_FORMAT_VERSION,
+            "geometry": geometry_of(cfg),
+            "codec": cfg.codec,
+            "created_unix": time.time(),
+        }
+
+    async def restore(self, request: web.Request) -> web.Response:
+        """Import a KVS1 stream (a snapshot, a backup being restored, or a drain push)."""
+        reader = request.content
+        async with asyncio.timeout(self.settings.body_timeout_s):
+            hlen = decode_frame_prefix(await read_exact(reader, PREFIX_BYTES), STREAM_MAGIC)
+            header = decode_frame_header(await read_exact(reader, hlen))
+        try:
+            check_geometry(header.get("geometry") or {}, self.engine.config, "restore stream")
+        except GeometryMismatchError as exc:
+            raise BadRequestError(str(exc), 409) from None
+        imported = segments = offered = 0
+        while True:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                (length,) = SEGMENT_LEN.unpack(await read_exact(reader, SEGMENT_LEN.size))
+                if length == 0:
+                    (tlen,) = TRAILER_LEN.unpack(await read_exact(reader, TRAILER_LEN.size))
+                    trailer = decode_frame_header(await read_exact(reader, min(tlen, 1 << 20)))
+                    break
+                if length > 2 * SEGMENT_BYTES:
+                    raise BadRequestError(
+                        f"segment of {length} bytes exceeds the limit of {2 * SEGMENT_BYTES}", 413
+                    )
+                data = await read_exact(reader, length)
+            blocks = await self.server.run(decode_segment, data, None, f"segment {segments}")
+            offered += len(blocks)
+            imported += await self.server.run(self.engine.import_blocks, blocks)
+            segments += 1
+        if trailer.get("blocks") not in (None, offered):
+            raise BadRequestError(
+                f"stream trailer says {trailer.get('blocks')} blocks, {offered} received (truncated?)"
+            )
+        return web.json_response(
+            {"imported_blocks": imported, "offered_blocks": offered, "segments": segments}
+        )
+
+    async def drain(self, request: web.Request) -> web.Response:
+        doc = await self.server.read_json(request)
+        targets = doc.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise BadRequestError("targets: expected a non-empty list of 'http://host:port' strings")
+        for t in targets:
+            node_id(t)  # ValueError (400) naming a malformed target
+        report = await self.server.run(self._drain_to, targets)
+        return web.json_response(report)
+
+    def _drain_to(self, targets: list[str]) -> dict[str, Any]:
+        """Push every block to the replica owning its chain (:func:`route_key` at the engine's
+        ``route_depth``, the client's function). A block at depth d >= route_depth goes to the
+        owner of its ancestor at depth route_depth, preceded by the shallow ancestors (depth <
+        route_depth) that target has not been sent yet, so every push keeps the parent rule: a
+        shared system-prompt block goes to each target owning a chain through it, and nowhere
+        else. A shallow block without children ended a short chain and goes to its own key's
+        owner (after its ancestors). Export order is parents first, so one pass plus the
+        short-chain tail suffices; only the shallow blocks are held in memory."""
+        depth = self.engine.config.route_depth
+        shallow: dict[int, tuple[int, ...]] = {}  # block -> its chain's first min(d, depth) hashes
+        shallow_blocks: dict[int, StoredBlock] = {}  # blocks at depth < route_depth (ancestors to carry)
+        has_child: set[int] = set()
+        sent: dict[str, set[int]] = {t: set() for t in targets}
+        pending: dict[str, list[StoredBlock]] = {t: [] for t in targets}
+        sizes = dict.fromkeys(targets, 0)
+        result: dict[str, dict[str, Any]] = {t: {"blocks": 0, "ok": True, "error": None} for t in targets}
+
+        def add(owner: str, block: StoredBlock) -> None:
+            sent[owner].add(int(block.hash))
+            pending[owner].append(block)
+            sizes[owner] += sum(t.numel() * t.element_size() for t in block.payload.values())
+            if sizes[owner] >= SNAPSHOT_SEGMENT_BYTES:
+                self._push(owner, pending[owner], result[owner])
+                pending[owner], sizes[owner] = [], 0
+
+        for block in self.engine.export_blocks(None):
+            h = int(block.hash)
+            above = shallow.get(int(block.parent), ()) if block.parent is not None else ()
+            path = (*above, h) if len(above) < depth else above
+            shallow[h] = path
+            if block.parent is not None:
+                has_child.add(int(block.parent))
+            if len(path) < depth:
+                shallow_blocks[h] = block
+                continue
+            self._drain_with_ancestors(
+                block, path, shallow_blocks=shallow_blocks, sent=sent, targets=targets, add=add
+            )
+        for h, block in shallow_blocks.items():
+            if h not in has_child:
+                self._drain_with_ancestors(
+                    block, shallow[h], shallow_blocks=shallow_blocks, sent=sent, targets=targets, add=add
+                )
+        for owner, blocks in pending.items():
+            if blocks:
+                self._push(owner, blocks, result[owner])
+        ok = all(r["ok"] for r in result.values())
+        drained = sum(int(r["blocks"]) for r in result.values())
+        return {"ok": ok, "targets": result, "drained_blocks": drained}
+
+    @staticmethod
+    def _drain_with_ancestors(
+        block: StoredBlock,
+        path: tuple[int, ...],
+        *,
+        shallow_blocks: dict[int, StoredBlock],
+        sent: dict[str, set[int]],
+        targets: list[str],
+        add: Callable[[str, StoredBlock], None],
+    ) -> None:
+        """Queue ``block`` for the owner of its chain's key, after the shallow ancestors it lacks."""
+        owner = rendezvous_owner(route_key(path, len(path)), targets)
+        for ancestor in path:
+            if ancestor in shallow_blocks and ancestor != int(block.hash) and ancestor not in sent[owner]:
+                add(owner, shallow_blocks[ancestor])
+        add(owner, block)
+
+    def _push(self, target: str, blocks: list[StoredBlock], result: dict[str, Any]) -> None:
+        if not result["ok"]:
+            return  # the target failed earlier; do not hammer it
+        data, metas = next(iter_segments(blocks, max_bytes=1 << 62))
+        body = b"".join(
+            [encode_stream_header(self._stream_header()), encode_stream_segment(data), data,
+             encode_stream_trailer({"blocks": len(metas), "segments": 1})]
+        )  # fmt: skip
+        host, _, port = node_id(target).rpartition(":")
+        headers = {"Content-Type": STREAM_CONTENT_TYPE}
+        token = self.server.token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.settings.drain_timeout_s)
+        try:
+            conn.request("POST", "/admin/restore", body=body, headers=headers)
+            resp = conn.getresponse()
+            answer = resp.read()
+            if resp.status != 200:
+                raise OSError(f"HTTP {resp.status}: {answer[:200].decode('utf-8', 'replace')}")
+            result["blocks"] += len(metas)
+        except (OSError, http.client.HTTPException) as exc:
+            result["ok"] = False
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            log.error("drain to %s failed: %s", target, exc)
+        finally:
+            conn.close()
+
+
+def live_changes(doc: dict[str, Any]) -> dict[str, Any]:
+    """snake_case live-field changes from a camelCase/snake_case body; 400 naming a bad field."""
+    aliases = {f.alias or n: n for n, f in KVCacheConfig.model_fields.items()}
+    changes: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = key if key in KVCacheConfig.model_fields else aliases.get(key)
+        if name is None:
+            raise BadRequestError(f"unknown config field {key!r}")
+        if name not in LIVE_FIELDS:
+            live = ", ".join(sorted(LIVE_FIELDS))
+            raise BadRequestError(f"field {key!r} cannot change live (needs a restart); live fields: {live}")
+        changes[name] = value
+    if not changes:
+        raise BadRequestError("no config fields given")
+    return changes

@@ -1,0 +1,237 @@
+"""App assembly: ``EngineServer`` builds the aiohttp application around one engine (routes,
+auth and error middleware, probes, stats, the executors the engine calls run on) and owns its
+lifecycle (load in the background, final persist on shutdown).
+
+Guarantees of the middleware: every request gets a request id; a missing or wrong token gets 401
+with no detail (probes stay open unless ``--auth-probes``); malformed input gets a 4xx JSON error
+naming what was wrong, never a 500 and never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from kvcache_engine.persistence import GeometryMismatchError, Persister, persister_for
+from kvcache_engine.server.admin import AdminRoutes
+from kvcache_engine.server.body import Staging, receive_body, receive_json
+from kvcache_engine.server.data import DataRoutes
+from kvcache_engine.server.http import REQUEST_ID, BadRequestError, describe, dumps, error_response
+from kvcache_engine.server.metrics import EngineCollector
+from kvcache_engine.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from kvcache_engine.engine import KVCacheEngine
+
+__all__ = ["OPEN_PATHS", "EngineServer"]
+
+log = logging.getLogger("kvcache_engine.server")
+T = TypeVar("T")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class EngineServer:
+    """The aiohttp application around one engine. ``ready`` is set once ``load()`` finished."""
+
+    def __init__(
+        self, engine: KVCacheEngine, settings: ServerSettings, persister: Persister | None = None
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.persister = persister or persister_for(engine)
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(2, engine.config.num_workers), thread_name_prefix="kvcache-io"
+        )
+        # Zero-copy puts commit on threads of their own: an admin call waiting in the engine for
+        # in-flight reservations must never hold the threads those reservations commit on.
+        self.commit_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcache-commit")
+        self._token_cache: tuple[float, str | None] = (0.0, settings.token)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(EngineCollector(self))
+        self.http_requests = Counter(
+            "kvcache_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.staging = Staging(settings.staging_bytes, engine.config.dtype)
+        self.data = DataRoutes(self)
+        self.admin = AdminRoutes(self)
+        self.app = self._build_app()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware])
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/v1/stats", self.stats)
+        r.add_get("/v1/config", self.get_config)
+        r.add_get("/v1/analyze", self.analyze)
+        r.add_post("/v1/lookup", self.data.lookup)
+        r.add_post("/v1/get", self.data.get)
+        r.add_post("/v1/put", self.data.put)
+        r.add_post("/admin/config", self.admin.config)
+        r.add_post("/admin/persist", self.admin.persist)
+        r.add_post("/admin/validate", self.admin.validate)
+        r.add_post("/admin/compact", self.admin.compact)
+        r.add_post("/admin/clear", self.admin.clear)
+        r.add_get("/admin/snapshot", self.admin.snapshot)
+        r.add_post("/admin/restore", self.admin.restore)
+        r.add_post("/admin/drain", self.admin.drain)
+        from kvcache_engine.debug import register_debug_routes  # profiler, log level, /v1/memory
+
+        self.profiler = register_debug_routes(
+            app, self.engine, request_id_key=REQUEST_ID, executor=self.executor
+        )
+        return app
+
+    def token(self) -> str | None:
+        """The expected token; a token file is re-read (at most once a second) for rotation."""
+        if self.settings.token_file is None:
+            return self.settings.token
+        checked, token = self._token_cache
+        now = time.monotonic()
+        if now - checked >= 1.0:
+            with contextlib.suppress(OSError), open(self.settings.token_file, encoding="utf-8") as fh:
+                token = fh.read().strip() or token
+            self._token_cache = (now, token)
+        return token
+
+    def _authorised(self, request: web.Request) -> bool:
+        expected = self.token()
+        if expected is None:
+            return True
+        got = request.headers.get("Authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {expected}".encode())
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id", "")
+        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex[:16]
+        request[REQUEST_ID] = rid
+        route = (
+            request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        )
+        try:
+            if not (request.path in OPEN_PATHS and self.settings.open_probes) and not self._authorised(
+                request
+            ):
+                resp: web.StreamResponse = error_response(401, "unauthorized", rid)
+            else:
+                resp = await handler(request)
+                if not resp.prepared:
+                    resp.headers["X-Request-Id"] = rid
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            resp = error_response(exc.status, exc.reason, rid)
+        except BadRequestError as exc:
+            resp = error_response(exc.status, str(exc), rid)
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
+            # Parsing and engine validation errors: the client sent something wrong.
+            resp = error_response(400, describe(exc), rid)
+        except TimeoutError:
+            resp = error_response(408, "request body not received in time", rid)
+        except ConnectionResetError:
+            raise
+        except Exception as exc:
+            log.exception("request %s %s failed (request_id=%s)", request.method, request.path, rid)
+            resp = error_response(500, f"internal error ({type(exc).__name__}); see the engine log", rid)
+        self.http_requests.labels(route, str(resp.status)).inc()
+        return resp
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the I/O executor (engine calls never run on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def read_body(self, request: web.Request, limit: int | None = None) -> bytearray:
+        """The whole body (at most ``limit``, default max_body_bytes; see :func:`receive_body`)."""
+        limit = self.settings.max_body_bytes if limit is None else limit
+        return await receive_body(request, limit, self.settings.body_timeout_s)
+
+    async def read_json(self, request: web.Request) -> dict[str, Any]:
+        """The body as a JSON object (see :func:`receive_json`)."""
+        return await receive_json(request, self.settings.body_timeout_s)
+
+    # -- probes, stats ---------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.ready.is_set():
+            return web.json_response({"status": "ready", "load_error": self.load_error})
+        return web.json_response({"status": "loading"}, status=503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await self.run(generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        st = await self.run(self.engine.get_stats)
+        st = {**st, "persistence": self.persister.stats(), "ready": self.ready.is_set()}
+        return web.json_response(st, dumps=dumps)
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        return web.json_response(self.engine.config.to_file_dict())
+
+    async def analyze(self, request: web.Request) -> web.Response:
+        """The analyzers' findings (kvcache_engine.analytics.analyze), for ``kvcache-engine doctor``."""
+        from kvcache_engine.analytics import analyze
+
+        return web.json_response(await self.run(analyze, self.engine), dumps=dumps)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def load_in_background(self, then: Callable[[], None] | None = None) -> threading.Thread:
+        """Load the persisted cache, then call ``then``, mark ready and start periodic persists."""
+
+        def run() -> None:
+            try:
+                self.persister.load()
+            except GeometryMismatchError as exc:
+                self.load_error = str(exc)
+                log.error("%s", exc)
+                self.persister.set_aside(str(exc))
+            except Exception as exc:  # never leave the pod unready forever on a bad disk
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                log.exception("loading the persisted cache failed")
+            if then is not None:
+                then()
+            self.ready.set()
+            self.persister.start_periodic()
+
+        thread = threading.Thread(target=run, name="kvcache-load", daemon=True)
+        thread.start()
+        return thread
+
+    async def shutdown(self) -> None:
+        """Stop periodic persists, persist once (the preStop contract), close the engine."""
+        self.persister.stop()
+        if self.ready.is_set():
+            ok = await self.run(self.persister.persist)
+            log.info("final persist on shutdown: %s", "ok" if ok else "FAILED")
+        self.executor.shutdown(wait=True)
+        self.commit_executor.shutdown(wait=True)
+        self.engine.close()
