@@ -165,6 +165,7 @@ class LocalCluster:
             write_kubeconfig(self.state_dir, self.server_url, namespace=self.namespace)
             self.api = EmulatorAPI(emu)
             self.kubelet = Kubelet(self.api, self.kubelet_config, self.procs, self.ips)
+            emu.node = self.kubelet  # pods/log, exec and portforward are served from the kubelet
             proxy = ServiceProxy(self.api, self.ips, self._pod_ip)
             self.kubelet.resolve_service = proxy.resolve
             tasks = [
@@ -348,6 +349,22 @@ class LocalCluster:
             raise LookupError(f"pod {pod!r} has no running container")
         os.kill(pid, sig)
         return pid
+
+    def pod_logs(self, pod: str, container: str | None = None, namespace: str | None = None) -> str:
+        """Everything a pod's containers wrote, run after run (``""`` if it never ran); for a pod
+        that is gone too, from its newest incarnation's log directory."""
+        root = self.state_dir / "logs" / "pods"
+        dirs = sorted(root.glob(f"{namespace or self.namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime)
+        if not dirs:
+            return ""
+        runs = [
+            path
+            for sub in sorted(dirs[-1].iterdir())
+            if sub.is_dir() and container in (None, sub.name)
+            for path in sorted(sub.glob("*.log"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
+            if path.stem.isdigit()
+        ]
+        return "".join(path.read_text(errors="replace") for path in runs)
 
     def pvc_dir(self, claim: str, namespace: str | None = None) -> Path:
         return self.kubelet_config.state_dir / "volumes" / (namespace or self.namespace) / claim

@@ -47,14 +47,8 @@ class LocalDriver:
         self.cluster.kill_container(pod, signal.SIGKILL)
 
     def job_logs(self, job: str) -> str:
-        logs = self.cluster.state_dir / "logs"
         pods = self.cluster.list("Pod", selector={"job-name": job})
-        return "".join(
-            (logs / f"{self.namespace}_{p['metadata']['name']}_{c['name']}.log").read_text()
-            for p in pods
-            for c in p["spec"]["containers"]
-            if (logs / f"{self.namespace}_{p['metadata']['name']}_{c['name']}.log").exists()
-        )
+        return "".join(self.cluster.pod_logs(p["metadata"]["name"]) for p in pods)
 
     def run_cronjob(self, cronjob: str) -> str:
         return self.cluster.run_cronjob(cronjob, f"{cronjob}-{int(time.time() * 1000) % 10**8}")

@@ -22,7 +22,6 @@ class Kind:
     namespaced: bool = True
 
 
-
 KINDS: dict[str, Kind] = {
     k.kind: k
     for k in (

@@ -53,6 +53,7 @@ from e2e.localcluster.procs import ProcessRegistry
 log = logging.getLogger("localcluster.kubelet")
 
 FINALIZER = "localcluster.kvcache.dev/kubelet"
+NODE_NAME = "localcluster"  # the API server's one Node (apiserver.node_object)
 
 
 def now_iso() -> str:
@@ -134,8 +135,14 @@ class ContainerRunner:
         self.env: dict[str, str] = {}
         self.mounts: dict[str, str] = {}
         self.done = False  # terminated and will not restart
+        self.runs = 0  # processes started so far; run N writes log_file(N)
         self._kill_reason: str | None = None
         self._stopping = False
+
+    def log_file(self, run: int) -> Path:
+        """Output of this container's ``run``-th process (0-based), like a node's ``<restart>.log``:
+        ``kubectl logs`` reads the last one, ``--previous`` the one before."""
+        return self.pod.log_dir / self.name / f"{run}.log"
 
     # -- status
     def status(self) -> dict[str, Any]:
@@ -190,8 +197,8 @@ class ContainerRunner:
 
     async def _run_once(self, argv: list[str], env: dict[str, str]) -> tuple[int, float]:
         self.env = env
-        cfg = self.pod.kubelet.config
-        log_path = cfg.state_dir / "logs" / f"{self.pod.namespace}_{self.pod.name}_{self.name}.log"
+        log_path = self.log_file(self.runs)
+        self.runs += 1
         cwd = self.pod.workdir(self.spec)
         message_file = self.pod.termination_message_file(self.spec)
         message_file.write_bytes(b"")  # a fresh file per container start, as a node mounts one
@@ -336,6 +343,9 @@ class PodWorker:
         self.namespace: str = meta.get("namespace") or "default"
         self.uid: str = meta.get("uid") or ""
         self.dir = kubelet.config.state_dir / "pods" / self.namespace / f"{self.name}-{self.uid or 'x'}"
+        # Logs outlive the pod's directory (dev logs, a finished Job's output), as /var/log/pods does.
+        pod_key = f"{self.namespace}_{self.name}_{self.uid or 'x'}"
+        self.log_dir = kubelet.config.state_dir / "logs" / "pods" / pod_key
         spec = pod.get("spec", {})
         self.restart_policy: str = spec.get("restartPolicy", "Always")
         self.ip: str | None = None
@@ -515,6 +525,13 @@ class PodWorker:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def tmp_dir(self, mounts: Mapping[str, str]) -> Path:
+        """The container's ``/tmp`` (its TMPDIR): the volume mounted there, else the pod's own
+        directory; never the host's /tmp (profiles and temp files stay with the pod)."""
+        path = Path(mounts["/tmp"]) if "/tmp" in mounts else self.dir / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def workdir(self, spec: Mapping[str, Any]) -> Path:
         if spec.get("workingDir"):
             mapped = Path(podenv.remap_paths(str(spec["workingDir"]), self.container_mounts(spec)))
@@ -533,7 +550,7 @@ class PodWorker:
         mounts[message_path] = str(self.termination_message_file(spec))
         home = self.dir / "home"
         home.mkdir(parents=True, exist_ok=True)
-        base = podenv.base_env(self.name, home, cfg.bin_dir)
+        base = podenv.base_env(self.name, home, cfg.bin_dir, self.tmp_dir(mounts))
         own = await self._env_from(spec)
         own.update(await self._env(spec, {**base, **own}))
 
@@ -638,7 +655,11 @@ class PodWorker:
         ) as r:
             return 200 <= r.status < 400
 
-    async def _exec(self, command: list[str], runner: ContainerRunner, timeout_s: float) -> int:
+    def exec_spec(
+        self, runner: ContainerRunner, command: list[str]
+    ) -> tuple[list[str], dict[str, str], Path]:
+        """argv, env and working directory of a command run in a container (exec probes, hooks,
+        ``kubectl exec``): the container's environment, its paths and addresses rewritten."""
         mounts = self.container_mounts(runner.spec)
         argv = [
             podenv.rewrite_hosts(
@@ -647,11 +668,15 @@ class PodWorker:
             for c in command
         ]
         argv[0] = podenv.resolve_executable(argv[0], self.kubelet.config.bin_dir)
-        env = runner.env or podenv.base_env(self.name, self.dir / "home", self.kubelet.config.bin_dir)
-        log_path = (
-            self.kubelet.config.state_dir / "logs" / f"{self.namespace}_{self.name}_{runner.name}.exec.log"
+        env = runner.env or podenv.base_env(
+            self.name, self.dir / "home", self.kubelet.config.bin_dir, self.tmp_dir(mounts)
         )
-        proc = self.kubelet.procs.spawn(argv, env=env, cwd=self.workdir(runner.spec), log_path=log_path)
+        return argv, env, self.workdir(runner.spec)
+
+    async def _exec(self, command: list[str], runner: ContainerRunner, timeout_s: float) -> int:
+        argv, env, cwd = self.exec_spec(runner, command)
+        log_path = self.log_dir / runner.name / "exec.log"
+        proc = self.kubelet.procs.spawn(argv, env=env, cwd=cwd, log_path=log_path)
         deadline = time.monotonic() + timeout_s
         try:
             while proc.poll() is None:
@@ -745,8 +770,11 @@ class Kubelet:
             return  # the node is going away: start nothing new
         finalizers = list(pod["metadata"].get("finalizers") or [])
         if FINALIZER not in finalizers:
-            patched = await self.api.patch(
-                "Pod", key[0], key[1], {"metadata": {"finalizers": [*finalizers, FINALIZER]}}
+            patched = await self.api.patch(  # bound to this node, as the scheduler would have
+                "Pod",
+                key[0],
+                key[1],
+                {"metadata": {"finalizers": [*finalizers, FINALIZER]}, "spec": {"nodeName": NODE_NAME}},
             )
             if patched is None:
                 return

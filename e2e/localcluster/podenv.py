@@ -32,9 +32,9 @@ DEFAULT_ENTRYPOINTS: dict[str, list[str]] = {
     "operator": ["kvcache-operator"],
 }
 
-# Host variables a process needs to run at all (locale, temp dir, offline switches); nothing else of
-# the host environment leaks into a pod.
-_PASSTHROUGH_ENV = ("LANG", "LC_ALL", "TZ", "TMPDIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# Host variables a process needs to run at all (locale, offline switches); nothing else of the host
+# environment leaks into a pod (not TMPDIR either: a pod has its own, see base_env).
+_PASSTHROUGH_ENV = ("LANG", "LC_ALL", "TZ", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 _PATH_PREFIX_CHARS = r"[\w.\-/]"
 
@@ -142,11 +142,13 @@ def container_argv(container: Mapping[str, Any], entrypoints: Mapping[str, Seque
     )
 
 
-def base_env(pod_name: str, home: Path, bin_dir: Path) -> dict[str, str]:
-    """The environment every container starts from (before the pod's own env)."""
+def base_env(pod_name: str, home: Path, bin_dir: Path, tmp: Path | None = None) -> dict[str, str]:
+    """The environment every container starts from (before the pod's own env); ``tmp`` is the
+    pod's own temp directory (TMPDIR), so nothing a container writes lands in the host's /tmp."""
     env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
     env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
     env["HOME"] = str(home)
+    env["TMPDIR"] = str(tmp or home)
     env["HOSTNAME"] = pod_name
     env["PYTHONUNBUFFERED"] = "1"
     return env
