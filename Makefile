@@ -8,10 +8,12 @@ TORCH_PIN := torch==2.13.0
 DEMO_SECONDS ?= 60
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup test test-fast lint typecheck demo e2e bench crd clean tools
+.PHONY: help setup test test-fast lint typecheck demo e2e bench crd clean tools cluster cluster-down
 
 help:
 	@echo "make demo   - run the operator + engines on a local cluster with load (DEMO_SECONDS=$(DEMO_SECONDS))"
+	@echo "make cluster - start the local cluster + operator in the background; eval \"\$$(make -s cluster)\" for kubectl"
+	@echo "make cluster-down - stop it (no process left behind)"
 	@echo "make test   - lint, type-check and run the test suite (CPU only, no cluster needed)"
 	@echo "make e2e    - every end-to-end scenario on the local cluster (slow)"
 	@echo "make bench  - benchmarks; tables printed and recorded in docs/benchmarks.md"
@@ -49,6 +51,13 @@ e2e: $(STAMP) tools
 
 demo: $(STAMP)
 	DEMO_SECONDS=$(DEMO_SECONDS) $(PY) -m e2e.localcluster.demo
+
+cluster: $(STAMP)
+	@$(PY) scripts/get_tools.py >/dev/null
+	@$(VENV)/bin/kvcache-operator dev up
+
+cluster-down: $(STAMP)
+	@$(VENV)/bin/kvcache-operator dev down
 
 bench: $(STAMP)
 	bash scripts/ensure-redis.sh

@@ -41,10 +41,17 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_parser(sub)
 
 
+def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kvcache_operator.dev import add_parser
+
+    add_parser(sub)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_crd,
     _add_render,
     _add_run,
+    _add_dev,
 ]
 
 
