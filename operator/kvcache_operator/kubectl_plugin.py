@@ -12,10 +12,13 @@ to the API server (through the ``kubernetes`` client and the user's kubeconfig, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kvcache_operator import api
@@ -153,6 +156,77 @@ def render_object(obj: Mapping[str, Any]) -> str:
     return dump_manifests(children)
 
 
+# --- errors -----------------------------------------------------------------------------------------------
+
+CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
+
+
+class PluginError(ValueError):
+    """What went wrong and how to fix it, in one line (printed after ``kubectl kvcache <cmd>: error:``)."""
+
+
+def kubeconfig_error(kubeconfig: str | None, detail: str) -> PluginError:
+    """No usable kubeconfig: say which file was tried and how to get one."""
+    env = os.environ.get("KUBECONFIG")
+    where = kubeconfig or env or os.path.expanduser("~/.kube/config")
+    source = "--kubeconfig" if kubeconfig else ("$KUBECONFIG" if env else "the default location")
+    missing = not any(Path(p).is_file() for p in where.split(os.pathsep) if p)
+    detail = " ".join(detail.split())  # one line, whatever the YAML parser said
+    problem = (
+        f"no kubeconfig at {where} ({source})" if missing else f"cannot use the kubeconfig {where}: {detail}"
+    )
+    return PluginError(
+        f"{problem}; point KUBECONFIG at your cluster's kubeconfig, or start the local one: "
+        'eval "$(kvcache-operator dev up)"'
+    )
+
+
+def api_error(exc: Exception, *, what: str, namespace: str, server: str) -> PluginError | None:
+    """A one-line error with the fix for a failed API call; None when it is not one we explain.
+
+    Judged by attributes, not types, so the kubernetes client need not be imported to call it."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status in (401, 403, 404):
+        message = str(_status_message(exc))
+        if status == 401:
+            return PluginError(
+                f"the API server at {server} rejected your credentials (401 Unauthorized): "
+                "refresh them, e.g. log in again or pick another context (kubectl config use-context)"
+            )
+        if status == 403:
+            return PluginError(
+                f"permission denied: you may not {what} in namespace {namespace} ({message}); ask for a "
+                f"Role that allows it (check with: kubectl auth can-i {what} -n {namespace})"
+            )
+        return PluginError(
+            f"this cluster does not serve {CRD_NAME} (the KVCache CRD is not installed): "
+            "kubectl apply -f crds/kvcache.dev_kvcaches.yaml, or helm install kvcache-operator "
+            "helm/kvcache-operator -n kvcache-system --create-namespace"
+        )
+    reason = getattr(exc, "reason", None)
+    if type(exc).__name__ in ("MaxRetryError", "NewConnectionError", "ProtocolError") or isinstance(
+        exc, OSError
+    ):
+        detail = str(getattr(reason, "args", [reason])[-1] if reason else exc).split(": ")[-1]
+        return PluginError(
+            f"cannot reach the API server at {server} ({detail}): is the cluster running and the "
+            "context right? (kubectl config current-context; the local cluster: kvcache-operator dev status)"
+        )
+    return None
+
+
+def _status_message(exc: Exception) -> str:
+    try:
+        return str(json.loads(getattr(exc, "body", "") or "{}").get("message") or getattr(exc, "reason", ""))
+    except ValueError:
+        return str(getattr(exc, "reason", ""))
+
+
+def _object_missing(exc: Exception, name: str) -> bool:
+    """A 404 for the object itself (``... "name" not found``), not for the whole resource."""
+    return getattr(exc, "status", None) == 404 and f'"{name}" not found' in _status_message(exc)
+
+
 # --- the API ---------------------------------------------------------------------------------------------
 
 
@@ -160,49 +234,68 @@ class Cluster:
     """The API calls the plugin makes, through the ``kubernetes`` client and a kubeconfig."""
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None) -> None:
+        import yaml
         from kubernetes import client, config
 
         # Raw dicts in and out (no model classes): the client's generated types add nothing here.
         loader: Any = config
-        api_client = loader.new_client_from_config(config_file=kubeconfig, context=context)
+        try:
+            api_client = loader.new_client_from_config(config_file=kubeconfig, context=context)
+            _, active = loader.list_kube_config_contexts(config_file=kubeconfig)
+        except (loader.ConfigException, yaml.YAMLError, OSError, TypeError, ValueError) as exc:
+            raise kubeconfig_error(kubeconfig, str(exc)) from None
         self._custom: Any = client.CustomObjectsApi(api_client)
         self._batch: Any = client.BatchV1Api(api_client)
-        self._api_exception = client.ApiException
-        _, active = loader.list_kube_config_contexts(config_file=kubeconfig)
+        self.server: str = str(api_client.configuration.host)
         self.default_namespace: str = (active.get("context") or {}).get("namespace") or "default"
 
-    def _not_found(self, exc: Exception) -> bool:
-        return isinstance(exc, self._api_exception) and getattr(exc, "status", None) == 404
+    @contextlib.contextmanager
+    def _calling(self, what: str, namespace: str) -> Iterator[None]:
+        try:
+            yield
+        except PluginError:
+            raise
+        except Exception as exc:
+            error = api_error(exc, what=what, namespace=namespace, server=self.server)
+            if error is None:
+                raise
+            raise error from None
 
     def get_kvcache(self, namespace: str, name: str) -> Manifest:
-        try:
-            obj: Manifest = self._custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name
-            )
-        except Exception as exc:
-            if self._not_found(exc):
-                raise ValueError(f"KVCache {namespace}/{name} not found") from exc
-            raise
+        with self._calling("get kvcaches", namespace):
+            try:
+                obj: Manifest = self._custom.get_namespaced_custom_object(
+                    api.GROUP, api.VERSION, namespace, api.PLURAL, name
+                )
+            except Exception as exc:
+                if _object_missing(exc, name):
+                    raise PluginError(
+                        f"KVCache {namespace}/{name} not found (list them: kubectl get kvc -n {namespace})"
+                    ) from None
+                raise
         return obj
 
     def patch_kvcache(self, namespace: str, name: str, patch: Manifest) -> Manifest:
-        obj: Manifest = self._custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
-        )
+        with self._calling("patch kvcaches", namespace):
+            obj: Manifest = self._custom.patch_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch
+            )
         return obj
 
     def get_cronjob(self, namespace: str, name: str) -> Manifest | None:
-        try:
-            response = self._batch.read_namespaced_cron_job(name, namespace, _preload_content=False)
-        except Exception as exc:
-            if self._not_found(exc):
-                return None
-            raise
+        with self._calling("get cronjobs", namespace):
+            try:
+                response = self._batch.read_namespaced_cron_job(name, namespace, _preload_content=False)
+            except Exception as exc:
+                if _object_missing(exc, name):
+                    return None
+                raise
         cronjob: Manifest = json.loads(response.data)
         return cronjob
 
     def create_job(self, namespace: str, job: Manifest) -> str:
-        response = self._batch.create_namespaced_job(namespace, job, _preload_content=False)
+        with self._calling("create jobs", namespace):
+            response = self._batch.create_namespaced_job(namespace, job, _preload_content=False)
         return str(json.loads(response.data)["metadata"]["name"])
 
 

@@ -193,3 +193,56 @@ async def test_render_live_object_matches_render_of_its_manifest(
     file_children = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(from_file) if d]
     assert ("StatefulSet", "llama") in live_children
     assert live_children == file_children
+
+
+# --- errors: one line, with the fix ------------------------------------------------------------------
+
+
+def run_main(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``kubectl kvcache ...`` as a process: exit status and stderr (no traceback may show)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvcache_operator.kubectl_plugin", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode, proc.stderr
+
+
+def test_without_a_kubeconfig_the_error_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    code, err = run_main("status", "llama", env={"KUBECONFIG": str(tmp_path / "nope")})
+    assert code == 1
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"no kubeconfig at {tmp_path / 'nope'} ($KUBECONFIG)" in err
+    assert "kvcache-operator dev up" in err
+
+
+def test_an_unreachable_server_is_one_line(tmp_path: Path) -> None:
+    kubeconfig = write_kubeconfig(tmp_path, "http://127.0.0.1:1")
+    code, err = run_main("--kubeconfig", str(kubeconfig), "status", "llama")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "cannot reach the API server at http://127.0.0.1:1" in err and "Connection refused" in err
+
+
+async def test_missing_crd_and_missing_permission_say_what_to_do(cluster: tuple[KubeEmulator, Path]) -> None:
+    emu, kubeconfig = cluster
+    seed(emu, make_kvcache())
+    emu.inject_fault("get", "kvcaches", status=404)  # the resource itself is not served
+    code, out = await kubectl_kvcache(kubeconfig, "status", "llama")
+    assert code == 1 and "does not serve kvcaches.kvcache.dev" in out
+    assert "kubectl apply -f crds/kvcache.dev_kvcaches.yaml" in out
+    emu.inject_fault("get", "kvcaches", status=403)
+    code, out = await kubectl_kvcache(kubeconfig, "status", "llama")
+    assert code == 1 and f"permission denied: you may not get kvcaches in namespace {NS}" in out
+    assert f"kubectl auth can-i get kvcaches -n {NS}" in out
+    emu.inject_fault("patch", "kvcaches", status=403)
+    code, out = await kubectl_kvcache(kubeconfig, "pause", "llama")
+    assert code == 1 and "you may not patch kvcaches" in out
+    code, out = await kubectl_kvcache(kubeconfig, "status", "llama")
+    assert code == 0, out
