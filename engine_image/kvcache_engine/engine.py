@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 from kvcache_engine.core.gc import BackgroundGC
 from kvcache_engine.core.maintenance import Maintenance
 from kvcache_engine.core.reservations import PutReservation, Reservations

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvcache_engine.config import DTYPE_BYTES, KVCacheConfig
+from kvcache_engine.contract import DTYPE_BYTES, KVCacheConfig
 
 __all__ = [
     "DEFAULT_PORT",

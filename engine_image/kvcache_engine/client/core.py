@@ -48,15 +48,12 @@ from kvcache_engine.client.metrics import (
     M_REQUESTS,
     M_TIMEOUTS,
 )
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig, node_id, rendezvous_order, route_key
 from kvcache_engine.core.hashing import chain_hashes
 from kvcache_engine.wire import (
     FRAME_CONTENT_TYPE,
     PREFIX_BYTES,
     decode_frame_header,
-    node_id,
-    rendezvous_order,
-    route_key,
 )
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kvcache_engine.config import PayloadLayout
+from kvcache_engine.contract.cache import PayloadLayout
 from kvcache_engine.core.compression import torch_dtype
 from kvcache_engine.core.hashing import BlockHash
 

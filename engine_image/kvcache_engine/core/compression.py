@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kvcache_engine.config import CODEC_GROUP_SIZE, PayloadLayout, payload_layout
+from kvcache_engine.contract.cache import CODEC_GROUP_SIZE, PayloadLayout, payload_layout
 
 __all__ = ["CODECS", "Codec", "make_codec", "relative_error", "torch_dtype"]
 

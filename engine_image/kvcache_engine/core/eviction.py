@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Collection, Iterator
 
-from kvcache_engine.config import CacheStrategy
+from kvcache_engine.contract.cache import CacheStrategy
 from kvcache_engine.core.hashing import BlockHash
 
 __all__ = [

@@ -15,13 +15,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from kvcache_engine.config import (
-    LIVE_FIELDS,
-    ConfigError,
-    KVCacheConfig,
-    format_validation_error,
-    pool_blocks,
-)
+from kvcache_engine.contract.cache import ConfigError, KVCacheConfig, format_validation_error
+from kvcache_engine.contract.live import LIVE_FIELDS
+from kvcache_engine.contract.sizing import pool_blocks
 from kvcache_engine.core.block_pool import BlockPool, payload_checksum
 from kvcache_engine.core.compression import Codec
 from kvcache_engine.core.eviction import LRUStrategy, make_strategy

@@ -17,7 +17,8 @@ import threading
 
 import torch
 
-from kvcache_engine.config import KVCacheConfig, pool_blocks
+from kvcache_engine.contract.cache import KVCacheConfig
+from kvcache_engine.contract.sizing import pool_blocks
 from kvcache_engine.core.compression import Codec, make_codec
 from kvcache_engine.core.eviction import LRUStrategy, make_strategy
 from kvcache_engine.core.hashing import BlockHash

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvcache_engine.config import DTYPE_BYTES
+from kvcache_engine.contract.cache import DTYPE_BYTES
 from kvcache_engine.core.compression import torch_dtype
 from kvcache_engine.core.gc import BackgroundGC
 from kvcache_engine.core.hashing import BlockHash, chain_hashes

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kvcache_engine.config import ConfigError, PayloadLayout
+from kvcache_engine.contract.cache import ConfigError, PayloadLayout
 from kvcache_engine.core.block_pool import BlockPool
 from kvcache_engine.core.eviction import EvictionStrategy
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from kvcache_engine.config import LIVE_FIELDS, KVCacheConfig
+from kvcache_engine.contract import LIVE_FIELDS, KVCacheConfig, node_id, rendezvous_owner, route_key
 from kvcache_engine.persistence import (
     SEGMENT_BYTES,
     GeometryMismatchError,
@@ -42,9 +42,6 @@ from kvcache_engine.wire import (
     encode_stream_header,
     encode_stream_segment,
     encode_stream_trailer,
-    node_id,
-    rendezvous_owner,
-    route_key,
 )
 
 if TYPE_CHECKING:

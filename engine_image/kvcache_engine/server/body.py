@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from kvcache_engine.client.buffers import byte_view, torch_dtype
-from kvcache_engine.config import DTYPE_BYTES, KVCacheConfig
+from kvcache_engine.contract import DTYPE_BYTES, KVCacheConfig
 from kvcache_engine.core.block_pool import ScatterSums
 from kvcache_engine.server.http import REQUEST_ID, BadRequestError
 from kvcache_engine.wire import FRAME_CONTENT_TYPE, decode_json_object, encode_frame_header

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from kvcache_engine.client.buffers import byte_view, torch_dtype
-from kvcache_engine.config import DTYPE_BYTES, KVCacheConfig
+from kvcache_engine.contract import DTYPE_BYTES, KVCacheConfig
 from kvcache_engine.server.body import BodyViews, read_exact, send_tensor, wire_pieces
 from kvcache_engine.server.http import BadRequestError
 from kvcache_engine.wire import (

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kvcache_engine.config import ConfigError, load_config
+from kvcache_engine.contract import ConfigError, load_config
 from kvcache_engine.core.block_pool import ScatterSums
 from kvcache_engine.server.app import EngineServer
 from kvcache_engine.server.settings import ServerSettings, settings_from_args
