@@ -59,6 +59,28 @@ EXTRA_RESOURCES: dict[str, ResourceSpec] = {
 NODE_NAME = "localcluster"
 
 
+def _default_statefulset(sts: dict[str, Any]) -> dict[str, Any]:
+    """The API server's defaults that clients read back (``kubectl rollout status`` needs the
+    update strategy's type)."""
+    spec = sts.setdefault("spec", {})
+    spec.setdefault("replicas", 1)
+    spec.setdefault("podManagementPolicy", "OrderedReady")
+    spec.setdefault("revisionHistoryLimit", 10)
+    strategy = spec.setdefault("updateStrategy", {})
+    strategy.setdefault("type", "RollingUpdate")
+    if strategy["type"] == "RollingUpdate":
+        strategy.setdefault("rollingUpdate", {}).setdefault("partition", 0)
+    retention = spec.setdefault("persistentVolumeClaimRetentionPolicy", {})
+    retention.setdefault("whenDeleted", "Retain")
+    retention.setdefault("whenScaled", "Retain")
+    return sts
+
+
+BUILTIN_DEFAULTS: dict[ResourceKey, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    ("apps", "v1", "statefulsets"): _default_statefulset,
+}
+
+
 def node_object() -> dict[str, Any]:
     """The one Node (``kubectl get nodes``, ``describe pod``): this machine, Ready."""
     import platform
@@ -177,8 +199,28 @@ def _invalid(schema: CustomResourceSchema, name: str, errors: list[str]) -> kmoc
         status=422,
         reason="Invalid",
         message=message,
-        details={"name": name, "kind": schema.kind, "causes": [{"message": e} for e in errors]},
+        details={
+            "name": name,
+            "group": schema.group,
+            "kind": schema.kind,
+            "causes": [_cause(e) for e in errors],
+        },
     )
+
+
+def _cause(error: str) -> dict[str, str]:
+    """``spec.replicas: -1 is less...`` -> field + message (kubectl prints ``<field>: <message>``)."""
+    unknown = re.fullmatch(r'unknown field "(.+)"', error)
+    if unknown:
+        return {
+            "reason": "FieldValueInvalid",
+            "field": unknown.group(1),
+            "message": "field not declared in schema",
+        }
+    field, sep, message = error.partition(": ")
+    if not sep or " " in field:
+        return {"reason": "FieldValueInvalid", "field": "", "message": error}
+    return {"reason": "FieldValueInvalid", "field": field, "message": message}
 
 
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
@@ -289,6 +331,8 @@ class LocalAPIServer(KubeEmulator):
             if errors:
                 raise _invalid(schema, str(obj.get("metadata", {}).get("name", "")), errors)
             obj = schema.default(obj)
+        elif key in BUILTIN_DEFAULTS:
+            obj = BUILTIN_DEFAULTS[key](copy.deepcopy(dict(obj)))
         result: dict[str, Any] = super().create(resource, obj, namespace)
         if key == _CRD_KEY:
             self.install_crd(result)

@@ -60,8 +60,8 @@ def _truthy(value: str | None) -> bool:
 
 def _worker(kubelet: Kubelet | None, namespace: str, name: str) -> PodWorker:
     worker = kubelet.worker(namespace, name) if kubelet else None
-    if worker is None:
-        raise _bad_request(f'pod "{name}" is not running on the local node (no kubelet state for it)')
+    if worker is None:  # not admitted by the kubelet yet (or already gone)
+        raise _bad_request(f'pod "{name}" is waiting to start: ContainerCreating')
     return worker
 
 

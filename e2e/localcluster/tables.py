@@ -133,7 +133,7 @@ def _pod_status(pod: Mapping[str, Any]) -> tuple[str, int, str, int]:
                 reason = term.get("reason") or (
                     f"Signal:{term['signal']}" if term.get("signal") else f"ExitCode:{term.get('exitCode')}"
                 )
-            elif state.get("running") and c.get("ready"):
+            elif "running" in state and c.get("ready"):
                 running = True
                 ready += 1
         if reason == "Completed" and running:
