@@ -510,6 +510,8 @@ class PodWorker:
             if m.get("subPath"):
                 host = host / m["subPath"]
             mounts[str(m["mountPath"])] = str(host)
+        if "/tmp" not in mounts:  # the container's own /tmp (its image's), never the host's
+            mounts["/tmp"] = str(self.tmp_dir(mounts))
         return mounts
 
     def all_mounts(self) -> dict[str, str]:

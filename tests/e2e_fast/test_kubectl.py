@@ -12,6 +12,7 @@ import json
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,9 @@ def test_port_forward_relays_bytes_and_reports_a_closed_port(kubectl: Kubectl) -
         urllib.request.urlopen(url, timeout=10)
 
 
-def test_a_containers_temp_files_stay_in_its_pod(kubectl: Kubectl, bare_cluster: LocalCluster) -> None:
+def test_a_containers_temp_files_stay_in_its_pod(
+    kubectl: Kubectl, bare_cluster: LocalCluster, tmp_path: Path
+) -> None:
     line = kubectl("logs", "web-0").splitlines()[0]
     tmp = Path(line.split("tmp=", 1)[1])
     assert tmp.is_relative_to(bare_cluster.state_dir / "pods"), line
@@ -204,6 +207,14 @@ def test_a_containers_temp_files_stay_in_its_pod(kubectl: Kubectl, bare_cluster:
     program = "import tempfile; f = tempfile.NamedTemporaryFile(delete=False); print(f.name)"
     written = kubectl("exec", "web-0", "--", "python", "-c", program)
     assert Path(written.strip()).parent == tmp and Path(written.strip()).exists()
+    marker = f"/tmp/written-in-a-pod-{uuid.uuid4().hex}"  # an absolute path under the pod's /tmp
+    kubectl("exec", "web-0", "--", "sh", "-c", f"echo hi > {marker}")
+    assert not Path(marker).exists() and (tmp / Path(marker).name).read_text() == "hi\n"
+    source = tmp_path / "cp-source"  # kubectl cp: tar through exec, into the pod's /tmp
+    source.write_text("copied\n")
+    kubectl("cp", str(source), "web-0:/tmp/copied")
+    assert kubectl("exec", "web-0", "--", "cat", "/tmp/copied") == "copied\n"
+    assert (tmp / "copied").read_text() == "copied\n" and not Path("/tmp/copied").exists()
 
 
 def test_scale_and_wait_through_the_scale_subresource(kubectl: Kubectl) -> None:
