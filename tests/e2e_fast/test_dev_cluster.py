@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,9 @@ def test_kubectl_drives_dev_up_from_apply_to_down(tmp_path: Path) -> None:
             persist = run([str(VENV_BIN / "kvcache-engine"), "persist", "--url", url], engine)
             assert persist.returncode == 0, persist.stderr
 
+        # the engine's temp files (profiles) go to its pod's /tmp volume, in the state directory
+        assert kubectl("exec", "demo-0", "--", "printenv", "TMPDIR").startswith(str(state / "pods"))
+
         # exec: the engine's own validator, on the pod's PVC path
         report = json.loads(
             kubectl("exec", "demo-0", "--", "kvcache-engine", "validate", "/var/lib/kvcache/cache")
@@ -113,3 +117,20 @@ def test_kubectl_drives_dev_up_from_apply_to_down(tmp_path: Path) -> None:
     assert processes_in(state) == []
     after = run([*dev, "status", "--state", str(state)], env)
     assert after.returncode == 2 and "no local cluster running" in after.stderr
+
+
+def test_the_operator_package_does_not_import_the_local_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = (
+        "import sys, kvcache_operator.cli as cli; cli.build_parser().parse_args(['dev', 'status']); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('e2e', 'tests')))"
+    )
+    assert run([sys.executable, "-c", probe], tool_env(tmp_path / "home")).stdout.strip() == "[]"
+    from kvcache_operator import dev
+
+    monkeypatch.setattr(dev, "__file__", str(tmp_path / "site-packages" / "kvcache_operator" / "dev.py"))
+    monkeypatch.delenv("KVCACHE_CHECKOUT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"needs a source checkout .* run `make cluster` there"):
+        dev.checkout()
