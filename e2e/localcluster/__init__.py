@@ -6,5 +6,7 @@ garbage collector, a tiny kube-proxy for Services, and a local kubelet that runs
 container command as a real process on its own loopback address. The real operator runs as a
 subprocess (``kvcache-operator run``) against a kubeconfig pointing at the emulator.
 
-Entry point: :class:`e2e.localcluster.cluster.LocalCluster`.
+Entry points: :class:`e2e.localcluster.cluster.LocalCluster` (tests, ``make demo``) and
+``kvcache-operator dev up`` (:mod:`e2e.localcluster.dev`: the same cluster in the background, for
+kubectl).
 """

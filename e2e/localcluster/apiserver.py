@@ -1,4 +1,7 @@
-"""The local cluster's API server: the team's emulator (``tests.kube_emulator``) plus admission.
+"""The local cluster's API server: the team's emulator (``tests.kube_emulator``), admission, and
+what kubectl needs from a real one (:class:`LocalAPIServer`): discovery, OpenAPI, Tables, strict
+field validation, strategic merge patch, dry runs, JSON watch streams, and the pod streams
+(logs, exec, port-forward) served from the local kubelet. See e2e/README.md for the list.
 
 The emulator deliberately does no schema validation or defaulting. A real API server does both
 for custom resources, from the CRD that was applied, and the e2e scenario "invalid manifest →
