@@ -609,6 +609,7 @@ class LocalAPIServer(KubeEmulator):
                 details={},
             )
         resource = self.catalog.get(*key)
+        schema_name: str | None
         if request.subresource == "scale":
             current = self.get_scale(key, name, request.namespace)
             schema_name = "io.k8s.api.autoscaling.v1.Scale"

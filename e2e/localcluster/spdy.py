@@ -225,10 +225,10 @@ class Session:
             await self.on_stream(stream)
         elif kind == RST_STREAM:
             (stream_id,) = struct.unpack_from(">I", payload, 0)
-            stream = self.streams.pop(stream_id & 0x7FFFFFFF, None)
-            if stream is not None:
-                stream.reset = True
-                stream.received.put_nowait(None)
+            gone = self.streams.pop(stream_id & 0x7FFFFFFF, None)
+            if gone is not None:
+                gone.reset = True
+                gone.received.put_nowait(None)
         elif kind == PING:
             await self.send(frame)  # a client-initiated ping (odd id) is echoed unchanged
         elif kind == GOAWAY:

@@ -320,7 +320,7 @@ async def serve_exec(
     if runner.proc is None or runner.proc.poll() is not None:
         raise _bad_request(f'unable to upgrade connection: container not found ("{runner.name}")')
     ws = web.WebSocketResponse(protocols=EXEC_PROTOCOLS)
-    await ws.prepare(request)  # type: ignore[arg-type]
+    await ws.prepare(request)
     session = _Exec(ws, request.query)
     try:
         argv, env, cwd = worker.exec_spec(runner, command)
@@ -418,7 +418,7 @@ async def serve_portforward(
             f"unable to forward port because pod is not running. Current status={worker.phase}"
         )
     ws = web.WebSocketResponse(protocols=(PORTFORWARD_PROTOCOL,))
-    await ws.prepare(request)  # type: ignore[arg-type]
+    await ws.prepare(request)
     forward = _PortForward(worker)
     session = spdy.Session(ws.send_bytes, forward.on_stream)
     try:

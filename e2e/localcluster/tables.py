@@ -299,7 +299,9 @@ def _namespace(ns: Mapping[str, Any]) -> Row:
 
 def _node(node: Mapping[str, Any]) -> Row:
     status = node.get("status") or {}
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+    )
     info = status.get("nodeInfo") or {}
     address = next(
         (a.get("address") for a in status.get("addresses") or [] if a.get("type") == "InternalIP"), None
