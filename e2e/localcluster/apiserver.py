@@ -133,7 +133,14 @@ class CustomResourceSchema:
         self.plural = str(crd["spec"]["names"]["plural"])
         self.version = str(version["name"])
         self.schema = version["schema"]["openAPIV3Schema"]
-        self._validator = jsonschema.Draft202012Validator(crd_tools.to_json_schema(self.schema))
+        # apiVersion, kind and metadata are every object's, declared in its CRD or not.
+        implicit = {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+        }
+        checked = {**self.schema, "properties": {**implicit, **(self.schema.get("properties") or {})}}
+        self._validator = jsonschema.Draft202012Validator(crd_tools.to_json_schema(checked))
         self._defaults = crd_tools.apply_defaults
         env = celpy.Environment()
         self._json_to_cel = celpy.json_to_cel  # type: ignore[attr-defined]
@@ -165,7 +172,8 @@ class CustomResourceSchema:
             if err.validator == "additionalProperties" and isinstance(err.instance, dict):
                 known = set(err.schema.get("properties", {}))
                 found += [
-                    f'unknown field "{path}.{n}"'.lstrip(".") for n in sorted(set(err.instance) - known)
+                    f'unknown field "{f"{path}.{n}" if path else n}"'
+                    for n in sorted(set(err.instance) - known)
                 ]
             else:
                 found.append(f"{path}: {err.message}")

@@ -376,7 +376,8 @@ class BuiltinSchemas:
             if err.validator == "additionalProperties" and isinstance(err.instance, dict):
                 known = set(err.schema.get("properties", {}))
                 found += [
-                    f'unknown field "{path}.{n}"'.lstrip(".") for n in sorted(set(err.instance) - known)
+                    f'unknown field "{f"{path}.{n}" if path else n}"'
+                    for n in sorted(set(err.instance) - known)
                 ]
             elif err.validator == "type":
                 found.append(

@@ -91,6 +91,50 @@ def test_discovery_has_short_names_and_categories(kubectl: Kubectl) -> None:
     assert kubectl("get", "sts", "-o", "name").split() == ["statefulset.apps/web"]
 
 
+WIDGET_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.example.com"},
+    "spec": {
+        "group": "example.com",
+        "names": {"kind": "Widget", "plural": "widgets", "singular": "widget", "shortNames": ["wd"]},
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {"type": "object", "properties": {"size": {"type": "integer"}}}
+                        },
+                    }
+                },
+                "additionalPrinterColumns": [{"name": "Size", "type": "integer", "jsonPath": ".spec.size"}],
+            }
+        ],
+    },
+}
+
+
+def test_a_crd_applied_with_kubectl_is_served_like_the_kvcache_one(kubectl: Kubectl) -> None:
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(WIDGET_CRD))
+    widget = {
+        "apiVersion": "example.com/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w"},
+        "spec": {"size": 3},
+    }
+    assert kubectl("apply", "-f", "-", input=yaml.safe_dump(widget)).strip() == "widget.example.com/w created"
+    assert kubectl.table("get", "wd")[:2] == [["NAME", "SIZE"], ["w", "3"]]
+    widget["spec"] = {"sise": 3}
+    refused = kubectl.run("apply", "-f", "-", input=yaml.safe_dump(widget), check=False)
+    assert refused.returncode == 1 and 'strict decoding error: unknown field "spec.sise"' in refused.stderr
+    assert refused.stderr.count("unknown field") == 1  # apiVersion, kind, metadata are every object's
+
+
 def test_apply_validates_on_the_server_with_the_served_openapi(kubectl: Kubectl, tmp_path: Path) -> None:
     bad = {
         "apiVersion": "v1",
