@@ -545,13 +545,14 @@ def degraded(driver: Driver, name: str) -> dict[str, Any] | None:
 def unallocatable_pool_degrades(driver: Driver, name: str) -> None:
     """An engine that cannot allocate its pool → within 30 s the KVCache is Degraded with the
     engine's own reason and line (its termination message), Failed (nothing serves), and an Event
-    says so. The pod's memory is capped at 1 GiB (so it schedules anywhere); the pool asks 256 TiB."""
+    says so. The pool asks 8 TiB: admissible (a pod may request up to 16 TiB; a memory request below
+    the pool is refused at admission), more than this machine can allocate. The local kubelet runs
+    it without checking node capacity; on a real cluster the pod would stay Pending instead."""
     manifest = kvcache_manifest(
         name,
         driver,
         replicas=1,
-        cache={"numLayers": 32, "numKvHeads": 8, "headDim": 128, "maxTokens": 2**31},
-        resources={"memory": "1Gi"},
+        cache={"numLayers": 32, "numKvHeads": 8, "headDim": 128, "maxTokens": 2**26},
         persistence={"enabled": False},
         backup={"enabled": False},
         autoscaling={"mode": "Off"},
@@ -563,7 +564,7 @@ def unallocatable_pool_degrades(driver: Driver, name: str) -> None:
         30,
         f"KVCache {name} Degraded with the engine's reason",
     )
-    assert f"{name}-0: cannot allocate the block pool: max_tokens=2147483648" in found["message"], found
+    assert f"{name}-0: cannot allocate the block pool: max_tokens=67108864" in found["message"], found
     status = (driver.get("KVCache", name) or {})["status"]
     assert status["phase"] == "Failed" and status["readyReplicas"] == 0, status
     assert status["engines"][0]["reason"] == "PoolAllocationFailed", status

@@ -1,4 +1,4 @@
-"""``kvcache-operator``: run the operator, print the CRD, render a KVCache's children."""
+"""``kvcache-operator``: run the operator, print the CRD, render a KVCache's children, validate manifests."""
 
 from __future__ import annotations
 
@@ -35,6 +35,25 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check KVCache manifests offline as the API server and its webhook would (exit 1: invalid)",
+    )
+    p.add_argument(
+        "-f", "--filename", action="append", required=True, help="manifest (YAML; '-' for stdin); repeatable"
+    )
+    p.set_defaults(handler=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from kvcache_operator.admission import validate_files
+
+    report, ok = validate_files(args.filename)
+    sys.stdout.write(report)
+    return 0 if ok else 1
+
+
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from kvcache_operator.run import add_parser
 
@@ -50,6 +69,7 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_crd,
     _add_render,
+    _add_validate,
     _add_run,
     _add_dev,
 ]

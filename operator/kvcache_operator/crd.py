@@ -118,7 +118,27 @@ def open_api_schema() -> JSON:
     for rule in api.CROSS_FIELD_RULES:
         node = _at(root, rule.path)
         node.setdefault("x-kubernetes-validations", []).append({"rule": rule.cel, "message": rule.message})
+    _patterns_in_words(root)
     return root
+
+
+def _patterns_in_words(node: JSON, path: str = "") -> None:
+    """A ``pattern`` left by a model (the engine's own) becomes a CEL rule with the words of
+    ``api.PATTERN_WORDS``: the API server would quote the pattern itself in its message."""
+    for name, sub in node.get("properties", {}).items():
+        _patterns_in_words(sub, f"{path}.{name}".lstrip("."))
+    if "pattern" not in node:
+        return
+    pattern = node.pop("pattern")
+    words = f"is not valid; {api.PATTERN_WORDS[path]}"  # KeyError: add the field's words to api.py
+    node.setdefault("maxLength", 64)  # bounds the CEL cost of the match
+    node.setdefault("x-kubernetes-validations", []).append(
+        {
+            "rule": f"self.matches({pattern!r})",
+            "message": f"the value {words}",
+            "messageExpression": f"'\"' + self + '\" {words}'",
+        }
+    )
 
 
 # What the engines and their kubelet report (status), never what the spec asked.

@@ -41,6 +41,7 @@ from kvcache_operator.api import KVCache, KVCacheSpec
 
 Manifest = dict[str, Any]
 
+_YAML_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 CONFIG_DIR = "/etc/kvcache"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 TOKEN_DIR = "/var/run/kvcache/token"
@@ -147,7 +148,8 @@ def config_hash(config: KVCacheConfig) -> str:
 
 def build_configmap(kvc: KVCache, config: KVCacheConfig) -> Manifest:
     """``<name>-config``: the engine's config file (camelCase, every field)."""
-    text = yaml.safe_dump(config.to_file_dict(), sort_keys=True)
+    # libyaml's emitter when present: the same text, ~5x faster (the operator renders this per change)
+    text = yaml.dump(config.to_file_dict(), Dumper=_YAML_DUMPER, sort_keys=True)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -461,7 +463,7 @@ def build_backup_cronjob(kvc: KVCache, replicas: int) -> Manifest | None:
         "template": {"metadata": {"labels": labels(kvc.name, "backup")}, "spec": pod_spec},
     }
     spec = {
-        "schedule": backup.schedule,
+        "schedule": backup.cron,
         "suspend": backup.suspend,
         "concurrencyPolicy": "Forbid",
         "startingDeadlineSeconds": backup.starting_deadline_seconds,

@@ -11,7 +11,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from kvcache_operator import crd
+from kvcache_operator import admission, crd
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "crds" / "samples"
@@ -146,14 +146,17 @@ def json_validator() -> jsonschema.Draft202012Validator:
 
 
 def cel_rules() -> list[tuple[tuple[str, ...], str, str]]:
-    """(path under the root, rule, message) of every x-kubernetes-validations entry in the CRD."""
+    """(path under the root, rule, message) of every x-kubernetes-validations entry in the CRD; the
+    message is the ``messageExpression`` when there is one (the API server prefers it)."""
     found: list[tuple[tuple[str, ...], str, str]] = []
 
     def walk(node: dict[str, Any], path: tuple[str, ...]) -> None:
         for entry in node.get("x-kubernetes-validations", []):
-            found.append((path, entry["rule"], entry["message"]))
+            found.append((path, entry["rule"], entry.get("messageExpression") or repr(entry["message"])))
         for name, sub in node.get("properties", {}).items():
             walk(sub, (*path, name))
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], (*path, "[]"))
 
     walk(open_api(), ())
     return found
@@ -170,16 +173,24 @@ def _program(rule: str) -> Any:
     return _CEL.program(_CEL.compile(rule))
 
 
-def _at(obj: dict[str, Any], path: tuple[str, ...]) -> Any:
+def _at(obj: Any, path: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """Every value at ``path`` (``[]`` walks each item of a list), with its field path."""
+    found: list[tuple[str, Any]] = [("", obj)]
     for part in path:
-        obj = obj.get(part) if isinstance(obj, dict) else None  # type: ignore[assignment]
-    return obj
+        step: list[tuple[str, Any]] = []
+        for where, value in found:
+            if part == "[]" and isinstance(value, list):
+                step += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+            elif isinstance(value, dict) and value.get(part) is not None:
+                step.append((f"{where}.{part}".lstrip("."), value[part]))
+        found = step
+    return found
 
 
 def _describe(err: jsonschema.ValidationError) -> list[str]:
     """A schema error in the API server's words: ``unknown field "spec.x"`` for fields the schema does
     not know (kubectl's strict field validation), else ``<field path>: <message>``."""
-    path = ".".join(str(p) for p in err.absolute_path)
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path).lstrip(".")
     if err.validator == "additionalProperties" and isinstance(err.instance, dict):
         known = set(err.schema.get("properties", {}))
         return [f'unknown field "{path}.{name}"' for name in sorted(set(err.instance) - known)]
@@ -188,14 +199,25 @@ def _describe(err: jsonschema.ValidationError) -> list[str]:
 
 def server_errors(obj: dict[str, Any]) -> list[str]:
     """What the API server would answer for ``obj``: schema errors (``<field path>: <message>``), then,
-    if the schema passes, the messages of failing CEL rules (evaluated on the defaulted object)."""
+    if the schema passes, the failing CEL rules as ``<field path>: <message>`` (evaluated on the
+    defaulted object; rules on the root give their message alone). A real API server also runs the
+    admission webhook after these: see ``admission_errors``."""
     schema_errors = [line for err in json_validator().iter_errors(obj) for line in _describe(err)]
     if schema_errors:
         return schema_errors
     defaulted = crd.apply_defaults(obj, open_api())
     failed = []
     for path, rule, message in cel_rules():
-        target = _at(defaulted, path)
-        if target is not None and not bool(_program(rule).evaluate({"self": celpy.json_to_cel(target)})):
-            failed.append(message)
+        for where, target in _at(defaulted, path):
+            scope = {"self": celpy.json_to_cel(target)}
+            if not bool(_program(rule).evaluate(scope)):
+                text = str(_program(message).evaluate(scope))
+                failed.append(f"{where}: {text}" if where else text)
     return failed
+
+
+def admission_errors(obj: dict[str, Any]) -> list[str]:
+    """What the operator's validating webhook answers for ``obj`` (a CREATE): its message, one line per
+    problem, or nothing when it allows the object."""
+    verdict = admission.review({"operation": "CREATE", "object": obj, "oldObject": None})
+    return [] if verdict.allowed else verdict.message.splitlines()

@@ -92,10 +92,10 @@ _valid_specs = st.fixed_dictionaries(
         "replicas": st.integers(0, 5),
         "cache": st.fixed_dictionaries(
             {
-                "maxTokens": st.integers(256, 2**22),
+                "maxTokens": st.integers(256, 2**20),
                 "blockTokens": st.sampled_from([1, 16, 256]),
-                "numLayers": st.integers(1, 96),
-                "numKvHeads": st.integers(1, 64),
+                "numLayers": st.integers(1, 32),
+                "numKvHeads": st.integers(1, 16),
                 "headDim": st.sampled_from([64, 128]),
                 "useCompression": st.booleans(),
                 "compressionRatio": st.floats(0.1, 1.0),
@@ -106,8 +106,9 @@ _valid_specs = st.fixed_dictionaries(
         "resources": st.fixed_dictionaries(
             {"gpus": st.integers(0, 8)},
             optional={
-                "memory": st.sampled_from(["8Gi", "1500M"]),
-                "cpuLimit": st.sampled_from(["2", "500m"]),
+                # a fixed memory must hold the pool (admission refuses less): sized apart below
+                "memoryOverhead": st.sampled_from(["256Mi", "1500M"]),
+                "cpuLimit": st.sampled_from(["2", "1"]),
             },
         ),
         "persistence": st.fixed_dictionaries(
