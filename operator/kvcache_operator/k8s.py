@@ -1,5 +1,10 @@
 """The only module that talks to the Kubernetes API (Kopf's own watching and patching aside).
 
+The operator reads its children and pods from Kopf indexes fed by watches (``WATCHED``: Kopf
+lists and watches them), and calls the API itself only to write: create/patch/delete children,
+patch status, plus two reads (a user's own token Secret, an object a create found taken) and, once
+at startup, the peering object.
+
 A thin asyncio client on aiohttp, configured from the same credentials Kopf logs in with
 (``kopf.ConnectionInfo``: kubeconfig or in-cluster). 404 and 409 are normal outcomes and come
 back as values (``None`` / ``False``) or as ``ConflictError``; other failures raise ``ApiError``.
@@ -39,9 +44,11 @@ class Kind:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
-    def url(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def url(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        """The path of the collection or of one object; ``namespace`` None for cluster-scoped kinds."""
         base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        path = f"{base}/namespaces/{quote(namespace)}/{self.plural}"
+        scope = f"/namespaces/{quote(namespace)}" if namespace is not None else ""
+        path = f"{base}{scope}/{self.plural}"
         if name is not None:
             path += f"/{quote(name)}"
         if subresource is not None:
@@ -54,6 +61,8 @@ PODS = Kind("", "v1", "pods", "Pod")
 SECRETS = Kind("", "v1", "secrets", "Secret")
 JOBS = Kind("batch", "v1", "jobs", "Job")
 PVCS = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
+KOPFPEERINGS = Kind("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
+CLUSTERKOPFPEERINGS = Kind("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering")
 
 CHILD_KINDS: dict[str, Kind] = {
     k.kind: k
@@ -69,24 +78,28 @@ CHILD_KINDS: dict[str, Kind] = {
         Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
     )
 }
-"""Kinds ``resources.build_children`` produces (the reconciler lists, creates, patches, deletes them)."""
+"""Kinds ``resources.build_children`` produces (the reconciler creates, patches, deletes them)."""
+
+WATCHED: tuple[Kind, ...] = (*CHILD_KINDS.values(), JOBS, PODS)
+"""Kinds Kopf lists and watches to feed the operator's indexes (children, backup Jobs, engine pods)."""
 
 API_CALLS: frozenset[tuple[str, str, str]] = frozenset(
-    {
-        (k.group, k.plural, verb)
-        for k in CHILD_KINDS.values()
-        for verb in ("get", "list", "create", "patch", "delete")
-    }
+    {(k.group, k.plural, verb) for k in CHILD_KINDS.values() for verb in ("get", "create", "patch", "delete")}
     | {
-        (PODS.group, PODS.plural, "list"),
-        (SECRETS.group, SECRETS.plural, "get"),
-        (JOBS.group, JOBS.plural, "list"),
         (KVCACHES.group, KVCACHES.plural, "get"),
         (KVCACHES.group, f"{KVCACHES.plural}/status", "patch"),
     }
 )
-"""Every (apiGroup, resource, verb) this module may call. Kopf itself additionally watches and
-patches kvcaches and posts events (declared in rbac.RULES)."""
+"""Every (apiGroup, resource, verb) this module may call. Kopf itself additionally lists and
+watches kvcaches and ``WATCHED``, patches kvcaches and posts events (declared in rbac.RULES)."""
+
+PEERING_CALLS: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        (KOPFPEERINGS.group, KOPFPEERINGS.plural, "get"),
+        (CLUSTERKOPFPEERINGS.group, CLUSTERKOPFPEERINGS.plural, "get"),
+    }
+)
+"""The startup check of the peering object (only when peering is on: the chart grants these then)."""
 
 
 class ApiError(Exception):
@@ -154,7 +167,7 @@ class KubeClient:
         content_type: str | None = None,
     ) -> tuple[int, Any]:
         resource = f"{kind.plural}/{subresource}" if subresource else kind.plural
-        if (kind.group, resource, verb) not in API_CALLS:
+        if (kind.group, resource, verb) not in API_CALLS | PEERING_CALLS:
             raise AssertionError(f"undeclared API call {verb} {kind.group}/{resource}: add it to API_CALLS")
         headers = {"Content-Type": content_type} if content_type else None
         async with self._session.request(
@@ -168,7 +181,8 @@ class KubeClient:
                 raise ConflictError(409, (body or {}).get("message", "") if isinstance(body, dict) else "")
             return response.status, body
 
-    async def get(self, kind: Kind, namespace: str, name: str) -> Manifest | None:
+    async def get(self, kind: Kind, namespace: str | None, name: str) -> Manifest | None:
+        """One object (``namespace`` None for cluster-scoped kinds); None when it, or its kind, is absent."""
         status, body = await self._call(kind, "get", "GET", kind.url(namespace, name))
         return None if status == 404 else dict(body)
 

@@ -1,8 +1,11 @@
 """Autoscaling and tuning decisions: pure, deterministic, every one explained with its numbers.
 
-Inputs are the observations the scrape loop made (``Sample``, one per scrape, oldest first), the
-KVCache's ``spec.autoscaling`` / ``spec.tuning`` and the time of the last change. Nothing here reads
-a clock, a random source or the network, so the same series always yields the same decisions.
+``decide()`` takes one typed ``PolicyInput`` (the observations the scrape loop made, ``Sample``, one
+per scrape, oldest first; the KVCache's ``spec.autoscaling`` / ``spec.tuning`` bounds; the current
+replicas and live config; the clock and the last change times; whether a rollout runs) and returns
+``Proposals``: at most one scale and one tuning ``Decision``, each explained with its numbers.
+Nothing here reads a clock, a random source or the network, so the same input always yields the
+same proposals.
 
 Invariants (tested with scripted series and hypothesis):
 
@@ -20,9 +23,9 @@ Invariants (tested with scripted series and hypothesis):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from kvcache_operator.api import Autoscaling, Mode, Tuning
 
@@ -58,6 +61,25 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class TunedConfig:
+    """The live fields the tuner reads and changes, as the engines run them (snake_case)."""
+
+    max_tokens: int
+    use_compression: bool = False
+    compression_ratio: float = 1.0
+
+    def get(self, name: str) -> int | bool | float:
+        return {
+            "max_tokens": self.max_tokens,
+            "use_compression": self.use_compression,
+            "compression_ratio": self.compression_ratio,
+        }[name]
+
+
+LiveValue = int | bool | float
+
+
+@dataclass(frozen=True)
 class Decision:
     """A scaling or tuning decision: what, why, the numbers behind it, and whether it is applied."""
 
@@ -68,7 +90,7 @@ class Decision:
     numbers: Mapping[str, float]
     from_replicas: int | None = None
     to_replicas: int | None = None
-    changes: Mapping[str, Any] = field(default_factory=dict)  # snake_case live fields (Tune)
+    changes: Mapping[str, LiveValue] = field(default_factory=dict)  # snake_case live fields (Tune)
 
     @property
     def applied(self) -> bool:
@@ -81,7 +103,7 @@ class Decision:
             return ()
         return tuple(range(self.to_replicas, self.from_replicas))
 
-    def to_status(self, time: str) -> dict[str, Any]:
+    def to_status(self, time: str) -> dict[str, str | bool]:
         """The ``status.decisions[]`` entry (camelCase, api.Decision)."""
         return {
             "time": time,
@@ -225,7 +247,7 @@ def _step_compression(ratio: float, bounds: tuple[float, float], tighter: bool) 
 def decide_tuning(
     spec: Tuning,
     target_pressure: float,
-    effective: Mapping[str, Any],
+    live: TunedConfig,
     samples: Sequence[Sample],
     *,
     now_s: float,
@@ -235,11 +257,10 @@ def decide_tuning(
 ) -> Decision | None:
     """Compression and max_tokens changes within ``spec`` bounds, or None.
 
-    ``effective`` is the engines' live config (snake_case: max_tokens, use_compression,
-    compression_ratio). Compression is tightened one step when every sample of the interval shows
-    pressure above ``target_pressure`` and p95 latency under LATENCY_BUDGET_MS, relaxed one step
-    when every sample is below target × RELAX_PRESSURE_FRACTION; max_tokens is sized to the device
-    memory when the engines report one.
+    ``live`` is the engines' live config. Compression is tightened one step when every sample of
+    the interval shows pressure above ``target_pressure`` and p95 latency under LATENCY_BUDGET_MS,
+    relaxed one step when every sample is below target × RELAX_PRESSURE_FRACTION; max_tokens is
+    sized to the device memory when the engines report one.
     """
     mode = Mode(spec.mode)
     if mode == Mode.OFF or rolling_out:
@@ -247,19 +268,17 @@ def decide_tuning(
     window = _window(samples, now_s, spec.interval_seconds, last_change_s)
     if not window:
         return None
-    changes: dict[str, Any] = {}
+    changes: dict[str, LiveValue] = {}
     reasons: list[str] = []
     numbers: dict[str, float] = {
         "targetMemoryPressure": target_pressure,
         "samples": len(window),
         "intervalSeconds": spec.interval_seconds,
     }
-    _tune_compression(
-        spec, target_pressure, effective, window, changes=changes, reasons=reasons, numbers=numbers
-    )
+    _tune_compression(spec, target_pressure, live, window, changes=changes, reasons=reasons, numbers=numbers)
     _tune_max_tokens(
         spec,
-        effective,
+        live,
         window,
         fp16_bytes_per_token=fp16_bytes_per_token,
         changes=changes,
@@ -269,17 +288,17 @@ def decide_tuning(
     if not changes:
         return None
     return Decision(
-        "Tune", mode, _describe_changes(effective, changes), "; ".join(reasons), numbers, changes=changes
+        "Tune", mode, _describe_changes(live, changes), "; ".join(reasons), numbers, changes=changes
     )
 
 
-def _describe_changes(effective: Mapping[str, Any], changes: Mapping[str, Any]) -> str:
+def _describe_changes(live: TunedConfig, changes: Mapping[str, LiveValue]) -> str:
     """``field old -> new`` for the fields that really change; a ratio while compression was off
     reads ``off``, so switching compression on says what it switches to."""
     parts = []
     for key, new in sorted(changes.items()):
-        old = effective.get(key)
-        if key == "compression_ratio" and not effective.get("use_compression", False):
+        old: LiveValue | str = live.get(key)
+        if key == "compression_ratio" and not live.use_compression:
             old = "off"
         if old != new:
             parts.append(f"{_camel(key)} {old} -> {new}")
@@ -289,15 +308,15 @@ def _describe_changes(effective: Mapping[str, Any], changes: Mapping[str, Any]) 
 def _tune_compression(
     spec: Tuning,
     target: float,
-    effective: Mapping[str, Any],
+    live: TunedConfig,
     window: Sequence[Sample],
     *,
-    changes: dict[str, Any],
+    changes: dict[str, LiveValue],
     reasons: list[str],
     numbers: dict[str, float],
 ) -> None:
-    enabled = bool(effective.get("use_compression", False))
-    ratio = float(effective.get("compression_ratio", 1.0)) if enabled else 1.0
+    enabled = live.use_compression
+    ratio = live.compression_ratio if enabled else 1.0
     bounds = (spec.compression_ratio_min, spec.compression_ratio_max)
     low = min(s.memory_pressure for s in window)
     high = max(s.memory_pressure for s in window)
@@ -331,15 +350,15 @@ def _tune_compression(
 
 def _tune_max_tokens(
     spec: Tuning,
-    effective: Mapping[str, Any],
+    live: TunedConfig,
     window: Sequence[Sample],
     *,
     fp16_bytes_per_token: float,
-    changes: dict[str, Any],
+    changes: dict[str, LiveValue],
     reasons: list[str],
     numbers: dict[str, float],
 ) -> None:
-    current = int(effective.get("max_tokens", spec.max_tokens_min))
+    current = live.max_tokens
     device = window[-1].device_memory_total
     if device > 0 and fp16_bytes_per_token > 0:
         fit = int(device * DEVICE_MEMORY_HEADROOM / fp16_bytes_per_token)
@@ -360,3 +379,53 @@ def _tune_max_tokens(
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    """Everything one decision round looks at, typed: no dicts, no clock of its own."""
+
+    autoscaling: Autoscaling
+    tuning: Tuning
+    samples: tuple[Sample, ...]
+    current_replicas: int
+    live: TunedConfig
+    fp16_bytes_per_token: float
+    now_s: float
+    last_scale_s: float | None = None
+    last_tune_s: float | None = None
+    rolling_out: bool = False
+
+
+@dataclass(frozen=True)
+class Proposals:
+    """What the policy proposes this round; the caller records each and applies the ``applied`` ones."""
+
+    scale: Decision | None = None
+    tune: Decision | None = None
+
+    def __iter__(self) -> Iterator[Decision]:
+        return iter([d for d in (self.scale, self.tune) if d is not None])
+
+
+def decide(given: PolicyInput) -> Proposals:
+    """The scale and tuning proposals for one round (either may be None)."""
+    scale = decide_scale(
+        given.autoscaling,
+        given.samples,
+        current_replicas=given.current_replicas,
+        now_s=given.now_s,
+        last_change_s=given.last_scale_s,
+        rolling_out=given.rolling_out,
+    )
+    tune = decide_tuning(
+        given.tuning,
+        given.autoscaling.target_memory_pressure,
+        given.live,
+        given.samples,
+        now_s=given.now_s,
+        last_change_s=given.last_tune_s,
+        rolling_out=given.rolling_out,
+        fp16_bytes_per_token=given.fp16_bytes_per_token,
+    )
+    return Proposals(scale, tune)

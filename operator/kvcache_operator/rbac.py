@@ -5,7 +5,9 @@ Invariants:
 * ``RULES`` is the single source of truth. The Helm chart renders exactly these
   (apiGroup, resource, verb) triples — no wildcard, nothing extra, nothing missing — and a
   delivery test compares the rendered ClusterRole/Role rules with ``permission_set()``.
-  The operator tests check this table against the API calls the code makes.
+  The operator tests check this table against the API calls the code makes and against the kinds
+  it indexes (``k8s.WATCHED``: Kopf lists and watches them to feed the indexes, so they need
+  ``list`` and ``watch``).
 * A ``NAMESPACED`` rule is granted in every watched namespace (a Role per namespace when
   ``watchNamespaces`` is set, the ClusterRole otherwise). A ``CLUSTER`` rule concerns
   cluster-scoped objects or cluster-wide observation and always goes to a ClusterRole.
@@ -76,7 +78,12 @@ RULES: tuple[Rule, ...] = (
     Rule("", "configmaps", _MANAGE, why="engine config"),
     Rule("", "secrets", _MANAGE, why="engine API token"),
     Rule("batch", "cronjobs", _MANAGE, why="scheduled backups"),
-    Rule("batch", "jobs", ("get", "list", "watch", "create", "delete"), why="backup-now jobs"),
+    Rule(
+        "batch",
+        "jobs",
+        ("get", "list", "watch", "create", "delete"),
+        why="backup-now jobs; watched (index) for status.lastBackup",
+    ),
     Rule(
         "",
         "persistentvolumeclaims",
@@ -87,7 +94,7 @@ RULES: tuple[Rule, ...] = (
     Rule("monitoring.coreos.com", "servicemonitors", _MANAGE, why="optional ServiceMonitor per cache"),
     Rule("networking.k8s.io", "networkpolicies", _MANAGE, why="optional NetworkPolicy per cache"),
     # --- observation --------------------------------------------------------------------------------
-    Rule("", "pods", _READ, why="find ready engine pods to scrape"),
+    Rule("", "pods", _READ, why="watched (index): the ready engine pods to scrape, their restarts"),
     Rule("", "events", ("create", "patch"), why="Kopf and the operator post Events"),
     Rule("events.k8s.io", "events", ("create", "patch"), why="events.k8s.io Events"),
     # --- Kopf framework ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Credentials come from KUBECONFIG or the in-cluster service account (Kopf's login). By default the
 replicas of one installation peer through a KopfPeering named ``kvcache-operator`` so that only one
-is active (HA); ``--standalone`` skips peering.
+is active (HA); ``--standalone`` skips peering. Kopf keeps a peer paused until it sees the peering
+object; the startup handler looks for it and says at WARNING what to do when it is missing.
 """
 
 from __future__ import annotations
@@ -65,8 +66,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from kvcache_operator import handlers  # registers the handlers with Kopf's default registry
+    from kvcache_operator.controller import Peering
 
     del handlers
+    peering = None
+    if not args.standalone:
+        peering = Peering(args.peering, tuple(args.namespace), clusterwide=args.all_namespaces)
     kopf.run(
         clusterwide=args.all_namespaces,
         namespaces=args.namespace,
@@ -74,6 +79,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         peering_name=None if args.standalone else args.peering,
         priority=args.priority if args.priority is not None else default_priority(),
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(metrics_port=args.metrics_port or None),
+        memo=kopf.Memo(metrics_port=args.metrics_port or None, peering=peering),
     )
     return 0

@@ -17,7 +17,7 @@ import aiohttp
 import kopf
 import pytest
 
-from kvcache_operator.handlers import configure
+from kvcache_operator.controller import TUNED_ANNOTATION, configure
 from tests.operator.conftest import (
     KVCACHES,
     NS,
@@ -150,7 +150,7 @@ async def test_injected_conflicts_and_server_errors_converge(cluster: Cluster, o
     faults = [
         emu.inject_fault("create", "statefulsets", status=500, count=2),
         emu.inject_fault("patch", "kvcaches", status=409, count=2, subresource="status"),
-        emu.inject_fault("list", "configmaps", status=500, count=1),
+        emu.inject_fault("create", "configmaps", status=500, count=1),
     ]
     emu.create(KVCACHES, make_kvcache("flaky"))
     await wait_for(
@@ -291,6 +291,9 @@ async def test_sustained_pressure_scales_out_with_an_event(
     )
     assert decisions[-1]["kind"] == "Scale" and decisions[-1]["applied"] is True
     assert decisions[-1]["action"] == "replicas 2 -> 3" and "memory pressure" in decisions[-1]["reason"]
+    last_scale = emu.get(KVCACHES, "busy", NS)["status"]["lastScale"]
+    assert (last_scale["fromReplicas"], last_scale["toReplicas"]) == (2, 3)
+    assert last_scale["time"] == decisions[-1]["time"] and last_scale["reason"] == decisions[-1]["reason"]
     events = [e for e in emu.list("v1/events", NS) if e.get("reason") == "ScaleApplied"]
     assert len(events) == 1 and "replicas 2 -> 3" in events[0]["message"]
     assert emu.get(KVCACHES, "busy", NS)["spec"]["replicas"] == 2  # spec is never rewritten (GitOps)
@@ -583,3 +586,79 @@ async def test_dry_run_records_the_decision_and_an_event_but_changes_nothing(
     assert decisions[-1]["mode"] == "DryRun" and decisions[-1]["applied"] is False
     sts = emu.get("apps/v1/statefulsets", "shadow", NS)
     assert sts["spec"]["replicas"] == 2 and sts["metadata"]["generation"] == 1
+
+
+WRITE_VERBS = ("create", "patch", "update", "delete")
+
+
+def _scrape_passes(memo: kopf.Memo) -> float:
+    value = memo.runtime.metrics.registry.get_sample_value("kvcache_operator_scrape_duration_seconds_count")
+    return float(value or 0.0)
+
+
+async def test_an_idle_cache_costs_no_api_write_and_no_list(cluster: Cluster, operator: kopf.Memo) -> None:
+    """Once settled, control passes (1 s scrapes) find nothing changed: no status PATCH, no child
+    write, no Event, and no LIST (children and pods come from the watches)."""
+    emu = cluster.emu
+    emu.create(KVCACHES, make_kvcache("idle"))
+    await wait_for(
+        lambda: "memoryPressure" in (emu.get(KVCACHES, "idle", NS).get("status") or {}),
+        what="a status from a control pass",
+    )
+    await asyncio.sleep(1.5)  # whatever was in flight lands
+    mark, passes = len(emu.calls), _scrape_passes(operator)
+    await asyncio.sleep(4.0)
+    window = emu.calls[mark:]
+    assert _scrape_passes(operator) - passes >= 3  # the control loop ran meanwhile
+    assert [c for c in window if c[0] in WRITE_VERBS] == []
+    assert [c for c in window if c[0] == "list"] == []
+
+
+async def test_tuned_values_on_the_configmap_survive_an_operator_restart(cluster: Cluster) -> None:
+    emu = cluster.emu
+    tuning = {"mode": "Auto", "maxTokensMin": 256, "maxTokensMax": 4096, "intervalSeconds": 30}
+    tuned = {"metadata": {"annotations": {TUNED_ANNOTATION: json.dumps({"maxTokens": 1024})}}}
+
+    def rendered() -> bool:
+        return "maxTokens: 1024" in emu.get("v1/configmaps", "kept-config", NS)["data"]["config.yaml"]
+
+    def reported() -> bool:
+        return (emu.get(KVCACHES, "kept", NS).get("status") or {}).get("effectiveConfig", {}).get(
+            "maxTokens"
+        ) == 1024
+
+    async with running_operator():
+        emu.create(KVCACHES, make_kvcache("kept", tuning=tuning))
+        await wait_for(lambda: emu.get("v1/configmaps", "kept-config", NS), what="ConfigMap")
+        emu.patch("v1/configmaps", "kept-config", tuned, NS)  # what the tuner stored on an earlier pass
+        await wait_for(lambda: rendered() and reported(), what="tuned maxTokens rendered and reported")
+    writes = [c for c in emu.calls if c[0] in WRITE_VERBS]
+    async with running_operator() as memo:  # a new operator: no memory of the old one
+        await wait_for(lambda: _scrape_passes(memo) >= 2, what="two control passes after the restart")
+        assert rendered() and reported()
+        annotations = emu.get("v1/configmaps", "kept-config", NS)["metadata"]["annotations"]
+        assert json.loads(annotations[TUNED_ANNOTATION]) == {"maxTokens": 1024}
+        assert [c for c in emu.calls if c[0] in WRITE_VERBS] == writes  # resumed without a write
+
+
+async def test_run_without_standalone_or_a_peering_object_says_why_it_waits(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "kvcache_operator.cli", "run", "--namespace", NS]
+    log_path = tmp_path / "operator.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*command, "--liveness", "", "--metrics-port", "0"], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        line = await wait_for(
+            lambda: next((ln for ln in log_path.read_text().splitlines() if "peering:" in ln), None),
+            timeout=30,
+            what="the peering warning",
+        )
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 20)
+    assert " WARNING " in line and "KopfPeering 'kvcache-operator'" in line
+    assert "--standalone" in line and "ha.enabled" in line and "paused" in line

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcache_operator.api import Autoscaling, Mode, Tuning
-from kvcache_operator.policy import Decision, Sample, decide_scale, decide_tuning
+from kvcache_operator.policy import (
+    Decision,
+    PolicyInput,
+    Proposals,
+    Sample,
+    TunedConfig,
+    decide,
+    decide_scale,
+    decide_tuning,
+)
 
 INTERVAL = 10.0  # seconds between scrapes in the scripted series
 
@@ -244,9 +254,13 @@ def make_tuning(**overrides: object) -> Tuning:
     return Tuning.model_validate(fields)
 
 
+def live(max_tokens: int, use_compression: bool = False, compression_ratio: float = 1.0) -> TunedConfig:
+    return TunedConfig(max_tokens, use_compression, compression_ratio)
+
+
 def tune(
     spec: Tuning,
-    effective: dict[str, object],
+    effective: dict[str, Any],
     pressures: Sequence[float],
     *,
     p95: float = 5.0,
@@ -265,7 +279,7 @@ def tune(
     return decide_tuning(
         spec,
         0.8,
-        effective,
+        live(**effective),
         samples,
         now_s=samples[-1].time_s,
         last_change_s=None,
@@ -339,3 +353,29 @@ def test_tuning_bounds_always_hold(
         assert spec.max_tokens_min <= d.changes["max_tokens"] <= spec.max_tokens_max
     if "compression_ratio" in d.changes:
         assert d.changes["compression_ratio"] == 1.0 or low <= d.changes["compression_ratio"] <= high
+
+
+def test_decide_takes_one_typed_input_and_proposes_scale_and_tuning() -> None:
+    samples = tuple(
+        Sample(time_s=i * INTERVAL, memory_pressure=0.95, hit_rate=0.2, p95_latency_ms=5.0) for i in range(7)
+    )
+    given = PolicyInput(
+        autoscaling=make_autoscaling(),
+        tuning=make_tuning(),
+        samples=samples,
+        current_replicas=2,
+        live=live(8192),
+        fp16_bytes_per_token=1024.0,
+        now_s=samples[-1].time_s,
+    )
+    proposals = decide(given)
+    assert proposals.scale is not None and proposals.scale.action == "replicas 2 -> 3"
+    assert proposals.tune is not None and dict(proposals.tune.changes) == {
+        "use_compression": True,
+        "compression_ratio": 0.5,
+    }
+    assert [d.kind for d in proposals] == ["Scale", "Tune"]
+    # the same input after both changes (cooldowns start now) and during a rollout proposes nothing
+    later = PolicyInput(**{**given.__dict__, "last_scale_s": given.now_s, "last_tune_s": given.now_s})
+    assert list(decide(later)) == []
+    assert decide(PolicyInput(**{**given.__dict__, "rolling_out": True})) == Proposals()

@@ -1,0 +1,788 @@
+"""The control pass of one KVCache: observe → decide → act, and converge. ``handlers.py`` only
+declares the Kopf decorators and calls in here.
+
+* **observe** reads memory, not the API: the children, backup Jobs and engine pods come from two
+  Kopf indexes fed by watches (``index_entry``, keyed by ``(namespace, instance label)``), the
+  engines' figures from their ``/metrics`` (``scrape``);
+* **decide** is ``policy.decide`` on one typed ``PolicyInput``;
+* **act** writes only what changes: ``reconcile.plan`` compares the desired children with the
+  observed ones (no drift, no patch), a status equal to the stored one is not written, Events
+  come from status transitions. An idle KVCache costs no API write.
+
+Two entry points act on a KVCache, serialised by one lock per cache: ``reconcile_cache`` (create, update,
+resume) converges children, engines' live config and status; ``control_loop`` (a Kopf daemon per
+KVCache) scrapes every ``spec.metrics.scrapeInterval`` (±10 % jitter), asks the policy, applies
+(drain, then scale; or retune live) and converges.
+
+Tuned values (the tuner's ``maxTokens``/compression) live on the ``<name>-config`` ConfigMap as the
+annotation ``kvcache.dev/tuned`` (``read_tuned``/``tuned_annotation``), so an operator restart
+finds them where the engines' config is; the status only reports them.
+
+Writes are remembered per cache (``CacheState.written``) until the watch delivers them, so a pass
+that runs before its own write came back neither repeats the write nor reverts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import aiohttp
+import kopf
+
+from kvcache_engine.contract import LiveConfig
+from kvcache_operator import api, k8s, policy, reconcile, resources, scrape
+from kvcache_operator import status as status_mod
+from kvcache_operator.metrics import OperatorMetrics
+
+Manifest = dict[str, Any]
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+IndexKey = tuple[str, str]  # (namespace, app.kubernetes.io/instance)
+Index = Mapping[IndexKey, Iterable[Manifest]]
+
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_LABELS: dict[str, str] = {"app.kubernetes.io/managed-by": "kvcache-operator"}
+"""What the indexes keep: objects the operator labelled (its children, the StatefulSet's pods and
+PVCs, the CronJob's Jobs); ``index_entry`` skips those without an instance label."""
+TUNED_ANNOTATION = "kvcache.dev/tuned"
+CHILDREN_INDEX = "kvcache_children"  # the names of the index handlers in handlers.py
+PODS_INDEX = "kvcache_pods"
+SAMPLE_HISTORY_S = 4 * 3600  # longest stabilization window the policy may look back over
+
+
+# --- the runtime and the per-cache state -------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Clients and metrics, created in the startup handler and kept in Kopf's memo."""
+
+    kube: k8s.KubeClient
+    http: aiohttp.ClientSession
+    metrics: OperatorMetrics
+    caches: dict[str, CacheState] = field(default_factory=dict)
+    metrics_server: Any = None
+
+
+@dataclass(frozen=True)
+class Written:
+    """An object as this operator last wrote it (None: deleted), until the watch brings it back."""
+
+    obj: Manifest | None
+    before_rv: str | None  # the resourceVersion the index showed when we wrote
+    after_rv: str | None  # the resourceVersion the write produced
+
+
+@dataclass
+class CacheState:
+    """What the operator remembers about one KVCache between passes (rebuilt from status on restart)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    samples: deque[policy.Sample] = field(default_factory=deque)
+    last_scrape: scrape.Scrape | None = None
+    observation: scrape.Observation | None = None
+    last_scale_s: float | None = None
+    last_tune_s: float | None = None
+    last_scale: Manifest | None = None
+    decisions: list[Manifest] = field(default_factory=list)
+    written: dict[tuple[str, str], Written] = field(default_factory=dict)  # (kind, name) -> write
+    written_status: Written | None = None
+    parsed: tuple[int, api.KVCache] | None = None  # (metadata.generation, the parsed spec)
+    clean: tuple[Any, ...] | None = None  # the inputs of the last plan that found nothing to do
+
+    def parse(self, body: Mapping[str, Any]) -> api.KVCache:
+        """The parsed KVCache, parsed again only when its generation moves (spec changes bump it)."""
+        generation = int((body.get("metadata") or {}).get("generation") or 0)
+        if self.parsed is not None and generation and self.parsed[0] == generation:
+            return self.parsed[1]
+        kvc = api.parse_kvcache(body)
+        self.parsed = (generation, kvc)
+        return kvc
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """The two watch-fed indexes (``handlers.kvcache_children``, ``handlers.kvcache_pods``)."""
+
+    children: Index
+    pods: Index
+
+    @classmethod
+    def of(cls, kwargs: Mapping[str, Any]) -> Indexes:
+        """From a handler's keyword arguments (Kopf passes each index under its handler's name)."""
+        return cls(kwargs[CHILDREN_INDEX], kwargs[PODS_INDEX])
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One KVCache's world as the watches (and this operator's own writes) show it."""
+
+    name: str
+    children: dict[str, list[Manifest]]  # kind -> objects, for ``reconcile.plan``
+    pods: list[Manifest]  # the engine pods
+    jobs: list[Manifest]  # the backup Jobs
+
+    def child(self, kind: str, name: str) -> Manifest | None:
+        return next((o for o in self.children.get(kind, []) if o["metadata"]["name"] == name), None)
+
+    @property
+    def statefulset(self) -> Manifest | None:
+        return self.child("StatefulSet", self.name)
+
+    @property
+    def configmap(self) -> Manifest | None:
+        return self.child("ConfigMap", config_map_name(self.name))
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+# --- startup and cleanup ----------------------------------------------------------------------------------
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Kopf settings: our own annotation names, watch timeouts (a dead stream is replaced, never
+    waited on forever), bounded API request time. Only warnings reach Events from logs: Kopf's
+    "handler succeeded" lines would cost two Event writes per cache per restart; decisions and
+    status transitions post their own Events (``post_event``)."""
+    settings.persistence.finalizer = "kvcache.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvcache.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kvcache.dev", key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = int(os.environ.get("KVCACHE_OPERATOR_WATCH_TIMEOUT_S", "300"))
+    settings.watching.client_timeout = settings.watching.server_timeout + 30
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.posting.level = logging.WARNING
+
+
+async def start(settings: kopf.OperatorSettings, memo: Any, logger: Logger) -> None:
+    """Configure Kopf, log in, create the clients; warn when peering would keep the operator paused."""
+    configure(settings)
+    info = kopf.login_via_client(logger=logger, settings=settings)
+    if info is None:
+        raise kopf.PermanentError("no Kubernetes credentials (KUBECONFIG or in-cluster)")
+    metrics = OperatorMetrics()
+    port = memo.get("metrics_port")
+    memo.runtime = Runtime(
+        kube=k8s.KubeClient.connect(info),
+        http=aiohttp.ClientSession(),
+        metrics=metrics,
+        metrics_server=metrics.serve(int(port)) if port else None,
+    )
+    peering = memo.get("peering")
+    if peering is not None:
+        await check_peering(memo.runtime.kube, peering, logger)
+
+
+async def stop(memo: Any) -> None:
+    rt: Runtime | None = memo.get("runtime")
+    if rt is None:
+        return
+    await rt.kube.close()
+    await rt.http.close()
+    if rt.metrics_server is not None:
+        rt.metrics_server.shutdown()
+
+
+@dataclass(frozen=True)
+class Peering:
+    """The peering ``kvcache-operator run`` asked for (absent with ``--standalone``)."""
+
+    name: str
+    namespaces: tuple[str, ...]
+    clusterwide: bool
+
+
+async def check_peering(kube: k8s.KubeClient, peering: Peering, logger: Logger) -> None:
+    """Kopf pauses every peer until it sees the peering object, and says so only in debug logs:
+    look for it once at startup and say what to do when it is missing."""
+    if peering.clusterwide:
+        places: list[tuple[k8s.Kind, str | None]] = [(k8s.CLUSTERKOPFPEERINGS, None)]
+    else:
+        places = [(k8s.KOPFPEERINGS, ns) for ns in peering.namespaces if not any(c in ns for c in "*?[!")]
+    fix = (
+        "run with --standalone (one replica), or install the chart's peering object "
+        "(helm --set ha.enabled=true creates it)"
+    )
+    for kind, namespace in places:
+        where = f" in namespace {namespace}" if namespace else ""
+        try:
+            found = await kube.get(kind, namespace, peering.name)
+        except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning(
+                f"peering: cannot read {kind.kind} {peering.name!r}{where} ({exc}); if it is missing, {fix}"
+            )
+            continue
+        if found is None:
+            logger.warning(
+                f"peering: no {kind.kind} {peering.name!r}{where}: the operator stays paused and handles "
+                f"nothing until it exists; {fix}"
+            )
+        else:
+            logger.info(
+                f"peering: {kind.kind} {peering.name!r}{where} found; the highest priority replica acts"
+            )
+
+
+# --- indexes ------------------------------------------------------------------------------------------
+
+
+WATCHED_RESOURCES = frozenset((k.group, k.version, k.plural) for k in k8s.WATCHED if k is not k8s.PODS)
+
+
+def is_child_resource(resource: kopf.Resource) -> bool:
+    """The resources ``handlers.kvcache_children`` indexes: every child kind and backup Jobs."""
+    return (resource.group, resource.version, resource.plural) in WATCHED_RESOURCES
+
+
+def index_entry(body: Mapping[str, Any], kind: str | None) -> dict[IndexKey, Manifest] | None:
+    """One object's index entry: ``(namespace, instance) -> the object`` (its kind filled in)."""
+    meta = body.get("metadata") or {}
+    instance = (meta.get("labels") or {}).get(INSTANCE_LABEL)
+    if not instance or not meta.get("namespace"):
+        return None
+    obj = dict(body)
+    if kind and not obj.get("kind"):
+        obj["kind"] = kind
+    return {(str(meta["namespace"]), str(instance)): obj}
+
+
+def _rv(obj: Mapping[str, Any] | None) -> str | None:
+    return None if obj is None else (obj.get("metadata") or {}).get("resourceVersion")
+
+
+def _is_stale(seen_rv: str | None, written: Written) -> bool:
+    """Whether what the watch shows predates our write. resourceVersions are compared as numbers
+    where they are numbers (etcd's are), else only for equality with the one we overwrote."""
+    if seen_rv is None:
+        return written.obj is not None  # a create not yet seen (a delete seen through: not stale)
+    if seen_rv.isdigit() and written.after_rv is not None and written.after_rv.isdigit():
+        return int(seen_rv) < int(written.after_rv)
+    return seen_rv == written.before_rv
+
+
+def observe(indexes: Indexes, state: CacheState, namespace: str, name: str) -> Observed:
+    """Children, pods and Jobs of one KVCache from the indexes, with this operator's own writes
+    laid over what the watch has not brought back yet."""
+    key = (namespace, name)
+    by_name: dict[tuple[str, str], Manifest] = {}
+    for obj in indexes.children.get(key, ()):
+        by_name[(str(obj.get("kind")), obj["metadata"]["name"])] = obj
+    for ref, written in list(state.written.items()):
+        seen = by_name.get(ref)
+        if not _is_stale(_rv(seen), written):
+            del state.written[ref]  # the watch caught up
+        elif written.obj is None:
+            by_name.pop(ref, None)
+        else:
+            by_name[ref] = written.obj
+    children: dict[str, list[Manifest]] = {}
+    jobs: list[Manifest] = []
+    for (kind, _), obj in sorted(by_name.items()):
+        if kind in k8s.CHILD_KINDS:
+            children.setdefault(kind, []).append(obj)
+        elif kind == k8s.JOBS.kind:
+            jobs.append(obj)
+    pods = [
+        pod
+        for pod in indexes.pods.get(key, ())
+        if (pod["metadata"].get("labels") or {}).get(COMPONENT_LABEL) == "engine"
+    ]
+    return Observed(name, children, sorted(pods, key=lambda p: p["metadata"]["name"]), jobs)
+
+
+# --- tuned values: one read/write pair (the ConfigMap's annotation) ---------------------------------------
+
+
+def read_tuned(configmap: Mapping[str, Any] | None, logger: Logger | None = None) -> LiveConfig:
+    """The tuned live values stored on the engine ConfigMap (empty when none or unreadable)."""
+    annotations = ((configmap or {}).get("metadata") or {}).get("annotations") or {}
+    raw = annotations.get(TUNED_ANNOTATION)
+    if not raw:
+        return LiveConfig()
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("expected a JSON object")
+        return LiveConfig.parse(doc, f"annotation {TUNED_ANNOTATION}")
+    except ValueError as exc:
+        if logger is not None:
+            logger.warning(f"ignoring tuned values: {exc}")
+        return LiveConfig()
+
+
+def tuned_annotation(tuned: LiveConfig) -> dict[str, str | None]:
+    """The ConfigMap annotation that stores ``tuned`` (None removes it in a merge patch)."""
+    return {TUNED_ANNOTATION: json.dumps(tuned.to_wire(), sort_keys=True) if tuned else None}
+
+
+def _with_tuned(child: Manifest, tuned: LiveConfig, observed: Manifest | None) -> Manifest:
+    """The engine ConfigMap carrying the tuned values (the annotation is only removed where it is)."""
+    annotation = tuned_annotation(tuned)
+    if annotation[TUNED_ANNOTATION] is None and TUNED_ANNOTATION not in (
+        ((observed or {}).get("metadata") or {}).get("annotations") or {}
+    ):
+        return child
+    meta = child["metadata"]
+    return {**child, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), **annotation}}}
+
+
+# --- entry points ---------------------------------------------------------------------------------------
+
+
+def cache_state(rt: Runtime, body: Mapping[str, Any]) -> CacheState:
+    """The per-cache state, restoring the last change times from status after a restart."""
+    uid = body["metadata"]["uid"]
+    state = rt.caches.get(uid)
+    if state is None:
+        stored = body.get("status") or {}
+        state = CacheState(decisions=list(stored.get("decisions") or []), last_scale=stored.get("lastScale"))
+        for decision in state.decisions:
+            when = _parse_time(decision.get("time"))
+            if decision.get("kind") == "Scale":
+                state.last_scale_s = when
+            elif decision.get("kind") == "Tune":
+                state.last_tune_s = when
+        rt.caches[uid] = state
+        rt.metrics.caches.set(len(rt.caches))
+    return state
+
+
+def forget(rt: Runtime, body: Mapping[str, Any]) -> None:
+    """Children go by garbage collection (owner references); only our memory needs clearing."""
+    rt.caches.pop(body["metadata"]["uid"], None)
+    rt.metrics.caches.set(len(rt.caches))
+
+
+async def reconcile_cache(
+    rt: Runtime, body: Mapping[str, Any], indexes: Indexes, logger: Logger, *, diff: Any, reason: str
+) -> None:
+    """The create/update/resume handler's work: one converge pass, errors mapped to Kopf's."""
+    changed = {path[2] for _, path, _, _ in diff or () if len(path) > 2 and path[:2] == ("spec", "cache")}
+    state = cache_state(rt, body)
+    started = time.perf_counter()
+    async with state.lock:
+        try:
+            await converge(rt, dict(body), indexes, state, logger, reset=changed)
+        except api.SpecError as exc:
+            rt.metrics.reconciles.labels("invalid").inc()
+            raise kopf.PermanentError(str(exc)) from exc
+        except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            rt.metrics.reconciles.labels("error").inc()
+            rt.metrics.errors.labels("reconcile").inc()
+            raise kopf.TemporaryError(f"API error: {exc}", delay=5) from exc
+    rt.metrics.reconciles.labels("ok").inc()
+    rt.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+    if reason in ("create", "update"):
+        for warning in api.spec_warnings(state.parse(body).spec):
+            post_event(body, "SpecWarning", warning, warning=True)
+
+
+async def control_loop(
+    rt: Runtime, stopped: kopf.DaemonStopped, body: Mapping[str, Any], indexes: Indexes, logger: Logger
+) -> None:
+    """Scrape, decide, act, converge; every scrapeInterval with jitter, until the KVCache goes."""
+    while not stopped:
+        try:
+            interval = parse_duration(
+                str((body.get("spec") or {}).get("metrics", {}).get("scrapeInterval", "30s"))
+            )
+        except ValueError:
+            interval = 30.0
+        await stopped.wait(interval * random.uniform(0.9, 1.1))
+        if stopped:
+            break
+        state = cache_state(rt, body)
+        try:
+            async with state.lock:
+                await control_pass(rt, dict(body), indexes, state, logger)
+        except api.SpecError:
+            continue  # reported as Degraded by the reconcile handler
+        except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            rt.metrics.errors.labels("control").inc()
+            logger.warning(f"control pass failed, retrying next interval: {exc}")
+        except Exception:  # a supervisor loop: one bad pass must not stop scraping for good
+            rt.metrics.errors.labels("control").inc()
+            logger.exception("control pass crashed, retrying next interval")
+
+
+# --- the control pass -----------------------------------------------------------------------------------
+
+
+async def control_pass(
+    rt: Runtime, body: Manifest, indexes: Indexes, state: CacheState, logger: Logger
+) -> None:
+    """Observe (indexes + one scrape), decide (policy), act (scale/retune), then converge."""
+    kvc = state.parse(body)
+    observed = observe(indexes, state, kvc.namespace, kvc.name)
+    endpoints = status_mod.ready_endpoints(observed.pods)
+    token = await _token(rt, kvc, observed) if endpoints else None
+    interval = parse_duration(kvc.spec.metrics.scrape_interval)
+    started = time.perf_counter()
+    current = await scrape.scrape_all(rt.http, endpoints, timeout_s=max(0.5, min(interval, 5.0)), token=token)
+    rt.metrics.scrape_seconds.observe(time.perf_counter() - started)
+    rt.metrics.scrape_failures.inc(len(current.failed))
+    scraped = status_mod.scraped(state.last_scrape, current)
+    observation = scrape.observe(state.last_scrape, current)
+    state.last_scrape, state.observation = current, observation
+    if observation.sample.ready_replicas > 0:  # no engine answered: no figures, never a "pressure 0"
+        state.samples.append(observation.sample)
+    while state.samples and state.samples[0].time_s < current.time_s - SAMPLE_HISTORY_S:
+        state.samples.popleft()
+    tuned = None
+    if not reconcile.is_paused(body["metadata"]):
+        tuned = await _decide_and_act(rt, body, kvc, observed, state, token=token, logger=logger)
+    await converge(rt, body, indexes, state, logger, scraped=scraped, tuned=tuned)
+
+
+async def _decide_and_act(
+    rt: Runtime,
+    body: Manifest,
+    kvc: api.KVCache,
+    observed: Observed,
+    state: CacheState,
+    *,
+    token: str | None,
+    logger: Logger,
+) -> LiveConfig | None:
+    """Ask the policy; record every proposal; apply the Auto ones. Returns the new tuned values
+    when a tuning was applied (converge renders and pushes them)."""
+    sts = observed.statefulset
+    overrides = reconcile.live_overrides(kvc.spec, read_tuned(observed.configmap, logger))
+    config = resources.engine_config(kvc, overrides)
+    now = time.time()
+    proposals = policy.decide(
+        policy.PolicyInput(
+            autoscaling=kvc.spec.autoscaling,
+            tuning=kvc.spec.tuning,
+            samples=tuple(state.samples),
+            current_replicas=int(((sts or {}).get("spec") or {}).get("replicas") or 0),
+            live=policy.TunedConfig(config.max_tokens, config.use_compression, config.compression_ratio),
+            fp16_bytes_per_token=_fp16_bytes_per_token(kvc),
+            now_s=now,
+            last_scale_s=state.last_scale_s,
+            last_tune_s=state.last_tune_s,
+            rolling_out=reconcile.rolling_out(sts),
+        )
+    )
+    if proposals.scale is not None:
+        # DryRun starts the same cooldown an applied change would: recorded once per window, not per scrape
+        state.last_scale_s = now
+        failures: list[str] = []
+        if proposals.scale.applied and proposals.scale.to_replicas is not None:
+            failures = await _drain(rt, kvc, observed.pods, proposals.scale, token=token, logger=logger)
+            await _scale(rt, kvc, state, sts, proposals.scale)
+        _record(rt, body, state, proposals.scale, drain_failures=failures)
+    if proposals.tune is not None:
+        state.last_tune_s = now
+        _record(rt, body, state, proposals.tune)
+        if proposals.tune.applied:
+            return resources.as_live(dict(proposals.tune.changes)).over(overrides)
+    return None
+
+
+async def _scale(
+    rt: Runtime, kvc: api.KVCache, state: CacheState, sts: Manifest | None, decision: policy.Decision
+) -> None:
+    patch = {"spec": {"replicas": decision.to_replicas}}
+    result = await rt.kube.patch(k8s.CHILD_KINDS["StatefulSet"], kvc.namespace, kvc.name, patch)
+    if result is not None:
+        state.written[("StatefulSet", kvc.name)] = Written(result, _rv(sts), _rv(result))
+    state.last_scale = {
+        "time": _now(),
+        "fromReplicas": decision.from_replicas,
+        "toReplicas": decision.to_replicas,
+        "reason": decision.reason,
+    }
+
+
+def _fp16_bytes_per_token(kvc: api.KVCache) -> float:
+    cache = kvc.spec.cache
+    return 2.0 * cache.num_layers * cache.num_kv_heads * cache.head_dim * 2
+
+
+def _record(
+    rt: Runtime,
+    body: Mapping[str, Any],
+    state: CacheState,
+    decision: policy.Decision,
+    *,
+    drain_failures: Sequence[str] = (),
+) -> None:
+    """Status entry + Event + metric for every decision (DryRun included)."""
+    entry: Manifest = dict(decision.to_status(_now()))
+    if drain_failures:
+        entry["drainFailures"] = list(drain_failures)
+    state.decisions = [*state.decisions, entry][-status_mod.MAX_DECISIONS :]
+    rt.metrics.decisions.labels(decision.kind, decision.mode.value, str(decision.applied).lower()).inc()
+    verb = "Applied" if decision.applied else "Recommended"
+    post_event(body, f"{decision.kind}{verb}", f"{decision.action}: {decision.reason}")
+
+
+def post_event(body: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
+    """An Event on the KVCache (posted by Kopf in the background; posting.level does not filter it)."""
+    kopf.event(cast(kopf.Body, body), type="Warning" if warning else "Normal", reason=reason, message=message)
+
+
+async def _drain(
+    rt: Runtime,
+    kvc: api.KVCache,
+    pods: Sequence[Mapping[str, Any]],
+    decision: policy.Decision,
+    *,
+    token: str | None,
+    logger: Logger,
+) -> list[str]:
+    """Before a scale-in, push each leaving replica's blocks to the replicas that stay; returns the
+    leaving pods whose drain failed (the scale-in goes ahead: those blocks are lost)."""
+    if not decision.leaving:
+        return []
+    endpoints = status_mod.ready_endpoints(pods)
+    staying = [url for pod, url in endpoints.items() if _ordinal(pod) < (decision.to_replicas or 0)]
+    failures: list[str] = []
+    for ordinal in decision.leaving:
+        pod = f"{kvc.name}-{ordinal}"
+        url = endpoints.get(pod)
+        if url is None or not staying:
+            continue
+        try:
+            result = await scrape.post_drain(rt.http, url, staying, token=token)
+            logger.info(f"drained {pod} into {len(staying)} replicas: {result}")
+        except scrape.EngineError as exc:
+            logger.warning(f"drain of {pod} failed, scaling in anyway: {exc}")
+            failures.append(f"{pod}: {exc}")
+    return failures
+
+
+def _ordinal(pod: str) -> int:
+    tail = pod.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+# --- converge ----------------------------------------------------------------------------------------------
+
+
+async def converge(
+    rt: Runtime,
+    body: Manifest,
+    indexes: Indexes,
+    state: CacheState,
+    logger: Logger,
+    *,
+    reset: Collection[str] = (),
+    scraped: status_mod.Scraped | None = None,
+    tuned: LiveConfig | None = None,
+) -> None:
+    """One level-based pass: children, live config, status. ``tuned`` replaces the stored tuned
+    values (an applied tuning); ``reset`` drops tuned fields the user just set in spec.cache.
+    Raises api.SpecError on an invalid spec after reporting it (and touching no child)."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    generation = int(meta.get("generation") or 1)
+    previous = _stored_status(body, state)
+    if scraped is None and state.last_scrape is not None:  # no scrape this pass: the last one still holds
+        scraped = status_mod.scraped(state.last_scrape, state.last_scrape)
+    try:
+        kvc = state.parse(body)
+    except api.SpecError as exc:
+        invalid = status_mod.invalid_spec_status(previous, str(exc), generation=generation, now=_now())
+        await _write_status(rt, body, state, previous, invalid)
+        raise
+    observed = observe(indexes, state, namespace, name)
+    sts = observed.statefulset
+    stored = read_tuned(observed.configmap, logger) if tuned is None else tuned
+    kept = {k: v for k, v in reconcile.live_overrides(kvc.spec, stored).given().items() if k not in reset}
+    overrides = LiveConfig.model_validate(kept)
+    replicas = reconcile.desired_replicas(kvc.spec, sts)
+    config = resources.engine_config(kvc, overrides)
+    paused = reconcile.is_paused(meta)
+    touched_sts = False
+    inputs = _plan_inputs(generation, replicas, overrides, observed)
+    if not paused and inputs != state.clean:
+        actions = reconcile.plan(
+            _desired(body, kvc, replicas, overrides, observed), observed.children, meta["uid"]
+        )
+        for action in actions:
+            logger.info(f"{action.verb} {action.kind} {action.name}: {action.reason}")
+            result = await _apply(rt, namespace, state, observed, action)
+            rt.metrics.actions.labels(action.verb, action.kind).inc()
+            if action.kind == "StatefulSet" and action.verb != "delete":
+                sts, touched_sts = result or sts, True
+        state.clean = None if actions else inputs
+    if not paused:
+        endpoints = status_mod.ready_endpoints(observed.pods)
+        if endpoints:
+            token = await _token(rt, kvc, observed)
+            await _push_live_config(rt, endpoints, LiveConfig.of(config), token, logger)
+    new_status = status_mod.build_status(
+        kvc=kvc,
+        generation=generation,
+        desired=replicas,
+        statefulset=sts,
+        pods=observed.pods,
+        rolling=touched_sts or reconcile.rolling_out(sts),
+        paused=paused,
+        effective_config=config.to_file_dict(),
+        observation=state.observation,
+        decisions=state.decisions,
+        last_backup=status_mod.backup_record(observed.jobs) if kvc.spec.backup.enabled else None,
+        previous=previous,
+        now=_now(),
+        scraped=scraped,
+    )
+    if state.last_scale is not None:
+        new_status["lastScale"] = state.last_scale
+    await _write_status(rt, body, state, previous, new_status)
+
+
+def _plan_inputs(
+    generation: int, replicas: int, overrides: LiveConfig, observed: Observed
+) -> tuple[Any, ...]:
+    """Everything ``reconcile.plan`` depends on: equal inputs, equal (empty) plan, so an idle pass
+    skips rendering the children (the spec by its generation, the children by resourceVersion)."""
+    children = tuple(
+        sorted(
+            (kind, o["metadata"]["name"], _rv(o) or "")
+            for kind, objs in observed.children.items()
+            for o in objs
+        )
+    )
+    return (generation, replicas, json.dumps(overrides.to_wire(), sort_keys=True), children)
+
+
+def _desired(
+    body: Mapping[str, Any], kvc: api.KVCache, replicas: int, overrides: LiveConfig, observed: Observed
+) -> list[Manifest]:
+    owner = reconcile.owner_reference(body)
+    desired = []
+    for built in resources.build_children(kvc, replicas=replicas, live_overrides=overrides):
+        child = reconcile.with_owner(built, owner)
+        if child["kind"] == "ConfigMap" and child["metadata"]["name"] == config_map_name(kvc.name):
+            child = _with_tuned(child, overrides, observed.configmap)
+        desired.append(child)
+    return desired
+
+
+async def _apply(
+    rt: Runtime, namespace: str, state: CacheState, observed: Observed, action: reconcile.Action
+) -> Manifest | None:
+    """Apply one action and remember the result until the watch brings it. 409 on create (someone
+    else created it) and 404 on patch (it vanished) are normal and converge by switching verb."""
+    kind = k8s.CHILD_KINDS[action.kind]
+    before = observed.child(action.kind, action.name)
+    result: Manifest | None
+    if action.verb == "delete":
+        await rt.kube.delete(kind, namespace, action.name)
+        result = None
+    else:
+        assert action.body is not None
+        result = await _create_or_patch(rt, kind, namespace, action)
+    state.written[(action.kind, action.name)] = Written(result, _rv(before), _rv(result))
+    return result
+
+
+async def _create_or_patch(
+    rt: Runtime, kind: k8s.Kind, namespace: str, action: reconcile.Action
+) -> Manifest | None:
+    assert action.body is not None
+    if action.verb == "create":
+        try:
+            return await rt.kube.create(kind, action.body)
+        except k8s.ConflictError:
+            annotations = action.body["metadata"].get("annotations") or {}
+            if annotations.get(resources.CREATE_ONLY_ANNOTATION) == "true":
+                return await rt.kube.get(kind, namespace, action.name)
+    result = await rt.kube.patch(kind, namespace, action.name, action.body)
+    return result if result is not None else await rt.kube.create(kind, action.body)
+
+
+async def _token(rt: Runtime, kvc: api.KVCache, observed: Observed) -> str | None:
+    """The engines' API token: from the watched token Secret, or read once per pass when it is
+    the user's own Secret (``spec.auth.existingSecret``, not labelled as ours)."""
+    name = resources.token_secret_name(kvc)
+    secret = observed.child("Secret", name) or await rt.kube.get(k8s.SECRETS, kvc.namespace, name)
+    value = ((secret or {}).get("data") or {}).get(kvc.spec.auth.secret_key)
+    return base64.b64decode(value).decode() if value else None
+
+
+async def _push_live_config(
+    rt: Runtime, endpoints: Mapping[str, str], desired: LiveConfig, token: str | None, logger: Logger
+) -> None:
+    """Send every ready engine the live fields that differ (no restart); failures are logged."""
+
+    async def push(pod: str, url: str) -> None:
+        try:
+            sent = await scrape.push_live(rt.http, url, desired, token=token)
+            if sent:
+                logger.info(f"live config applied to {pod}: {sorted(sent.to_wire())}")
+        except scrape.EngineError as exc:
+            logger.warning(f"live config not applied to {pod}: {exc}")
+
+    await asyncio.gather(*(push(pod, url) for pod, url in endpoints.items()))
+
+
+# --- status: written only when it changes -----------------------------------------------------------------
+
+
+def _stored_status(body: Mapping[str, Any], state: CacheState) -> Manifest:
+    """The status as stored: the body's, or the one this operator wrote if the body predates it."""
+    written = state.written_status
+    if written is not None and written.obj is not None and _is_stale(_rv(body), written):
+        return written.obj
+    state.written_status = None
+    return dict(body.get("status") or {})
+
+
+async def _write_status(
+    rt: Runtime, body: Mapping[str, Any], state: CacheState, previous: Manifest, status: Manifest
+) -> None:
+    """PATCH the status unless every field of ``status`` already holds; post the Events of what
+    changed (status transitions)."""
+    if reconcile.first_difference(status, previous) is None:
+        return
+    meta = body["metadata"]
+    result = await rt.kube.patch(
+        k8s.KVCACHES, meta["namespace"], meta["name"], {"status": status}, subresource="status"
+    )
+    if result is not None:
+        stored = result.get("status") or {}
+        state.written_status = Written(stored, _rv(body), _rv(result))
+    for event in status_mod.events(previous, status):
+        post_event(body, event.reason, event.message, warning=event.warning)
+
+
+# --- small helpers ------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '500ms', '2m', '1h' -> seconds (api.DURATION_PATTERN)."""
+    match = re.fullmatch(r"([0-9]+)(ms|s|m|h)", text)
+    if match is None:
+        raise ValueError(f"spec.metrics.scrapeInterval: expected e.g. '30s', got {text!r}")
+    value, unit = int(match.group(1)), match.group(2)
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
