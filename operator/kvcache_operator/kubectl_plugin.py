@@ -3,7 +3,8 @@
 Subcommands: ``status`` (replicas, hit rate, memory pressure, conditions, last decisions),
 ``render`` (the children the operator builds, from the live object or a file), ``backup-now``
 (a Job from the cache's backup CronJob, as ``kubectl create job --from=cronjob/...`` does),
-``pause`` / ``resume`` (the ``kvcache.dev/reconcile: paused`` annotation the operator honours).
+``pause`` / ``resume`` (the ``kvcache.dev/reconcile: paused`` annotation the operator honours),
+``validate -f FILE...`` (offline: the checks of the API server and the operator's webhook).
 
 The formatting and manifest-building functions are pure; ``Cluster`` is the only part that talks
 to the API server (through the ``kubernetes`` client and the user's kubeconfig, like kubectl).
@@ -354,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="the children the operator builds for a KVCache (YAML)")
     render.add_argument("name", nargs="?", help="a live KVCache")
     render.add_argument("-f", "--filename", help="a KVCache manifest instead of a live object ('-': stdin)")
+    validate = sub.add_parser("validate", help="check manifests offline, every problem at once (exit 1)")
+    validate.add_argument("-f", "--filename", action="append", required=True, help="manifest; repeatable")
     for name, text in (
         ("backup-now", "run the backup CronJob now (a manual Job)"),
         ("pause", "stop the operator from changing the cache's children"),
@@ -368,6 +371,13 @@ COMMANDS = {"status": cmd_status, "backup-now": cmd_backup_now, "pause": cmd_pau
 
 def run(args: argparse.Namespace, cluster: Cluster | None = None) -> str:
     """Execute one parsed command; ``cluster`` is created from the kubeconfig when not given."""
+    if args.command == "validate":
+        from kvcache_operator.admission import validate_files
+
+        report, ok = validate_files(args.filename)
+        if not ok:
+            raise ValueError(report.rstrip("\n"))
+        return report
     if args.command == "render" and args.filename:
         return cmd_render(None, args)
     if args.command == "render" and not args.name:

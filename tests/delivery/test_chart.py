@@ -27,6 +27,7 @@ K8S_VERSIONS = ("1.29", "1.35")
 # Kinds kubernetes-validate has no schema for, and how each one is checked instead.
 PEERING_KINDS = {"KopfPeering", "ClusterKopfPeering"}  # against the CRD the chart renders for them
 PROMETHEUS_KINDS = {"ServiceMonitor", "PodMonitor"}  # metadata strictly, spec against PROM_SPEC below
+CERT_MANAGER_KINDS = {"Issuer", "Certificate"}  # metadata strictly, spec against CERT_MANAGER_SPEC below
 
 # prometheus-operator's monitoring.coreos.com/v1 schema, restricted to the fields this chart sets
 # (types and patterns from its API reference). The upstream CRD is not vendored here, so
@@ -88,6 +89,44 @@ PROM_SPEC = {
     },
 }
 
+# cert-manager.io/v1, restricted to the fields the chart sets (types from its API reference).
+_ISSUER_REF = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+        "group": {"type": "string"},
+    },
+}
+CERT_MANAGER_SPEC = {
+    "Issuer": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"selfSigned": {"type": "object", "additionalProperties": False}},
+    },
+    "Certificate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["secretName", "issuerRef"],
+        "properties": {
+            "secretName": {"type": "string", "minLength": 1},
+            "dnsNames": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "issuerRef": _ISSUER_REF,
+            "privateKey": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                    "size": {"type": "integer"},
+                    "rotationPolicy": {"enum": ["Never", "Always"]},
+                },
+            },
+        },
+    },
+}
+
 # Metric names of the engine contract (CONTRACTS: "Prometheus metric names") and the operator's.
 ENGINE_METRICS = {
     "kvcache_hits_total",
@@ -140,6 +179,8 @@ def validate_custom(doc: dict[str, Any], docs: list[dict[str, Any]], version: st
             c for c in by_kind(docs, "CustomResourceDefinition") if c["spec"]["names"]["kind"] == doc["kind"]
         )
         jsonschema.validate(doc, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    elif doc["kind"] in CERT_MANAGER_KINDS:
+        jsonschema.validate(doc["spec"], CERT_MANAGER_SPEC[doc["kind"]])
     else:
         jsonschema.validate(doc["spec"], PROM_SPEC[doc["kind"]])
 
@@ -151,7 +192,7 @@ def test_every_rendered_document_validates(render: Render, values: Path | None) 
     for version in K8S_VERSIONS:
         for doc in docs:
             where = f"{doc['kind']}/{doc['metadata']['name']} on {version}"
-            if doc["kind"] in PEERING_KINDS | PROMETHEUS_KINDS:
+            if doc["kind"] in PEERING_KINDS | PROMETHEUS_KINDS | CERT_MANAGER_KINDS:
                 validate_custom(doc, docs, version)
                 continue
             try:
@@ -365,3 +406,102 @@ def test_container_args_are_understood_by_the_operator_cli(render: Render, value
     assert args.metrics_port == ports["metrics"]
     assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+# --- the admission webhook -------------------------------------------------------------------------
+
+
+def _env(container: dict[str, Any], namespace: str) -> dict[str, str]:
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    env["POD_NAMESPACE"] = namespace  # the downward API's value in the pod
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def test_default_webhook_is_self_signed_and_reachable_through_its_service(render: Render) -> None:
+    """The operator manages the configuration (none rendered); the Service reaches the container port
+    the operator listens on, and the operator's own settings read the rendered environment."""
+    import kopf
+
+    from kvcache_operator import webhook
+
+    docs = render()
+    assert not by_kind(docs, "ValidatingWebhookConfiguration") and not by_kind(docs, "Certificate")
+    (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-webhook")]
+    container = deployment_of(docs)["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert service["spec"]["ports"] == [
+        {"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}
+    ]
+    env = _env(container, NAMESPACE)
+    assert (
+        env["KVCACHE_WEBHOOK"] == "self-signed"
+        and env["KVCACHE_WEBHOOK_SERVICE"] == service["metadata"]["name"]
+    )
+    settings = kopf.OperatorSettings()
+    webhook.configure(settings, env)
+    server = settings.admission.server
+    assert isinstance(server, webhook.ServiceWebhookServer)
+    assert server.port == ports["webhook"] == 9443
+    assert server.service == (NAMESPACE, service["metadata"]["name"])
+    assert settings.admission.managed == env["KVCACHE_WEBHOOK_CONFIGURATION"]
+
+
+def test_cert_manager_webhook_renders_the_configuration_kopf_would_register(render: Render) -> None:
+    from kvcache_operator import admission
+
+    docs = render(CHART / "ci" / "webhook-issuer-values.yaml")
+    (configuration,) = by_kind(docs, "ValidatingWebhookConfiguration")
+    (certificate,) = by_kind(docs, "Certificate")
+    assert not by_kind(docs, "Issuer")  # issuerRef names the ClusterIssuer to use
+    assert certificate["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "corporate-ca"}
+    (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-webhook")]
+    svc = service["metadata"]["name"]
+    assert f"{svc}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    annotation = configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    assert annotation == f"{NAMESPACE}/{certificate['metadata']['name']}"
+    (hook,) = configuration["webhooks"]
+    assert hook["name"] == f"{admission.HANDLER_ID}.{configuration['metadata']['name']}"
+    assert hook["clientConfig"]["service"] == {
+        "name": svc, "namespace": NAMESPACE, "path": f"/{admission.HANDLER_ID}", "port": 443
+    }  # fmt: skip
+    assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None"
+    assert hook["rules"][0]["operations"] == list(admission.OPERATIONS)
+    pod = deployment_of(docs)["spec"]["template"]["spec"]
+    env = _env(pod["containers"][0], NAMESPACE)
+    assert env["KVCACHE_WEBHOOK"] == "certificate"
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "webhook-tls"]
+    assert mount["mountPath"] == env["KVCACHE_WEBHOOK_CERT_DIR"] and mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "webhook-tls"]
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+
+
+def test_cert_manager_without_an_issuer_gets_a_self_signed_one(render: Render) -> None:
+    docs = render(sets={"webhook.certManager.enabled": "true"})
+    (issuer,) = by_kind(docs, "Issuer")
+    (certificate,) = by_kind(docs, "Certificate")
+    assert issuer["spec"] == {"selfSigned": {}}
+    assert certificate["spec"]["issuerRef"] == {"kind": "Issuer", "name": issuer["metadata"]["name"]}
+
+
+def test_webhook_off_renders_none_of_it(render: Render) -> None:
+    docs = render(sets={"webhook.enabled": "false"})
+    container = deployment_of(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert not [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-webhook")]
+    assert not any(e["name"].startswith("KVCACHE_WEBHOOK") for e in container["env"])
+    assert "webhook" not in {p["name"] for p in container["ports"]}
+
+
+def test_ha_with_a_self_signed_webhook_is_refused_in_words(tools: dict[str, str]) -> None:
+    proc = run_helm(tools["helm"], "template", "kvc", str(CHART), "--set", "ha.enabled=true")
+    assert proc.returncode != 0
+    assert "ha.enabled needs webhook.certManager.enabled=true" in proc.stderr
+
+
+def test_network_policy_lets_the_api_server_reach_the_webhook(render: Render) -> None:
+    (policy,) = by_kind(render(CHART / "ci" / "monitoring-values.yaml"), "NetworkPolicy")
+    ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert 9443 in ports
+    (policy,) = by_kind(
+        render(CHART / "ci" / "monitoring-values.yaml", {"webhook.enabled": "false"}), "NetworkPolicy"
+    )
+    assert 9443 not in [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]

@@ -16,6 +16,8 @@ from kvcache_operator import kubectl_plugin as plugin
 from kvcache_operator.reconcile import PAUSE_ANNOTATION, PAUSE_VALUE
 from tests.kube_emulator import KubeEmulator, write_kubeconfig
 
+from .conftest import ROOT
+
 KVCACHES = "kvcache.dev/v1alpha1/kvcaches"
 CRONJOBS = "batch/v1/cronjobs"
 JOBS = "batch/v1/jobs"
@@ -246,3 +248,24 @@ async def test_missing_crd_and_missing_permission_say_what_to_do(cluster: tuple[
     assert code == 1 and "you may not patch kvcaches" in out
     code, out = await kubectl_kvcache(kubeconfig, "status", "llama")
     assert code == 0, out
+
+
+def test_validate_checks_files_offline_like_the_operator(tmp_path: Path) -> None:
+    """No cluster needed: the same checks and words as ``kvcache-operator validate``."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: kvcache.dev/v1alpha1\nkind: KVCache\nmetadata: {name: llama}\n"
+        "spec: {metrics: {scrapeInterval: 0s}}\n"
+    )
+    args = plugin.build_parser().parse_args(["validate", "-f", str(bad)])
+    with pytest.raises(ValueError) as info:
+        plugin.run(args)
+    assert str(info.value).splitlines() == [
+        f'{bad}: KVCache llama: spec.metrics.scrapeInterval: "0s" is out of range: the scrape interval '
+        "must be between 1s and 1h",
+        "1 KVCache(s) checked: 1 invalid (1 problem(s)), 0 warning(s)",
+    ]
+    good = plugin.build_parser().parse_args(
+        ["validate", "-f", str(ROOT / "crds" / "samples" / "minimal.yaml")]
+    )
+    assert plugin.run(good).endswith("1 KVCache(s) checked: 0 invalid (0 problem(s)), 0 warning(s)\n")

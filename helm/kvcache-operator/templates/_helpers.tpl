@@ -47,13 +47,22 @@ app.kubernetes.io/part-of: kvcache-operator
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{- define "kvcache-operator.webhookService" -}}
+{{- printf "%s-webhook" (include "kvcache-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The ValidatingWebhookConfiguration: managed by the operator, or rendered for cert-manager. */}}
+{{- define "kvcache-operator.webhookConfiguration" -}}
+{{- printf "%s.kvcache.dev" (include "kvcache-operator.fullname" .) }}
+{{- end }}
+
 {{- define "kvcache-operator.peeringName" -}}
 {{- default (include "kvcache-operator.fullname" .) .Values.ha.peeringName }}
 {{- end }}
 
 {{/*
 RBAC rules from files/rbac-rules.yaml (generated from kvcache_operator/rbac.py), selected the way
-rbac.rules_for() selects them. Arguments: root, namespaced (watchNamespaces set), scope
+rbac.rules_for() selects them ("webhook" rules: the operator manages its webhook configuration). Arguments: root, namespaced (watchNamespaces set), scope
 ("cluster": rules for the ClusterRole, "namespaced": rules for each Role).
 */}}
 {{- define "kvcache-operator.rbacRules" -}}
@@ -64,6 +73,9 @@ rbac.rules_for() selects them. Arguments: root, namespaced (watchNamespaces set)
 {{- $selected := eq .when "always" }}
 {{- if and (eq .when "peering") $root.Values.ha.enabled }}
 {{- $selected = eq (eq .resource "kopfpeerings") $namespaced }}
+{{- end }}
+{{- if eq .when "webhook" }}
+{{- $selected = and $root.Values.webhook.enabled (not $root.Values.webhook.certManager.enabled) }}
 {{- end }}
 {{- $wanted := or (not $namespaced) (eq .scope $.scope) }}
 {{- if and $selected $wanted }}
