@@ -13,6 +13,8 @@ Invariants:
   cluster-scoped objects or cluster-wide observation and always goes to a ClusterRole.
 * ``peering`` rules are granted only when the chart runs several replicas with Kopf peering
   (``ha.enabled``); namespaced peering objects in namespaced mode, cluster ones otherwise.
+* ``webhook`` rules are granted only when the operator manages its own admission webhook
+  configuration (``webhook.enabled`` with a self-signed certificate, the chart's default).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class Rule:
     resource: str
     verbs: tuple[str, ...]
     scope: Scope = Scope.NAMESPACED
-    # "always", or "peering" (HA only) with the peering mode it applies to.
+    # "always", "peering" (HA only) with the peering mode it applies to, or "webhook" (the operator
+    # manages its ValidatingWebhookConfiguration).
     when: str = "always"
     why: str = ""
 
@@ -120,13 +123,24 @@ RULES: tuple[Rule, ...] = (
         when="peering",
         why="Kopf peering (cluster-wide mode)",
     ),
+    Rule(
+        "admissionregistration.k8s.io",
+        "validatingwebhookconfigurations",
+        ("create", "patch"),
+        scope=Scope.CLUSTER,
+        when="webhook",
+        why="Kopf creates the admission webhook's configuration and patches in its endpoint and CA",
+    ),
 )
 
 
-def rules_for(*, namespaced: bool, peering: bool) -> list[Rule]:
-    """The rules granted for one install mode: ``namespaced`` = watchNamespaces set."""
+def rules_for(*, namespaced: bool, peering: bool, webhook: bool = True) -> list[Rule]:
+    """The rules granted for one install mode: ``namespaced`` = watchNamespaces set, ``webhook`` = the
+    operator manages its webhook configuration (self-signed, the default)."""
     chosen: list[Rule] = []
     for rule in RULES:
+        if rule.when == "webhook" and not webhook:
+            continue
         if rule.when == "peering":
             if not peering:
                 continue
@@ -137,11 +151,13 @@ def rules_for(*, namespaced: bool, peering: bool) -> list[Rule]:
     return chosen
 
 
-def permission_set(*, namespaced: bool = False, peering: bool = False) -> set[tuple[str, str, str]]:
+def permission_set(
+    *, namespaced: bool = False, peering: bool = False, webhook: bool = True
+) -> set[tuple[str, str, str]]:
     """Every (apiGroup, resource, verb) triple granted in one install mode."""
     return {
         (r.api_group, r.resource, verb)
-        for r in rules_for(namespaced=namespaced, peering=peering)
+        for r in rules_for(namespaced=namespaced, peering=peering, webhook=webhook)
         for verb in r.verbs
     }
 

@@ -13,13 +13,14 @@ from .conftest import CHART, NAMESPACE, ROOT, Render, by_kind
 
 Triple = tuple[str, str, str]
 
-MODES = [  # (values file, namespaced, peering)
-    (None, False, False),
-    (CHART / "ci" / "namespaced-values.yaml", True, False),
-    (CHART / "ci" / "ha-values.yaml", False, True),
-    (CHART / "ci" / "ha-namespaced-values.yaml", True, True),
+MODES = [  # (values file, namespaced, peering, webhook configuration managed by the operator)
+    (None, False, False, True),
+    (CHART / "ci" / "namespaced-values.yaml", True, False, True),
+    (CHART / "ci" / "ha-values.yaml", False, True, False),  # HA: cert-manager's certificate
+    (CHART / "ci" / "ha-namespaced-values.yaml", True, True, False),
+    (CHART / "ci" / "webhook-issuer-values.yaml", False, False, False),
 ]
-MODE_IDS = ["cluster", "namespaced", "ha-cluster", "ha-namespaced"]
+MODE_IDS = ["cluster", "namespaced", "ha-cluster", "ha-namespaced", "webhook-cert-manager"]
 
 
 def triples(role: dict[str, Any]) -> set[Triple]:
@@ -33,18 +34,18 @@ def triples(role: dict[str, Any]) -> set[Triple]:
     return granted
 
 
-def scoped(scope: rbac.Scope, *, namespaced: bool, peering: bool) -> set[Triple]:
+def scoped(scope: rbac.Scope, *, namespaced: bool, peering: bool, webhook: bool) -> set[Triple]:
     return {
         (r.api_group, r.resource, v)
-        for r in rbac.rules_for(namespaced=namespaced, peering=peering)
+        for r in rbac.rules_for(namespaced=namespaced, peering=peering, webhook=webhook)
         if r.scope is scope
         for v in r.verbs
     }
 
 
-@pytest.mark.parametrize(("values", "namespaced", "peering"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("values", "namespaced", "peering", "webhook"), MODES, ids=MODE_IDS)
 def test_chart_rules_equal_the_declared_table(
-    render: Render, values: Path | None, namespaced: bool, peering: bool
+    render: Render, values: Path | None, namespaced: bool, peering: bool, webhook: bool
 ) -> None:
     docs = render(values)
     cluster_roles = by_kind(docs, "ClusterRole")
@@ -54,13 +55,17 @@ def test_chart_rules_equal_the_declared_table(
     if namespaced:
         watched = docs_namespaces(docs)
         assert sorted(r["metadata"]["namespace"] for r in roles) == watched
-        assert granted == scoped(rbac.Scope.CLUSTER, namespaced=True, peering=peering)
+        assert granted == scoped(rbac.Scope.CLUSTER, namespaced=True, peering=peering, webhook=webhook)
         for role in roles:
-            assert triples(role) == scoped(rbac.Scope.NAMESPACED, namespaced=True, peering=peering)
+            assert triples(role) == scoped(
+                rbac.Scope.NAMESPACED, namespaced=True, peering=peering, webhook=webhook
+            )
             granted |= triples(role)
     else:
         assert roles == []
-    assert granted == rbac.permission_set(namespaced=namespaced, peering=peering)
+    assert granted == rbac.permission_set(namespaced=namespaced, peering=peering, webhook=webhook)
+    managed = ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "patch") in granted
+    assert managed == webhook
 
 
 def docs_namespaces(docs: list[dict[str, Any]]) -> list[str]:
@@ -69,9 +74,9 @@ def docs_namespaces(docs: list[dict[str, Any]]) -> list[str]:
     return sorted(a.removeprefix("--namespace=") for a in args if a.startswith("--namespace="))
 
 
-@pytest.mark.parametrize(("values", "namespaced", "peering"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("values", "namespaced", "peering", "webhook"), MODES, ids=MODE_IDS)
 def test_bindings_tie_each_role_to_the_operator(
-    render: Render, values: Path | None, namespaced: bool, peering: bool
+    render: Render, values: Path | None, namespaced: bool, peering: bool, webhook: bool
 ) -> None:
     docs = render(values)
     (deployment,) = by_kind(docs, "Deployment")
