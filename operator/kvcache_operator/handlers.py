@@ -6,17 +6,19 @@ in a few lines (the control pass, converge, the tuned values and the indexes' sh
   (every child kind and the backup Jobs) and the engine pods; the control pass reads them instead
   of listing;
 * create/update/resume: one converge pass; delete: forget the per-cache state;
-* a daemon per KVCache: the scrape timer and control loop.
+* a daemon per KVCache: the scrape timer and control loop;
+* the validating admission webhook (``admission.review``; served as ``webhook.configure`` says).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import kopf
 
-from kvcache_operator import api, controller
+from kvcache_operator import admission, api, controller, webhook
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -62,3 +64,18 @@ async def control_loop(
 ) -> None:
     indexes = controller.Indexes.of(kwargs)
     await controller.control_loop(memo.runtime, stopped, body, indexes, logger)
+
+
+@kopf.on.startup()
+def admission_settings(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None:
+    logger.info(webhook.configure(settings, os.environ))
+
+
+@kopf.on.validate(
+    api.GROUP, api.PLURAL, id=admission.HANDLER_ID, operations=admission.OPERATIONS, ignore_failures=True
+)
+def validate_kvcache(*, body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+    verdict = admission.verdict_of(kwargs.get("operation"), body, kwargs.get("old"))
+    warnings.extend(verdict.warnings)
+    if not verdict.allowed:
+        raise kopf.AdmissionError(verdict.message, code=422)
