@@ -57,7 +57,7 @@ def _block_bytes() -> int:
 
 def bench_transfers(blocks: int) -> list[dict[str, Any]]:
     """Raw pinned copy vs TierCopier slot copies, both directions."""
-    from kvcache_engine.config import payload_layout
+    from kvcache_engine.contract import payload_layout
     from kvcache_engine.core.block_pool import BlockPool
     from kvcache_engine.core.tiers import TierCopier
 

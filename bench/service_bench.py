@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcache_engine.client import AsyncKVCacheClient, KVCacheClient
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 from kvcache_engine.engine import KVCacheEngine
 from kvcache_engine.persistence import Persister
 

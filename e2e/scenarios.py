@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 import yaml
 
 from e2e.localcluster.load import TraceLoad, load_trace
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "crds" / "samples" / "local-demo.yaml"

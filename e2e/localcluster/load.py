@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 from kvcache_engine.loadgen import load_trace, request_tokens
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from kvcache_engine.config import CacheStrategy, KVCacheConfig
+from kvcache_engine.contract import CacheStrategy, KVCacheConfig
 
 __all__ = [
     "AccessPatternReport",

@@ -123,7 +123,7 @@ def _cmd_backup_module(name: str) -> Handler:
 def _add_replay(sub: Sub) -> None:
     from typing import get_args
 
-    from kvcache_engine.config import CacheStrategy, Codec
+    from kvcache_engine.contract import CacheStrategy, Codec
 
     p = sub.add_parser("replay", help="replay a Mooncake trace through the index and eviction (hit rate)")
     p.add_argument("--trace", help="Mooncake trace (.jsonl or .jsonl.gz); default: the packaged trace")

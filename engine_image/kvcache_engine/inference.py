@@ -39,7 +39,7 @@ import torch
 from kvcache_engine.core.hashing import BlockHash, chain_hashes
 
 if TYPE_CHECKING:
-    from kvcache_engine.config import KVCacheConfig
+    from kvcache_engine.contract import KVCacheConfig
     from kvcache_engine.engine import KVCacheEngine
 
 __all__ = [

@@ -50,7 +50,7 @@ from kvcache_engine.wire import (
 if TYPE_CHECKING:
     import torch
 
-    from kvcache_engine.config import KVCacheConfig
+    from kvcache_engine.contract import KVCacheConfig
     from kvcache_engine.core.block_pool import StoredBlock
     from kvcache_engine.engine import KVCacheEngine
 

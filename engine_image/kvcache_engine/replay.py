@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import torch
 
-from kvcache_engine.config import payload_layout
+from kvcache_engine.contract import payload_layout
 from kvcache_engine.core.block_pool import BlockPool
 from kvcache_engine.core.compression import CODECS
 from kvcache_engine.core.eviction import STRATEGIES, EvictionStrategy, make_strategy

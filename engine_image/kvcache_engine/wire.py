@@ -31,8 +31,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvcache_engine.contract.placement import node_id, rendezvous_order, rendezvous_owner, route_key
-
 __all__ = [
     "FRAME_CONTENT_TYPE",
     "FRAME_MAGIC",
@@ -44,12 +42,8 @@ __all__ = [
     "decode_frame_header",
     "decode_json_object",
     "encode_frame_header",
-    "node_id",
     "parse_hashes",
     "parse_tokens",
-    "rendezvous_order",
-    "rendezvous_owner",
-    "route_key",
 ]
 
 FRAME_MAGIC = b"KVC1"

@@ -16,7 +16,7 @@ from kvcache_engine.analytics import (
     hit_rate_curve,
     reuse_distances,
 )
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 
 
 def make_stats(**values: Any) -> dict[str, Any]:

@@ -169,7 +169,7 @@ async def test_a_failed_request_logs_its_traceback_with_the_id_its_response_carr
 ) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from kvcache_engine.config import KVCacheConfig
+    from kvcache_engine.contract import KVCacheConfig
     from kvcache_engine.engine import KVCacheEngine
     from kvcache_engine.server import EngineServer, ServerSettings
 

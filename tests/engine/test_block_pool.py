@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache_engine.config import payload_layout
+from kvcache_engine.contract import payload_layout
 from kvcache_engine.core.block_pool import BlockPool, payload_checksum
 from kvcache_engine.core.compression import make_codec
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcache_engine.config import payload_layout
+from kvcache_engine.contract import payload_layout
 from kvcache_engine.core import block_pool
 from kvcache_engine.core.block_pool import BlockPool, payload_checksum, payload_checksums
 from kvcache_engine.core.compression import make_codec

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvcache_engine.config import KVCacheConfig, payload_layout, pool_blocks, pool_bytes
+from kvcache_engine.contract import KVCacheConfig, payload_layout, pool_blocks, pool_bytes
 from kvcache_engine.core.compression import CODECS, make_codec, relative_error
 from kvcache_engine.engine import KVCacheEngine
 
@@ -164,7 +164,7 @@ def test_sizing_helpers_import_no_torch() -> None:
     import sys
 
     code = (
-        "import sys; from kvcache_engine.config import payload_layout, pool_bytes, KVCacheConfig;"
+        "import sys; from kvcache_engine.contract import payload_layout, pool_bytes, KVCacheConfig;"
         "pool_bytes(KVCacheConfig(compression_codec='int4'));"
         "payload_layout('int8', num_layers=1, block_tokens=16, num_kv_heads=1, head_dim=8);"
         "sys.exit('torch' in sys.modules)"

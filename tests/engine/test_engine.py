@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcache_engine import CacheStrategy, KVCacheEngine
-from kvcache_engine.config import ConfigError
+from kvcache_engine.contract import ConfigError
 from kvcache_engine.core.compression import relative_error
 from kvcache_engine.core.stats import LATENCY_BUCKETS_MS
 from tests.engine.helpers import make_config, make_engine, make_kv, make_tokens, snapshot

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvcache_engine.config import CacheStrategy
+from kvcache_engine.contract import CacheStrategy
 from kvcache_engine.core.eviction import AdaptiveStrategy, LFUStrategy, LRUStrategy, make_strategy
 from kvcache_engine.core.hashing import BlockHash
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvcache_engine.config import payload_layout
+from kvcache_engine.contract import payload_layout
 from kvcache_engine.core.block_pool import BlockPool
 from kvcache_engine.core.tiers import TierCopier, resolve_device
 from tests.engine.helpers import make_kv, make_tokens

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kvcache_engine.client import KVCacheClient
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 from kvcache_engine.engine import KVCacheEngine
 from kvcache_engine.inference import load_model
 from kvcache_engine.integrations.transformers import ClientKVStore, generate_with_cache

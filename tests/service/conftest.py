@@ -21,7 +21,7 @@ import pytest
 import torch
 from aiohttp import web
 
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 from kvcache_engine.engine import KVCacheEngine
 from kvcache_engine.server import EngineServer, ServerSettings
 

@@ -11,7 +11,7 @@ import torch
 from kvcache_engine.backup import BackupError, pull_backup, push_backup
 from kvcache_engine.cli import main
 from kvcache_engine.client import KVCacheClient
-from kvcache_engine.wire import rendezvous_owner, route_key
+from kvcache_engine.contract import rendezvous_owner, route_key
 from tests.service.conftest import TOKEN, http_json, make_config, make_kv, make_tokens
 
 

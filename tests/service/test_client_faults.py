@@ -27,7 +27,7 @@ from kvcache_engine.client import (
     CircuitBreaker,
     KVCacheClient,
 )
-from kvcache_engine.wire import rendezvous_order, rendezvous_owner
+from kvcache_engine.contract import rendezvous_order, rendezvous_owner
 from tests.service.conftest import TOKEN, make_config, make_kv, make_tokens
 
 DEADLINE = 0.1

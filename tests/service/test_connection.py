@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvcache_engine.client import AsyncKVCacheClient, CacheServerError, ClientGeometry, KVCacheClient
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 from kvcache_operator import api
 from kvcache_operator.resources import build_connection_configmap, engine_config
 from tests.service.conftest import TOKEN, make_kv, make_tokens

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvcache_engine.client import KVCacheClient
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 from kvcache_engine.core import block_pool
 from tests.service.conftest import GEOMETRY, TOKEN, EngineProcess, http, http_json, make_kv, make_tokens
 

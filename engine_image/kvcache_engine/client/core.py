@@ -48,7 +48,7 @@ from kvcache_engine.client.metrics import (
     M_REQUESTS,
     M_TIMEOUTS,
 )
-from kvcache_engine.contract import KVCacheConfig, node_id, rendezvous_order, route_key
+from kvcache_engine.contract import KVCacheConfig, TokenSource, node_id, rendezvous_order, route_key
 from kvcache_engine.core.hashing import chain_hashes
 from kvcache_engine.wire import (
     FRAME_CONTENT_TYPE,
@@ -145,9 +145,7 @@ class ClientCore:
         self.strict = strict
         self.put_queue_size = put_queue_size
         self.recv_pool = RecvPool(recv_pool_mb * 1024 * 1024)
-        self._token = token
-        self._token_file = token_file
-        self._token_read_at = -1e9
+        self._token = TokenSource(token, token_file, on_error=lambda message: self._warn("token", message))
         self._breaker_args = (failure_threshold, reset_timeout_s)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
@@ -195,18 +193,7 @@ class ClientCore:
     def token(self) -> str | None:
         """The bearer token; a token file is re-read (at most once a second) so that rotated
         Secrets take effect without a restart."""
-        if self._token_file is None:
-            return self._token
-        now = time.monotonic()
-        if now - self._token_read_at < 1.0:
-            return self._token
-        try:
-            with open(self._token_file, encoding="utf-8") as fh:
-                self._token = fh.read().strip() or None
-        except OSError as exc:
-            self._warn("token", f"cannot read token file {self._token_file}: {exc.strerror}")
-        self._token_read_at = now
-        return self._token
+        return self._token.get()
 
     def breaker(self, endpoint: str) -> CircuitBreaker:
         with self._lock:

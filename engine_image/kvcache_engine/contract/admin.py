@@ -235,6 +235,13 @@ class SyncAdminClient:
         finally:
             conn.close()
 
+    def call_raw(
+        self, method: str, path: str, body: Any, *, content_type: str, chunked: bool = False
+    ) -> dict[str, Any]:
+        """One request with a raw body (a KVS1 stream); the answer's JSON object."""
+        status, raw = self.request(method, path, body, content_type=content_type, chunked=chunked)
+        return decode_answer(f"{method} {self.url}{path}", status, raw)
+
     def call(
         self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None
     ) -> dict[str, Any]:

@@ -7,11 +7,11 @@ by ``TokenSource``.
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 __all__ = ["TokenError", "TokenSource", "read_token_file", "resolve_token"]
 
@@ -57,11 +57,20 @@ class TokenSource:
     """A token that follows its file: re-read at most every ``recheck_s`` seconds; a file that
     becomes unreadable keeps the last good token (a Secret update is not atomic)."""
 
-    def __init__(self, token: str | None, token_file: str | None, *, recheck_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        token: str | None,
+        token_file: str | None,
+        *,
+        recheck_s: float = 1.0,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
         self._token = token
         self._file = token_file
         self._recheck_s = recheck_s
-        self._checked = time.monotonic()
+        # a file not read yet (no token in hand) is read on the first get()
+        self._checked = time.monotonic() if token is not None else -math.inf
+        self._on_error = on_error
         self._lock = threading.Lock()
 
     @classmethod
@@ -86,6 +95,9 @@ class TokenSource:
             if now - self._checked >= self._recheck_s:
                 self._checked = now
                 # keep the last good token while the file is being replaced
-                with contextlib.suppress(TokenError):
+                try:
                     self._token = read_token_file(self._file)
+                except TokenError as exc:
+                    if self._on_error is not None:
+                        self._on_error(str(exc))
             return self._token

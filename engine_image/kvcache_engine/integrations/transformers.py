@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvcache_engine.config import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig
 from kvcache_engine.inference import (
     EngineKVStore,
     KVGeometry,

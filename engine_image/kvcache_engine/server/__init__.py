@@ -22,7 +22,7 @@ from kvcache_engine.server.app import EngineServer
 from kvcache_engine.server.body import Staging
 from kvcache_engine.server.http import BadRequestError
 from kvcache_engine.server.serve import cmd_serve, serve
-from kvcache_engine.server.settings import ServerSettings, resolve_token, settings_from_args
+from kvcache_engine.server.settings import ServerSettings, settings_from_args
 
 __all__ = [
     "BadRequestError",
@@ -31,7 +31,6 @@ __all__ = [
     "Staging",
     "cmd_serve",
     "live_changes",
-    "resolve_token",
     "serve",
     "settings_from_args",
 ]

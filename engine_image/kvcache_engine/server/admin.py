@@ -11,7 +11,6 @@ target (a block arrives after its ancestors).
 from __future__ import annotations
 
 import asyncio
-import http.client
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from kvcache_engine.contract import LIVE_FIELDS, KVCacheConfig, node_id, rendezvous_owner, route_key
+from kvcache_engine.contract import (
+    AdminError,
+    ConfigError,
+    LiveConfig,
+    P,
+    SyncAdminClient,
+    node_id,
+    rendezvous_owner,
+    route_key,
+)
 from kvcache_engine.persistence import (
     SEGMENT_BYTES,
     GeometryMismatchError,
@@ -248,39 +256,25 @@ class AdminRoutes:
             [encode_stream_header(self._stream_header()), encode_stream_segment(data), data,
              encode_stream_trailer({"blocks": len(metas), "segments": 1})]
         )  # fmt: skip
-        host, _, port = node_id(target).rpartition(":")
-        headers = {"Content-Type": STREAM_CONTENT_TYPE}
-        token = self.server.token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.settings.drain_timeout_s)
+        peer = SyncAdminClient(
+            f"http://{node_id(target)}", self.server.token(), timeout_s=self.settings.drain_timeout_s
+        )
         try:
-            conn.request("POST", "/admin/restore", body=body, headers=headers)
-            resp = conn.getresponse()
-            answer = resp.read()
-            if resp.status != 200:
-                raise OSError(f"HTTP {resp.status}: {answer[:200].decode('utf-8', 'replace')}")
+            peer.call_raw("POST", P.ADMIN_RESTORE, body, content_type=STREAM_CONTENT_TYPE)
             result["blocks"] += len(metas)
-        except (OSError, http.client.HTTPException) as exc:
+        except AdminError as exc:
             result["ok"] = False
             result["error"] = f"{type(exc).__name__}: {exc}"
             log.error("drain to %s failed: %s", target, exc)
-        finally:
-            conn.close()
 
 
 def live_changes(doc: dict[str, Any]) -> dict[str, Any]:
-    """snake_case live-field changes from a camelCase/snake_case body; 400 naming a bad field."""
-    aliases = {f.alias or n: n for n, f in KVCacheConfig.model_fields.items()}
-    changes: dict[str, Any] = {}
-    for key, value in doc.items():
-        name = key if key in KVCacheConfig.model_fields else aliases.get(key)
-        if name is None:
-            raise BadRequestError(f"unknown config field {key!r}")
-        if name not in LIVE_FIELDS:
-            live = ", ".join(sorted(LIVE_FIELDS))
-            raise BadRequestError(f"field {key!r} cannot change live (needs a restart); live fields: {live}")
-        changes[name] = value
+    """snake_case live-field changes from a camelCase/snake_case body (the contract's LiveConfig);
+    400 naming a bad field."""
+    try:
+        changes = LiveConfig.parse(doc, "body").given()
+    except ConfigError as exc:
+        raise BadRequestError(str(exc)) from None
     if not changes:
         raise BadRequestError("no config fields given")
     return changes

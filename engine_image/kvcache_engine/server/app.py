@@ -10,12 +10,10 @@ naming what was wrong, never a 500 and never a crash.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import re
 import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from kvcache_engine.contract.admin import P
+from kvcache_engine.contract.tokens import TokenSource
 from kvcache_engine.persistence import GeometryMismatchError, Persister, persister_for
 from kvcache_engine.server.admin import AdminRoutes
 from kvcache_engine.server.body import Staging, receive_body, receive_json
@@ -61,7 +61,7 @@ class EngineServer:
         # Zero-copy puts commit on threads of their own: an admin call waiting in the engine for
         # in-flight reservations must never hold the threads those reservations commit on.
         self.commit_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcache-commit")
-        self._token_cache: tuple[float, str | None] = (0.0, settings.token)
+        self._token = TokenSource(settings.token, settings.token_file)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(self))
         self.http_requests = Counter(
@@ -80,23 +80,23 @@ class EngineServer:
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware])
         r = app.router
-        r.add_get("/healthz", self.healthz)
-        r.add_get("/readyz", self.readyz)
-        r.add_get("/metrics", self.metrics)
-        r.add_get("/v1/stats", self.stats)
-        r.add_get("/v1/config", self.get_config)
-        r.add_get("/v1/analyze", self.analyze)
-        r.add_post("/v1/lookup", self.data.lookup)
-        r.add_post("/v1/get", self.data.get)
-        r.add_post("/v1/put", self.data.put)
-        r.add_post("/admin/config", self.admin.config)
-        r.add_post("/admin/persist", self.admin.persist)
-        r.add_post("/admin/validate", self.admin.validate)
-        r.add_post("/admin/compact", self.admin.compact)
-        r.add_post("/admin/clear", self.admin.clear)
-        r.add_get("/admin/snapshot", self.admin.snapshot)
-        r.add_post("/admin/restore", self.admin.restore)
-        r.add_post("/admin/drain", self.admin.drain)
+        r.add_get(P.HEALTHZ, self.healthz)
+        r.add_get(P.READYZ, self.readyz)
+        r.add_get(P.METRICS, self.metrics)
+        r.add_get(P.STATS, self.stats)
+        r.add_get(P.CONFIG, self.get_config)
+        r.add_get(P.ANALYZE, self.analyze)
+        r.add_post(P.LOOKUP, self.data.lookup)
+        r.add_post(P.GET, self.data.get)
+        r.add_post(P.PUT, self.data.put)
+        r.add_post(P.ADMIN_CONFIG, self.admin.config)
+        r.add_post(P.ADMIN_PERSIST, self.admin.persist)
+        r.add_post(P.ADMIN_VALIDATE, self.admin.validate)
+        r.add_post(P.ADMIN_COMPACT, self.admin.compact)
+        r.add_post(P.ADMIN_CLEAR, self.admin.clear)
+        r.add_get(P.ADMIN_SNAPSHOT, self.admin.snapshot)
+        r.add_post(P.ADMIN_RESTORE, self.admin.restore)
+        r.add_post(P.ADMIN_DRAIN, self.admin.drain)
         from kvcache_engine.debug import register_debug_routes  # profiler, log level, /v1/memory
 
         self.profiler = register_debug_routes(
@@ -106,15 +106,7 @@ class EngineServer:
 
     def token(self) -> str | None:
         """The expected token; a token file is re-read (at most once a second) for rotation."""
-        if self.settings.token_file is None:
-            return self.settings.token
-        checked, token = self._token_cache
-        now = time.monotonic()
-        if now - checked >= 1.0:
-            with contextlib.suppress(OSError), open(self.settings.token_file, encoding="utf-8") as fh:
-                token = fh.read().strip() or token
-            self._token_cache = (now, token)
-        return token
+        return self._token.get()
 
     def _authorised(self, request: web.Request) -> bool:
         expected = self.token()

@@ -1,5 +1,6 @@
 """``/metrics``: the Prometheus view of the engine's stats and its persister, computed per
-scrape (an unchecked collector: the families come from live stats, nothing is cached)."""
+scrape (an unchecked collector: the families come from live stats, nothing is cached). Names come
+from the contract (``kvcache_engine.contract.metrics.M``), which readers parse with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from kvcache_engine.contract.metrics import M
 
 if TYPE_CHECKING:
     from kvcache_engine.server.app import EngineServer
@@ -28,17 +31,17 @@ class EngineCollector:
         st = self.server.engine.get_stats()
         ps = self.server.persister.stats()
         counters = {
-            "kvcache_hits": ("Blocks found by lookups.", st["cache_hits"]),
-            "kvcache_misses": ("Blocks asked by lookups and not found.", st["cache_misses"]),
-            "kvcache_hit_tokens": ("Cached leading tokens found by lookups.", st["hit_tokens"]),
-            "kvcache_requested_tokens": ("Full-block tokens asked by lookups.", st["requested_tokens"]),
-            "kvcache_requests": ("Lookups served.", st["requests"]),
-            "kvcache_evictions": ("Blocks evicted.", st["evictions"]),
-            "kvcache_bytes_in": ("KV bytes received by puts.", st["bytes_in"]),
-            "kvcache_bytes_out": ("KV bytes sent by gets.", st["bytes_out"]),
-            "kvcache_persist_failures": ("Persists that failed (any reason).", ps["persist_failures"]),
-            "kvcache_persists": ("Persists that completed.", ps["persists"]),
-            "kvcache_quarantined_segments": (
+            M.HITS: ("Blocks found by lookups.", st["cache_hits"]),
+            M.MISSES: ("Blocks asked by lookups and not found.", st["cache_misses"]),
+            M.HIT_TOKENS: ("Cached leading tokens found by lookups.", st["hit_tokens"]),
+            M.REQUESTED_TOKENS: ("Full-block tokens asked by lookups.", st["requested_tokens"]),
+            M.REQUESTS: ("Lookups served.", st["requests"]),
+            M.EVICTIONS: ("Blocks evicted.", st["evictions"]),
+            M.BYTES_IN: ("KV bytes received by puts.", st["bytes_in"]),
+            M.BYTES_OUT: ("KV bytes sent by gets.", st["bytes_out"]),
+            M.PERSIST_FAILURES: ("Persists that failed (any reason).", ps["persist_failures"]),
+            M.PERSISTS: ("Persists that completed.", ps["persists"]),
+            M.QUARANTINED_SEGMENTS: (
                 "Persisted segments moved to quarantine.",
                 ps["quarantined_segments"],
             ),
@@ -46,37 +49,37 @@ class EngineCollector:
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=float(value))
         by_reason = CounterMetricFamily(
-            "kvcache_persist_failures_by_reason", "Failed persists by reason.", labels=["reason"]
+            M.PERSIST_FAILURES_BY_REASON, "Failed persists by reason.", labels=["reason"]
         )
         for reason, count in sorted(ps["persist_failures_by_reason"].items()):
             by_reason.add_metric([reason], float(count))
         yield by_reason
         gauges = {
-            "kvcache_capacity_blocks": ("Block slots of the primary tier.", st["num_blocks"]),
-            "kvcache_used_blocks": ("Occupied block slots of the primary tier.", st["used_blocks"]),
-            "kvcache_memory_pressure": ("used_blocks / capacity_blocks (0..1).", st["memory_pressure"]),
-            "kvcache_compression_ratio": ("Stored bytes / fp16 bytes achieved.", st["compression_ratio"]),
-            "kvcache_max_tokens": ("Configured capacity in tokens.", st["max_tokens"]),
-            "kvcache_block_tokens": ("Tokens per block.", st["block_tokens"]),
-            "kvcache_hit_rate": ("hit_tokens / requested_tokens since start.", st["hit_rate"]),
-            "kvcache_ready": (
+            M.CAPACITY_BLOCKS: ("Block slots of the primary tier.", st["num_blocks"]),
+            M.USED_BLOCKS: ("Occupied block slots of the primary tier.", st["used_blocks"]),
+            M.MEMORY_PRESSURE: ("used_blocks / capacity_blocks (0..1).", st["memory_pressure"]),
+            M.COMPRESSION_RATIO: ("Stored bytes / fp16 bytes achieved.", st["compression_ratio"]),
+            M.MAX_TOKENS: ("Configured capacity in tokens.", st["max_tokens"]),
+            M.BLOCK_TOKENS: ("Tokens per block.", st["block_tokens"]),
+            M.HIT_RATE: ("hit_tokens / requested_tokens since start.", st["hit_rate"]),
+            M.READY: (
                 "1 once the persisted cache is loaded.",
                 1.0 if self.server.ready.is_set() else 0.0,
             ),
-            "kvcache_persisted_blocks": ("Blocks named by the manifest on disk.", ps["persisted_blocks"]),
-            "kvcache_last_persist_timestamp_seconds": (
+            M.PERSISTED_BLOCKS: ("Blocks named by the manifest on disk.", ps["persisted_blocks"]),
+            M.LAST_PERSIST_TIMESTAMP: (
                 "Unix time of the last good persist.",
                 ps["last_persist_unix"],
             ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=float(value))
-        mem = GaugeMetricFamily("kvcache_device_memory_bytes", "Device memory (0 on CPU).", labels=["kind"])
+        mem = GaugeMetricFamily(M.DEVICE_MEMORY_BYTES, "Device memory (0 on CPU).", labels=["kind"])
         for kind in ("allocated", "reserved", "total"):
             mem.add_metric([kind], float(st[f"device_memory_{kind}"]))
         yield mem
         info = GaugeMetricFamily(
-            "kvcache_info", "Engine identity.", labels=["codec", "strategy", "device", "namespace"]
+            M.INFO, "Engine identity.", labels=["codec", "strategy", "device", "namespace"]
         )
         info.add_metric(
             [
@@ -92,7 +95,7 @@ class EngineCollector:
 
     @staticmethod
     def _latency(hists: dict[str, Any]) -> HistogramMetricFamily:
-        fam = HistogramMetricFamily("kvcache_op_latency_ms", "Engine operation latency (ms).", labels=["op"])
+        fam = HistogramMetricFamily(M.OP_LATENCY_MS, "Engine operation latency (ms).", labels=["op"])
         for op, h in sorted(hists.items()):
             buckets: list[tuple[str, float]] = []
             for bound, count in zip(h["buckets"], h["counts"], strict=True):

@@ -1,13 +1,14 @@
 """Transport settings of ``kvcache-engine serve``: limits, auth and where they come from
-(command-line arguments, the token file or environment)."""
+(command-line arguments, the token file or environment: the contract's ``resolve_token``)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ServerSettings", "resolve_token", "settings_from_args"]
+from kvcache_engine.contract.tokens import resolve_token
+
+__all__ = ["ServerSettings", "settings_from_args"]
 
 
 @dataclass
@@ -24,24 +25,6 @@ class ServerSettings:
     body_timeout_s: float = 60.0
     drain_timeout_s: float = 60.0
     staging_bytes: int = 256 * 1024 * 1024
-
-
-def resolve_token(
-    token_file: str | None, environ: dict[str, str] | None = None
-) -> tuple[str | None, str | None]:
-    """(token, token_file) from ``--token-file``, ``KVCACHE_TOKEN_FILE`` or ``KVCACHE_TOKEN``."""
-    env = dict(os.environ) if environ is None else environ
-    path = token_file or env.get("KVCACHE_TOKEN_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                token = fh.read().strip()
-        except OSError as exc:
-            raise ValueError(f"--token-file {path}: {exc.strerror}") from None
-        if not token:
-            raise ValueError(f"--token-file {path}: the file is empty")
-        return token, path
-    return env.get("KVCACHE_TOKEN") or None, None
 
 
 def settings_from_args(args: Any, environ: dict[str, str] | None = None) -> ServerSettings:
