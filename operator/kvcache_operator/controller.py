@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -45,6 +44,7 @@ from kvcache_engine.contract import LiveConfig
 from kvcache_operator import api, k8s, policy, reconcile, resources, scrape
 from kvcache_operator import status as status_mod
 from kvcache_operator.metrics import OperatorMetrics
+from kvcache_operator.validation import parse_duration as parse_seconds
 
 Manifest = dict[str, Any]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -780,9 +780,7 @@ def _parse_time(text: str | None) -> float | None:
 
 
 def parse_duration(text: str) -> float:
-    """'30s', '500ms', '2m', '1h' -> seconds (api.DURATION_PATTERN)."""
-    match = re.fullmatch(r"([0-9]+)(ms|s|m|h)", text)
-    if match is None:
-        raise ValueError(f"spec.metrics.scrapeInterval: expected e.g. '30s', got {text!r}")
-    value, unit = int(match.group(1)), match.group(2)
-    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    """'30s', '500ms', '2m', '1h' -> seconds, held within the API's bounds (1s..1h): a spec stored
+    before the webhook refused it (``0s``) must not make the loop spin. ValueError if not a duration."""
+    low, high = (float(parse_seconds(t)) for t in (api.MIN_SCRAPE_INTERVAL, api.MAX_SCRAPE_INTERVAL))
+    return min(max(float(parse_seconds(text)), low), high)

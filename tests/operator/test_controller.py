@@ -297,3 +297,16 @@ def test_the_watched_kinds_may_be_listed_and_watched(namespaced: bool) -> None:
     peering = rbac.permission_set(namespaced=namespaced, peering=True)
     kind = k8s.KOPFPEERINGS if namespaced else k8s.CLUSTERKOPFPEERINGS
     assert (kind.group, kind.plural, "get") in peering & k8s.PEERING_CALLS
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30.0), ("500ms", 1.0), ("0s", 1.0), ("2m", 120.0), ("2h", 3600.0)]
+)
+def test_the_control_loop_interval_stays_within_the_apis_bounds(text: str, seconds: float) -> None:
+    """A scrapeInterval stored before the webhook refused it (0s) must not make the loop spin."""
+    assert controller.parse_duration(text) == seconds
+
+
+def test_the_control_loop_interval_refuses_what_is_not_a_duration() -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        controller.parse_duration("30 seconds")
