@@ -330,7 +330,7 @@ class Phase(enum.StrEnum):
     FAILED = "Failed"
 
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "BackupSucceeded", "Autoscaling")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "BackupSucceeded", "Autoscaling", "RestartPending")
 
 
 class _Model(BaseModel):

@@ -461,6 +461,7 @@ def build_status(
             degraded,
             _backup_condition(cond, last_backup),
             _autoscaling_condition(cond, kvc),
+            _restart_condition(cond, statefulset, live_pods),
         ],
         "replicas": int(((statefulset or {}).get("status") or {}).get("replicas") or len(pods)),
         "readyReplicas": ready,
@@ -507,6 +508,29 @@ def _backup_condition(cond: Any, last_backup: Mapping[str, Any] | None) -> Manif
         return dict(cond("BackupSucceeded", None, "NoBackupYet", ""))
     ok = bool(last_backup.get("succeeded"))
     return dict(cond("BackupSucceeded", ok, "Succeeded" if ok else "Failed", f"job {last_backup.get('job')}"))
+
+
+REVISION_LABEL = "controller-revision-hash"
+
+
+def _restart_condition(
+    cond: Any, statefulset: Mapping[str, Any] | None, pods: Sequence[Manifest]
+) -> Manifest:
+    """RestartPending: engines still run an older pod template (a non-live field or the image
+    changed; live fields never change the template). True until every pod has rolled."""
+    update = ((statefulset or {}).get("status") or {}).get("updateRevision")
+    stale = sorted(
+        p["metadata"]["name"]
+        for p in pods
+        if update and (p["metadata"].get("labels") or {}).get(REVISION_LABEL) != update
+    )
+    if not stale:
+        return dict(cond("RestartPending", False, "UpToDate", "every engine runs the current pod template"))
+    message = (
+        f"{len(stale)}/{len(pods)} engines run an older pod template (a field that needs a restart "
+        f"changed); they restart one by one: {', '.join(stale)}"
+    )
+    return dict(cond("RestartPending", True, "PodTemplateChanged", _cut(message, MAX_MESSAGE_CHARS)))
 
 
 def _autoscaling_condition(cond: Any, kvc: api.KVCache) -> Manifest:

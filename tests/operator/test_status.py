@@ -391,8 +391,28 @@ def test_invalid_spec_status_keeps_the_other_conditions() -> None:
         "Progressing",
         "BackupSucceeded",
         "Autoscaling",
+        "RestartPending",
     ]
     assert next(c for c in status["conditions"] if c["type"] == "Progressing")["lastTransitionTime"] == "t1"
+
+
+def _on_revision(pod: dict[str, Any], revision: str) -> dict[str, Any]:
+    pod["metadata"].setdefault("labels", {})["controller-revision-hash"] = revision
+    return pod
+
+
+def test_restart_pending_until_every_pod_runs_the_current_template() -> None:
+    rolling_sts = {**STS, "status": {**(STS.get("status") or {}), "updateRevision": "kvc-new"}}
+    old = [
+        _on_revision(make_pod("c-0", ready=True), "kvc-old"),
+        _on_revision(make_pod("c-1", ready=True), "kvc-new"),
+    ]
+    status = build(old, statefulset=rolling_sts, rolling=True)
+    state, reason, message = cond(status, "RestartPending")
+    assert (state, reason) == ("True", "PodTemplateChanged")
+    assert message.startswith("1/2 engines run an older pod template") and message.endswith("c-0")
+    done = [_on_revision(make_pod(n, ready=True), "kvc-new") for n in ("c-0", "c-1")]
+    assert cond(build(done, statefulset=rolling_sts), "RestartPending")[:2] == ("False", "UpToDate")
 
 
 # --- events ----------------------------------------------------------------------------------------
