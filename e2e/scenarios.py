@@ -605,3 +605,29 @@ def killed_engine_shows_in_status(driver: Driver, name: str) -> None:
     wait_ready(driver, name, 1, timeout_s=60)
     assert degraded(driver, name) is None
     delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=False, replicas=1)
+
+
+def max_tokens_patch_is_live(driver: Driver, name: str) -> None:
+    """A ``spec.cache.maxTokens`` patch inside the tuning bounds reaches every engine's running
+    config without a new pod (same uids, same StatefulSet template) and raises no RestartPending."""
+    tuning = {"mode": "DryRun", "maxTokensMin": 1024, "maxTokensMax": 65536}
+    create_ready(driver, name, replicas=1, persistence={"enabled": False}, backup={"enabled": False},
+                 autoscaling={"mode": "Off"}, tuning=tuning)  # fmt: skip
+    uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in engine_pods(driver, name)}
+    sts = driver.get("StatefulSet", name)
+    assert sts is not None
+    template = sts["spec"]["template"]
+    driver.patch("KVCache", name, {"spec": {"cache": {"maxTokens": 16384}}})
+    tok = token(driver, name)
+
+    def applied() -> bool | None:
+        urls = ready_endpoints(driver, name)
+        configs = [http_json(f"{url}/v1/config", tok) for url in urls]
+        return (bool(urls) and all(c.get("config", c).get("maxTokens") == 16384 for c in configs)) or None
+
+    driver.wait_for(applied, 30, "the engines running maxTokens 16384")
+    after = driver.get("StatefulSet", name)
+    assert after is not None and after["spec"]["template"] == template
+    assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in engine_pods(driver, name)} == uids
+    assert condition(driver.get("KVCache", name), "RestartPending") in (None, "False")
+    delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=False, replicas=1)

@@ -39,3 +39,7 @@ def test_an_engine_that_cannot_allocate_its_pool_degrades_the_kvcache_with_its_r
 
 def test_a_killed_engine_shows_in_status_and_as_an_event(driver: LocalDriver) -> None:
     scenarios.killed_engine_shows_in_status(driver, "killed")
+
+
+def test_a_max_tokens_patch_is_live_without_a_new_pod(driver: LocalDriver) -> None:
+    scenarios.max_tokens_patch_is_live(driver, "livepatch")
