@@ -367,3 +367,118 @@ def test_every_engine_mount_is_protected_from_the_model_mount() -> None:
     for mount in own:
         with pytest.raises(api.SpecError, match="cannot be the model's mount path"):
             api.parse_kvcache(h.make_kvcache({"model": {"claimName": "models", "mountPath": mount}}))
+
+
+# --- whatever the models accept, Kubernetes accepts -------------------------------------------------------
+
+
+def _some(valid: list[Any], invalid: list[Any]) -> st.SearchStrategy[Any]:
+    """Mostly valid values (about 9 in 10), sometimes hostile ones (the models must refuse those)."""
+    return st.sampled_from(valid * (9 * max(1, len(invalid)) // len(valid) + 1) + invalid)
+
+
+_LABELS = st.dictionaries(
+    _some(["tier", "example.com/pool", "a_b.c"], ["bad key!", "-x", "a/b/c", "Ex.com/k"]),
+    _some(["", "gpu", "a-1"], ["bad value", "x" * 64]),
+    max_size=2,
+)
+_hostile_specs = st.fixed_dictionaries(
+    {},
+    optional={
+        "replicas": st.integers(0, 3),
+        "image": _some(["engine:1", "ghcr.io/org/engine@sha256:" + "a" * 64], ["Engine:1", "a b"]),
+        "cache": st.fixed_dictionaries(
+            {"maxTokens": st.sampled_from([256, 1000, 65536]), "numLayers": st.integers(1, 4)},
+            optional={"device": _some(["cpu", "auto"], ["gpu"]), "pinMemory": st.booleans()},
+        ),
+        "resources": st.fixed_dictionaries(
+            {},
+            optional={
+                "cpu": _some(["500m", "2", "1.5", "+1"], ["-1", "0", "1K", "2000"]),
+                "cpuLimit": _some(["2", "4"], ["100m"]),
+                "memory": _some(["8Gi", "2G"], ["1Mi", "-8Gi", "1Ei"]),
+                "memoryOverhead": _some(["0", "512Mi", "1e9"], ["1Ei", "1_0"]),
+                "gpus": st.integers(0, 1),
+            },
+        ),
+        "persistence": st.fixed_dictionaries(
+            {"enabled": st.booleans()},
+            optional={
+                "size": _some(["1Gi", "500G", "1.5Ti"], ["0", "-5Gi", "2Pi", "5KiMi"]),
+                "storageClassName": _some(["fast-ssd"], ["Fast SSD"]),
+            },
+        ),
+        "backup": st.fixed_dictionaries(
+            {},
+            optional={
+                "enabled": st.booleans(),
+                "schedule": _some(
+                    ["0 3 * * *", "@daily", "*/15 * * * MON-FRI"], ["61 * * * *", "0 0 30 2 *"]
+                ),
+                "size": _some(["10Gi"], ["0"]),
+                "claimName": _some(["backups"], ["Backups_1"]),
+            },
+        ),
+        "model": st.fixed_dictionaries(
+            {"claimName": _some(["models"], ["My Models"])},
+            optional={
+                "path": _some(["llama", "m/x.gguf"], ["/etc", "../x"]),
+                "mountPath": _some(["/models", "/opt/m"], ["/tmp", "models", "/var/lib/kvcache/x"]),
+            },
+        ),
+        "scheduling": st.fixed_dictionaries(
+            {},
+            optional={
+                "nodeSelector": _LABELS,
+                "tolerations": st.lists(
+                    st.fixed_dictionaries(
+                        {"key": _some(["gpu", "example.com/x"], ["bad key"])},
+                        optional={
+                            "operator": st.sampled_from(["Exists", "Equal"]),
+                            "value": _some(["a"], ["x" * 64]),
+                            "effect": st.sampled_from(["NoSchedule", "NoExecute"]),
+                            "tolerationSeconds": st.integers(0, 60),
+                        },
+                    ),
+                    max_size=2,
+                ),
+                "priorityClassName": _some(["high"], ["High"]),
+            },
+        ),
+        "auth": st.fixed_dictionaries(
+            {}, optional={"existingSecret": _some(["tok"], ["my secret"]), "secretKey": _some(["k"], ["a/b"])}
+        ),
+        "metrics": st.fixed_dictionaries(
+            {"serviceMonitor": st.booleans()},
+            optional={
+                "scrapeInterval": _some(["30s", "1s", "1h"], ["0s", "2h", "1m30s"]),
+                "serviceMonitorLabels": _LABELS,
+            },
+        ),
+        "networkPolicy": st.fixed_dictionaries(
+            {"enabled": st.booleans()},
+            optional={"clientPodSelector": _LABELS, "operatorNamespace": _some(["ops"], ["Ops.x"])},
+        ),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=_hostile_specs)
+def test_every_spec_the_models_accept_builds_children_kubernetes_accepts(spec: dict[str, Any]) -> None:
+    """1.29 and 1.35 schemas, strictly: whatever admission lets through reaches no API server error."""
+    from hypothesis import event
+
+    from kvcache_operator.resources import build_children
+
+    obj = h.make_kvcache(spec)
+    try:
+        api.parse_kvcache(obj)
+    except api.SpecError as exc:
+        event("refused")
+        for line in str(exc).splitlines():
+            _in_words(line)
+        return
+    event("accepted")
+    for manifest in build_children(obj, token="t"):
+        h.kube_validate(manifest)
