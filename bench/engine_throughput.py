@@ -2,9 +2,13 @@
 head_dim 128, 16 tokens, fp16: 2 MiB per block), per codec.
 
     python -m bench.engine_throughput [--blocks 128] [--chain 8] [--codecs none,int8,int4]
-                                      [--torch-checksum] [--checksum-threads N] [--json]
+                                      [--torch-checksum] [--checksum-threads N] [--repeat 3]
+                                      [--no-curve] [--json]
 
-Each figure is the best of 3 runs. put: chains of ``--chain`` new blocks (encode + checksum +
+Each figure is the best of ``--repeat`` runs (3; a lookup pass takes well under a millisecond, so
+comparisons at the few-percent level want 30 or more). ``--no-curve`` turns the engine's
+miss-ratio-curve shadow off (entry cap 0); ``--curve-ab`` alternates puts and lookups between
+engines with and without it in one process. put: chains of ``--chain`` new blocks (encode + checksum +
 copy into the preallocated pool); lookup: the same prompts (hashing + index walk); get: decode
 of the cached prefix into a fresh ``[2, L, n, H, D]`` tensor; encode/decode: the codec alone on one
 prompt's ``--chain`` blocks (decode into a reused sequence buffer); validate: every stored block's
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,15 +33,21 @@ from rich.table import Table
 
 from kvcache_engine.core import block_pool
 from kvcache_engine.core.compression import make_codec
+from kvcache_engine.core.curve import ShadowCurve
 from kvcache_engine.engine import KVCacheEngine
 
 LLAMA8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "block_tokens": 16}
 
 
-def _best(fn: Callable[[], object], before: Callable[[], object] = lambda: None, repeat: int = 3) -> float:
-    """Best of ``repeat`` timings (the machine is shared: the best run is the least disturbed)."""
+class _Opts:
+    times = 3  # --repeat
+    no_curve = False  # --no-curve
+
+
+def _best(fn: Callable[[], object], before: Callable[[], object] = lambda: None) -> float:
+    """Best of ``--repeat`` timings (the machine is shared: the best run is the least disturbed)."""
     times = []
-    for _ in range(repeat):
+    for _ in range(_Opts.times):
         before()
         t0 = time.perf_counter()
         fn()
@@ -56,6 +67,8 @@ def run(codec: str, blocks: int, chain: int) -> dict[str, Any]:
     engine = KVCacheEngine(
         device="cpu", compression_codec=codec, max_tokens=(chains * chain + chain) * bt, enable_gc=False, **g
     )
+    if _Opts.no_curve:
+        engine._state.curve = ShadowCurve(max_entries=0)
     try:
         kv = torch.randn(2, g["num_layers"], chain * bt, g["num_kv_heads"], g["head_dim"]).half()
         prompts = [[c * 1_000_000 + i for i in range(chain * bt)] for c in range(chains)]
@@ -96,6 +109,60 @@ def run(codec: str, blocks: int, chain: int) -> dict[str, Any]:
         engine.close()
 
 
+_AB_LOOKUP_PASSES = 20
+
+
+def compare_curve(codec: str, blocks: int, chain: int) -> dict[str, Any]:
+    """Put and lookup passes alternated between an engine with the miss-ratio curve and one
+    without (entry cap 0), ``--repeat`` rounds each, in one process (cross-process noise on a shared
+    host is larger than the effect): best and median blocks/s of each, the ratio of the bests
+    and the median of the rounds' ratios (on/off throughput)."""
+    g = LLAMA8B
+    bt = g["block_tokens"]
+    chains = max(1, blocks // chain)
+    kv = torch.randn(2, g["num_layers"], chain * bt, g["num_kv_heads"], g["head_dim"]).half()
+    prompts = [[c * 1_000_000 + i for i in range(chain * bt)] for c in range(chains)]
+    engines: dict[str, KVCacheEngine] = {}
+    for name in ("off", "on"):
+        capacity = (chains * chain + chain) * bt
+        engines[name] = KVCacheEngine(
+            device="cpu", compression_codec=codec, max_tokens=capacity, enable_gc=False, **g
+        )
+    engines["off"]._state.curve = ShadowCurve(max_entries=0)
+    times: dict[str, dict[str, list[float]]] = {op: {"off": [], "on": []} for op in ("put", "lookup")}
+    try:
+        for r in range(_Opts.times):
+            order = ("off", "on") if r % 2 == 0 else ("on", "off")
+            for name in order:
+                e = engines[name]
+                e.clear_cache()
+                t0 = time.perf_counter()
+                _each(e.put, prompts, kv)
+                times["put"][name].append(time.perf_counter() - t0)
+            for name in order:
+                t0 = time.perf_counter()
+                for _ in range(_AB_LOOKUP_PASSES):  # one pass is well under a millisecond
+                    _each(engines[name].lookup, prompts)
+                times["lookup"][name].append((time.perf_counter() - t0) / _AB_LOOKUP_PASSES)
+        stats = engines["on"].get_stats()
+    finally:
+        for e in engines.values():
+            e.close()
+    n = chains * chain
+    row: dict[str, Any] = {"codec": codec, "blocks": n, "curve_sampling_rate": stats["curve_sampling_rate"]}
+    row["curve_entries"] = stats["curve_entries"]
+    for op, by in times.items():
+        for name, ts in by.items():
+            row[f"{op}_{name}_best"] = n / min(ts)
+            row[f"{op}_{name}_median"] = n / statistics.median(ts)
+        row[f"{op}_ratio_best"] = row[f"{op}_on_best"] / row[f"{op}_off_best"]
+        # Each round's on/off pair ran back to back: the median of their ratios cancels drift.
+        row[f"{op}_ratio_paired"] = statistics.median(
+            off / on for off, on in zip(by["off"], by["on"], strict=True)
+        )
+    return row
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bench.engine_throughput", description="engine put/lookup/get on CPU"
@@ -117,22 +184,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="threads the C kernel splits a large checksum over (default: up to 4, one per core)",
     )
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (the best counts)")
+    parser.add_argument("--no-curve", action="store_true", help="engines without the miss-ratio curve")
+    parser.add_argument(
+        "--curve-ab",
+        action="store_true",
+        help="instead: put and lookup alternated between engines with and without the curve",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    _Opts.times = max(1, args.repeat)
+    if args.no_curve:
+        _Opts.no_curve = True
     torch.set_num_threads(args.threads)
     if args.torch_checksum:
         block_pool.NATIVE_SUMS = None
     if args.checksum_threads is not None:
         block_pool._SUM_THREADS = max(1, args.checksum_threads)
-    rows = [run(c.strip(), args.blocks, args.chain) for c in args.codecs.split(",") if c.strip()]
+    bench = compare_curve if args.curve_ab else run
+    rows = [bench(c.strip(), args.blocks, args.chain) for c in args.codecs.split(",") if c.strip()]
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
     kernel = "C kernel" if block_pool.NATIVE_SUMS is not None else "torch"
+    what = "engine throughput (curve on/off)" if args.curve_ab else "engine throughput"
     table = Table(
-        title=f"engine throughput, Llama-8B block, CPU ({torch.get_num_threads()} torch threads, "
-        f"{kernel} checksums)"
+        title=f"{what}, Llama-8B block, CPU ({torch.get_num_threads()} torch threads, {kernel} checksums)"
     )
     for col in rows[0]:
         table.add_column(col, justify="right")

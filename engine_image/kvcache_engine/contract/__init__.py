@@ -9,6 +9,8 @@
 * ``admin``     — endpoint paths (``P``) and the one admin client (``AdminClient``, ``SyncAdminClient``).
 * ``tokens``    — the one token resolver (``resolve_token``, ``TokenSource``).
 * ``placement`` — route key and rendezvous order (which replica holds a chain).
+* ``curve``     — the hit-rate curve an engine predicts (``HitRateCurve``), its wire form, the
+                  merge across replicas, and the miss reasons (``MISS_REASONS``).
 """
 
 from kvcache_engine.contract.admin import MAX_JSON_BYTES, AdminClient, AdminError, P, SyncAdminClient
@@ -28,6 +30,7 @@ from kvcache_engine.contract.cache import (
     load_config,
     payload_layout,
 )
+from kvcache_engine.contract.curve import CURVE_MULTIPLES, MISS_REASONS, HitRateCurve, merge_curves
 from kvcache_engine.contract.live import LIVE_FIELDS, TUNED_FIELDS, LiveConfig
 from kvcache_engine.contract.metrics import EngineStats, M, parse_engine_stats
 from kvcache_engine.contract.placement import node_id, rendezvous_order, rendezvous_owner, route_key
@@ -47,9 +50,11 @@ from kvcache_engine.contract.tokens import TokenError, TokenSource, read_token_f
 __all__ = [
     "CODEC_BYTES_PER_FP16_BYTE",
     "CODEC_GROUP_SIZE",
+    "CURVE_MULTIPLES",
     "DTYPE_BYTES",
     "LIVE_FIELDS",
     "MAX_JSON_BYTES",
+    "MISS_REASONS",
     "SLOT_ALIGN_BYTES",
     "SLOT_OVERHEAD_BYTES",
     "STAGING_MB_DEFAULT",
@@ -60,6 +65,7 @@ __all__ = [
     "Codec",
     "ConfigError",
     "EngineStats",
+    "HitRateCurve",
     "KVCacheConfig",
     "LiveConfig",
     "M",
@@ -74,6 +80,7 @@ __all__ = [
     "format_validation_error",
     "load_config",
     "memory_request_bytes",
+    "merge_curves",
     "node_id",
     "parse_engine_stats",
     "payload_layout",

@@ -33,6 +33,7 @@ class Maintenance:
         with st.lock:
             for e in list(st.index):
                 st.tiers[e.tier].pool.free(e.slot)
+                st.curve.evicted(e.hash, "cleared")
             st.index.clear()
             for t in st.tiers:
                 t.strategy.clear()

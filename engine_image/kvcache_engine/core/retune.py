@@ -20,6 +20,7 @@ from kvcache_engine.contract.live import LIVE_FIELDS
 from kvcache_engine.contract.sizing import pool_blocks
 from kvcache_engine.core.block_pool import BlockPool, payload_checksum
 from kvcache_engine.core.compression import Codec
+from kvcache_engine.core.curve import curve_entries_for
 from kvcache_engine.core.eviction import LRUStrategy, make_strategy
 from kvcache_engine.core.gc import BackgroundGC
 from kvcache_engine.core.hashing import BlockHash
@@ -119,6 +120,7 @@ class Retuner:
         st.tiers[PRIMARY] = Tier(PRIMARY, pool, strategy)
         if old_codec is not st.codec and len(st.tiers) > 1:
             self._transcode_lower(old_codec)
+        st.curve.set_max_entries(curve_entries_for(st.pool_bytes()))
 
     def _keep_hottest(self, tier: Tier, slots: int) -> list[BlockHash]:
         """Drop all but the (at most ``slots``) hottest blocks of ``tier`` whose parent is kept or
@@ -136,7 +138,7 @@ class Retuner:
                 kept.add(h)
         for h in hottest_first:
             if h not in kept and h in st.index:
-                self._slots.drop(h, tier)
+                self._slots.drop(h, tier, reason="retune")
         return [h for h in keep if h in st.index]
 
     def _transcode_lower(self, old_codec: Codec) -> None:
@@ -158,5 +160,5 @@ class Retuner:
             strategy.insert(h)
         for h in list(lower.strategy.order()):
             if h not in strategy and h in st.index:
-                self._slots.drop(h, lower)
+                self._slots.drop(h, lower, reason="retune")
         st.tiers[SECONDARY] = Tier(SECONDARY, pool, strategy)

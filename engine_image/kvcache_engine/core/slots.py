@@ -82,10 +82,12 @@ class SlotAllocator:
                 return
         self.drop(h, tier)
 
-    def drop(self, h: BlockHash, tier: Tier) -> None:
-        """Remove ``h`` and its descendants from the cache (descendants first)."""
+    def drop(self, h: BlockHash, tier: Tier, reason: str = "capacity") -> None:
+        """Remove ``h`` and its descendants from the cache (descendants first); ``reason`` (the
+        curve's miss reason: ``capacity`` or ``retune``) is remembered for sampled blocks."""
         st = self._state
         for node in st.index.subtree(h):
+            st.curve.evicted(node, reason)
             e = st.index.remove(node)
             t = st.tiers[e.tier]
             t.pool.free(e.slot)

@@ -20,6 +20,7 @@ import torch
 from kvcache_engine.contract.cache import KVCacheConfig
 from kvcache_engine.contract.sizing import pool_blocks
 from kvcache_engine.core.compression import Codec, make_codec
+from kvcache_engine.core.curve import ShadowCurve, curve_entries_for
 from kvcache_engine.core.eviction import LRUStrategy, make_strategy
 from kvcache_engine.core.hashing import BlockHash
 from kvcache_engine.core.prefix_index import BlockEntry, PrefixIndex
@@ -33,9 +34,13 @@ from kvcache_engine.core.tiers import (
     resolve_device,
 )
 
-__all__ = ["EngineState", "sized_by"]
+__all__ = ["CURVE_CPU_SHARE", "EngineState", "sized_by"]
 
 log = logging.getLogger("kvcache_engine")
+
+CURVE_CPU_SHARE = 0.04
+"""The curve's sampled work may take this share of the lookups' time (it lowers its sampling
+rate to stay under it): with the unsampled check, within 5 % of lookup throughput."""
 
 
 def sized_by(cfg: KVCacheConfig, slots: int) -> str:
@@ -67,6 +72,9 @@ class EngineState:
         self.codec = self.codec_for(cfg.codec)
         self.tiers: list[Tier] = []
         self._build_tiers(cfg)
+        # The miss-ratio curve's shadow, within 1 % of the pools' bytes and a share of lookup CPU.
+        self.curve = ShadowCurve(curve_entries_for(self.pool_bytes()), cpu_share=CURVE_CPU_SHARE)
+        self.exact_miss_reasons: dict[str, int] = {}  # blocks missed for reasons seen exactly
 
     def codec_for(self, name: str) -> Codec:
         """The codec ``name`` for this engine's geometry (made once, then cached)."""
@@ -102,6 +110,14 @@ class EngineState:
             log.info("enable_prefetch has no effect without a CUDA tier backed by a CPU tier")
 
     # -- queries under the lock
+
+    def pool_bytes(self) -> int:
+        """Bytes of every tier's pool."""
+        return sum(t.pool.nbytes for t in self.tiers)
+
+    def capacity_blocks(self) -> int:
+        """Blocks the engine can hold (every tier): what a lookup can find."""
+        return sum(t.pool.num_slots for t in self.tiers)
 
     def entry(self, h: BlockHash) -> BlockEntry:
         """The index entry of ``h``; the caller checked the index under the lock."""

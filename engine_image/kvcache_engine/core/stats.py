@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvcache_engine.contract.curve import MISS_REASONS
 from kvcache_engine.core.tiers import PRIMARY, SECONDARY
 
 if TYPE_CHECKING:
     from kvcache_engine.core.state import EngineState
 
-__all__ = ["LATENCY_BUCKETS_MS", "AccessHistory", "Counters", "Latency", "collect_stats"]
+__all__ = ["LATENCY_BUCKETS_MS", "AccessHistory", "Counters", "Latency", "collect_stats", "curve_stats"]
 
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
@@ -143,7 +144,28 @@ def collect_stats(state: EngineState) -> dict[str, Any]:
             cpu_tier_used_blocks=lower.used if lower is not None else 0,
             **device_memory(state.device),
         )
+        stats.update(curve_stats(state))
         return stats
+
+
+def curve_stats(state: EngineState) -> dict[str, Any]:
+    """The miss-ratio curve at the engine's capacity (``curve``: None without one), the
+    estimated and exact miss reasons (blocks, cumulative) and the shadow's own cost."""
+    shadow = state.curve
+    c = state.counters
+    curve = shadow.curve(state.capacity_blocks(), requested_blocks=c.cache_hits + c.cache_misses)
+    reasons = dict.fromkeys(MISS_REASONS, 0.0)
+    for source in (shadow.miss_reasons, state.exact_miss_reasons):
+        for reason, blocks in source.items():
+            reasons[reason] = reasons.get(reason, 0.0) + blocks
+    return {
+        "curve": curve.to_dict() if curve is not None else None,
+        "miss_reasons": reasons,
+        "curve_entries": shadow.entries,
+        "curve_max_entries": shadow.max_entries,
+        "curve_memory_bytes": shadow.memory_bytes(),
+        "curve_sampling_rate": shadow.rate,
+    }
 
 
 def device_memory(device: torch.device) -> dict[str, int]:

@@ -219,6 +219,11 @@ class BlockStore:
         new = {h for h, _, _ in stored}
         for h in reversed(hashes[: present + len(stored)]):
             st.touch(h, inserted=h in new)
+        touched = hashes[: present + len(stored)]
+        if touched and min(touched) < st.curve.threshold:
+            st.curve.stored(
+                touched, parent, requested_blocks=st.counters.cache_hits + st.counters.cache_misses
+            )
         st.counters.bytes_in += len(stored) * st.codec.stored_bytes()
 
     def _check_kv(self, kv: Any, num_tokens: int) -> torch.Tensor:
@@ -255,6 +260,10 @@ class BlockStore:
             c.cache_misses += len(hs) - n
             st.history.record(hs, n)
             self._slots.prefetch(hs, n)
+            curve = st.curve
+            if hs and min(hs) < curve.threshold:  # one check per lookup; the rest when sampled
+                seconds = st.latency.sums["lookup"] / 1000
+                curve.lookup(hs, n, requested_blocks=c.cache_hits + c.cache_misses, lookup_seconds=seconds)
             st.latency.record("lookup", (time.perf_counter() - t0) * 1000)
             return n
 

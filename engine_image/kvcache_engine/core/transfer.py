@@ -93,6 +93,7 @@ class BlockTransfer:
             # parent ends up at least as hot as its children.
             for h in reversed(stored):
                 st.tiers[PRIMARY].strategy.insert(h)
+            st.curve.imported([(h, st.entry(h).parent) for h in reversed(stored)])
             for h in ancestors:
                 st.tiers[st.entry(h).tier].strategy.touch(h)
             st.counters.bytes_in += len(stored) * st.codec.stored_bytes()
