@@ -157,9 +157,17 @@ class KVCacheEngine:
         """Cached leading tokens of ``tokens`` (a multiple of block_tokens). Counts as a request."""
         return self.lookup_hashes(self.block_hashes(tokens)) * self._state.config.block_tokens
 
-    def lookup_hashes(self, hashes: Sequence[BlockHash]) -> int:
-        """Leading cached blocks of this chain. Counts as a request (hits, misses, tokens)."""
-        return self._store.lookup_hashes(hashes)
+    def lookup_hashes(self, hashes: Sequence[BlockHash], *, namespace: str | None = None) -> int:
+        """Leading cached blocks of this chain. Counts as a request (hits, misses, tokens).
+        ``namespace``: the one the caller hashed the chain under, when it says; its misses count
+        as ``namespace_mismatch`` when that is not this engine's."""
+        return self._store.lookup_hashes(hashes, namespace=namespace)
+
+    def count_client_misses(self, reason: str, blocks: int) -> None:
+        """Blocks a client asked for and did not get because its own call failed
+        (``client_timeout``, ``client_error``), as it reported them: counted with the miss
+        reasons. Raises ValueError naming ``reason`` or ``blocks``."""
+        self._store.count_client_misses(reason, blocks)
 
     def get(self, tokens: Any) -> torch.Tensor:
         """KV of the cached prefix of ``tokens``: ``[2, L, n, H, D]`` with n = lookup(tokens)

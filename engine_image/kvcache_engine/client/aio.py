@@ -102,6 +102,7 @@ class AsyncKVCacheClient(ClientBase[AsyncConn]):
     async def lookup(self, tokens: Any) -> int:
         """Cached leading tokens; 0 on any failure (see :meth:`KVCacheClient.lookup`)."""
         started = time.perf_counter()
+        call = None
         try:
             call = self._core.lookup_call(
                 await self._geometry(time.monotonic() + self._core.timeout_s), tokens
@@ -110,22 +111,23 @@ class AsyncKVCacheClient(ClientBase[AsyncConn]):
                 return 0
             blocks = await self._call(call)
         except Exception as exc:
-            self._core.fail("lookup", exc, started)
+            self._core.lookup_failed(call, exc, started)
             return 0
         return self._core.lookup_done(call, blocks, started)
 
     async def get(self, tokens: Any, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """KV of the cached prefix or None (see :meth:`KVCacheClient.get`, ``out`` included)."""
         started = time.perf_counter()
+        get_call = None
         try:
-            call = self._core.get_call(
+            call = get_call = self._core.get_call(
                 await self._geometry(time.monotonic() + self._core.timeout_s), tokens, out
             )
             if call is None:
                 return None
             await self._call(call)
         except Exception as exc:
-            self._core.get_failed(exc, started)
+            self._core.get_failed(exc, started, get_call)
             return None
         return self._core.get_done(call, started)
 

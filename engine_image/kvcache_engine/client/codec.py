@@ -154,8 +154,11 @@ def tokens_list(tokens: Any) -> list[int]:
     return [int(t) for t in tokens] if not isinstance(tokens, list) else tokens
 
 
-def hashes_body(hashes: list[int]) -> bytes:
-    return json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
+def hashes_body(hashes: list[int], **extra: Any) -> bytes:
+    """A lookup/get body: the chain, plus ``extra`` keys whose value is not None."""
+    doc: dict[str, Any] = {"hashes": hashes}
+    doc.update((k, v) for k, v in extra.items() if v is not None)
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 CONFIG_REQ = Req("GET", "/v1/config")

@@ -78,6 +78,7 @@ class Call(Generic[T]):
     budget: float
     parse: Callable[[bytes], T]
     sink: GetSink | None = None
+    carried: dict[str, int] | None = None  # client misses this lookup reports (given back if it fails)
 
     @property
     def root(self) -> int:
@@ -156,6 +157,7 @@ class ClientCore:
         self._resolved_at = 0.0
         self._endpoints: list[str] = [self._normalise(e) for e in endpoints] if endpoints is not None else []
         self._last_warning: dict[str, float] = {}  # before _resolve(), which may warn
+        self._missed: dict[str, int] = {}  # blocks failed lookups/gets missed, not yet reported
         if service is not None:
             self._resolve()
 
@@ -254,8 +256,11 @@ class ClientCore:
         hashes = self.hashes(geometry, tokens)
         if not hashes:
             return None
-        req = Req("POST", "/v1/lookup", "application/json", [hashes_body(hashes)])
-        return Call(geometry, hashes, req, self.timeout_s, field_parser("cached_blocks", len(hashes)))
+        carried = self._take_missed()
+        body = hashes_body(hashes, namespace=geometry.namespace, client_misses=carried or None)
+        req = Req("POST", "/v1/lookup", "application/json", [body])
+        parse = field_parser("cached_blocks", len(hashes))
+        return Call(geometry, hashes, req, self.timeout_s, parse, carried=carried or None)
 
     def get_call(self, geometry: ClientGeometry, tokens: Any, out: torch.Tensor | None) -> Call[bytes] | None:
         """The get of ``tokens`` (None when they hold no full block); its frame is received
@@ -283,6 +288,29 @@ class ClientCore:
         return [int(h) for h in chain_hashes(geometry.namespace, tokens_list(tokens), geometry.block_tokens)]
 
     # -- outcomes ----------------------------------------------------------------
+
+    def _take_missed(self) -> dict[str, int]:
+        """The client misses not reported yet (the next lookup carries them to its engine)."""
+        with self._lock:
+            missed, self._missed = self._missed, {}
+        return missed
+
+    def note_missed(self, call: Call[Any] | None, exc: BaseException) -> None:
+        """A lookup or get failed: its blocks are misses the engines never saw (reported with the
+        next lookup as ``client_timeout`` or ``client_error``), and so are those it carried."""
+        if call is None:
+            return
+        reason = "client_timeout" if isinstance(exc, CacheTimeoutError) else "client_error"
+        with self._lock:
+            self._missed[reason] = self._missed.get(reason, 0) + len(call.hashes)
+            for r, blocks in (call.carried or {}).items():
+                self._missed[r] = self._missed.get(r, 0) + blocks
+
+    def lookup_failed(self, call: Call[int] | None, exc: BaseException, started: float) -> None:
+        """Count a failed lookup (``call`` None when it failed before it was built); re-raise in
+        strict mode."""
+        self.note_missed(call, exc)
+        self.fail("lookup", exc, started)
 
     def fail(self, op: str, exc: BaseException, started: float) -> None:
         """Count a failed call; re-raise in strict mode."""
@@ -318,8 +346,9 @@ class ClientCore:
         self.ok("get", started)
         return kv if n else None
 
-    def get_failed(self, exc: BaseException, started: float) -> None:
+    def get_failed(self, exc: BaseException, started: float, call: Call[bytes] | None = None) -> None:
         """Count a failed get (a miss of nothing requested); re-raise in strict mode."""
+        self.note_missed(call, exc)
         self.fail("get", exc, started)
         self.count_lookup(0, 0)
 

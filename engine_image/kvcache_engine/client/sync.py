@@ -143,13 +143,14 @@ class KVCacheClient(ClientBase[SyncConn]):
     def lookup(self, tokens: Any) -> int:
         """Cached leading tokens of ``tokens`` (a multiple of block_tokens); 0 on any failure."""
         started = time.perf_counter()
+        call = None
         try:
             call = self._core.lookup_call(self._geometry(time.monotonic() + self._core.timeout_s), tokens)
             if call is None:
                 return 0
             blocks = self._call(call)
         except Exception as exc:  # never into inference (strict re-raises in fail())
-            self._core.fail("lookup", exc, started)
+            self._core.lookup_failed(call, exc, started)
             return 0
         return self._core.lookup_done(call, blocks, started)
 
@@ -166,13 +167,16 @@ class KVCacheClient(ClientBase[SyncConn]):
         get only once every reference to it is gone, which spares the page faults of a fresh
         128 MiB allocation per call."""
         started = time.perf_counter()
+        get_call = None
         try:
-            call = self._core.get_call(self._geometry(time.monotonic() + self._core.timeout_s), tokens, out)
+            call = get_call = self._core.get_call(
+                self._geometry(time.monotonic() + self._core.timeout_s), tokens, out
+            )
             if call is None:
                 return None
             self._call(call)
         except Exception as exc:
-            self._core.get_failed(exc, started)
+            self._core.get_failed(exc, started, get_call)
             return None
         return self._core.get_done(call, started)
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "CLIENT_MISS_REASONS",
     "CURVE_MULTIPLES",
     "MISS_REASONS",
     "HitRateCurve",
@@ -45,6 +46,10 @@ MISS_REASONS: tuple[str, ...] = (
 never stored here before; evicted to make room; dropped by a live retune (a smaller pool or a
 codec change); dropped by an admin clear; asked under another namespace (model key) than the
 engine's; the client's call ran out of time; the client's call failed."""
+
+
+CLIENT_MISS_REASONS: tuple[str, ...] = ("client_timeout", "client_error")
+"""The reasons a client reports itself (on its next lookup: the ``client_misses`` of its body)."""
 
 
 def multiple_label(multiple: float) -> str:

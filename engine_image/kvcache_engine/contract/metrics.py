@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvcache_engine.contract.curve import HitRateCurve
+
 __all__ = ["EngineStats", "M", "parse_engine_stats"]
 
 
@@ -33,6 +35,7 @@ class M:
     PERSIST_FAILURES = "kvcache_persist_failures"
     PERSIST_FAILURES_BY_REASON = "kvcache_persist_failures_by_reason"
     QUARANTINED_SEGMENTS = "kvcache_quarantined_segments"
+    MISSES_BY_REASON = "kvcache_misses_by_reason"  # label reason (contract.curve.MISS_REASONS)
     # gauges
     CAPACITY_BLOCKS = "kvcache_capacity_blocks"
     USED_BLOCKS = "kvcache_used_blocks"
@@ -46,6 +49,15 @@ class M:
     LAST_PERSIST_TIMESTAMP = "kvcache_last_persist_timestamp_seconds"
     DEVICE_MEMORY_BYTES = "kvcache_device_memory_bytes"  # label kind: allocated|reserved|total
     INFO = "kvcache_info"  # labels codec, strategy, device, namespace
+    # the miss-ratio curve (contract.curve): predicted hit rate at multiples of the capacity
+    CURVE_HIT_RATE = "kvcache_curve_hit_rate"  # label multiple (contract.curve.multiple_label)
+    CURVE_CEILING = "kvcache_curve_ceiling"
+    CURVE_CAPACITY_BLOCKS = "kvcache_curve_capacity_blocks"
+    CURVE_SAMPLES = "kvcache_curve_samples"
+    CURVE_WEIGHT_BLOCKS = "kvcache_curve_weight_blocks"
+    CURVE_SAMPLING_RATE = "kvcache_curve_sampling_rate"
+    CURVE_ENTRIES = "kvcache_curve_entries"
+    CURVE_MEMORY_BYTES = "kvcache_curve_memory_bytes"
     # histogram
     OP_LATENCY_MS = "kvcache_op_latency_ms"  # label op
 
@@ -70,6 +82,14 @@ _GAUGE_FIELDS = {
     M.BLOCK_TOKENS: "block_tokens",
     M.READY: "ready",
     M.LAST_PERSIST_TIMESTAMP: "last_persist_unix",
+    M.CURVE_SAMPLING_RATE: "curve_sampling_rate",
+    M.CURVE_MEMORY_BYTES: "curve_memory_bytes",
+}
+_CURVE_SCALARS = {
+    M.CURVE_CEILING: "ceiling",
+    M.CURVE_CAPACITY_BLOCKS: "capacity_blocks",
+    M.CURVE_SAMPLES: "samples",
+    M.CURVE_WEIGHT_BLOCKS: "weight",
 }
 
 
@@ -101,12 +121,21 @@ class EngineStats:
     device: str | None = None
     # cumulative (upper bound ms, count) of lookups, +Inf last
     lookup_latency_buckets: tuple[tuple[float, float], ...] = ()
+    # blocks missed by reason (contract.curve.MISS_REASONS; the shadow's are estimates)
+    misses_by_reason: Mapping[str, float] = field(default_factory=dict)
+    # the predicted hit-rate curve (None from an engine without one, or before the curve)
+    curve: HitRateCurve | None = None
+    curve_sampling_rate: float = 0.0
+    curve_memory_bytes: float = 0.0
 
 
 def parse_engine_stats(text: str, *, latency_op: str = "lookup") -> EngineStats:
     """Parse Prometheus text into EngineStats (ValueError on text the parser refuses)."""
     values: dict[str, float] = {}
     reasons: dict[str, float] = {}
+    misses: dict[str, float] = {}
+    curve_rates: dict[str, float] = {}
+    curve_scalars: dict[str, float] = {}
     info: dict[str, str] = {}
     buckets: list[tuple[float, float]] = []
     for family in text_string_to_metric_families(text):
@@ -115,6 +144,12 @@ def parse_engine_stats(text: str, *, latency_op: str = "lookup") -> EngineStats:
             base = name.removesuffix("_total")
             if base == M.PERSIST_FAILURES_BY_REASON:
                 reasons[labels.get("reason", "")] = value
+            elif base == M.MISSES_BY_REASON and name.endswith("_total"):
+                misses[labels.get("reason", "")] = value
+            elif name == M.CURVE_HIT_RATE:
+                curve_rates[labels.get("multiple", "")] = value
+            elif name in _CURVE_SCALARS:
+                curve_scalars[_CURVE_SCALARS[name]] = value
             elif name.endswith("_total") and base in _COUNTER_FIELDS:
                 values[_COUNTER_FIELDS[base]] = value
             elif name in _GAUGE_FIELDS:
@@ -134,4 +169,19 @@ def parse_engine_stats(text: str, *, latency_op: str = "lookup") -> EngineStats:
         strategy=info.get("strategy"),
         device=info.get("device"),
         lookup_latency_buckets=tuple(buckets),
+        misses_by_reason=misses,
+        curve=_curve(curve_rates, curve_scalars),
+    )
+
+
+def _curve(rates: dict[str, float], scalars: dict[str, float]) -> HitRateCurve | None:
+    """The curve from its families (None when the engine reported none, or a partial one)."""
+    if not rates or "capacity_blocks" not in scalars:
+        return None
+    return HitRateCurve.from_labels(
+        scalars["capacity_blocks"],
+        rates,
+        ceiling=scalars.get("ceiling", 0.0),
+        samples=scalars.get("samples", 0.0),
+        weight=scalars.get("weight", 0.0),
     )

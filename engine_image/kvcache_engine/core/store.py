@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kvcache_engine.contract.cache import DTYPE_BYTES
+from kvcache_engine.contract.curve import CLIENT_MISS_REASONS
 from kvcache_engine.core.compression import torch_dtype
 from kvcache_engine.core.gc import BackgroundGC
 from kvcache_engine.core.hashing import BlockHash, chain_hashes
@@ -242,8 +243,9 @@ class BlockStore:
 
     # -- lookups and gets
 
-    def lookup_hashes(self, hashes: Sequence[BlockHash]) -> int:
-        """Leading cached blocks of this chain. Counts as a request (hits, misses, tokens)."""
+    def lookup_hashes(self, hashes: Sequence[BlockHash], namespace: str | None = None) -> int:
+        """Leading cached blocks of this chain. Counts as a request (hits, misses, tokens); a
+        caller that hashed it under another ``namespace`` has its misses counted as such."""
         hs = as_hashes(hashes)
         st = self._state
         t0 = time.perf_counter()
@@ -260,12 +262,29 @@ class BlockStore:
             c.cache_misses += len(hs) - n
             st.history.record(hs, n)
             self._slots.prefetch(hs, n)
+            mismatch = namespace is not None and namespace != st.config.namespace and n < len(hs)
+            if mismatch:
+                reasons = st.exact_miss_reasons
+                reasons["namespace_mismatch"] = reasons.get("namespace_mismatch", 0) + len(hs) - n
             curve = st.curve
             if hs and min(hs) < curve.threshold:  # one check per lookup; the rest when sampled
-                seconds = st.latency.sums["lookup"] / 1000
-                curve.lookup(hs, n, requested_blocks=c.cache_hits + c.cache_misses, lookup_seconds=seconds)
+                curve.lookup(
+                    hs, len(hs) if mismatch else n,  # a mismatch's misses are counted above
+                    requested_blocks=c.cache_hits + c.cache_misses,
+                    lookup_seconds=st.latency.sums["lookup"] / 1000,
+                )  # fmt: skip
             st.latency.record("lookup", (time.perf_counter() - t0) * 1000)
             return n
+
+    def count_client_misses(self, reason: str, blocks: int) -> None:
+        """Blocks a client's failed calls missed, as it reported them (see the facade)."""
+        if reason not in CLIENT_MISS_REASONS:
+            raise ValueError(f"reason: expected one of {', '.join(CLIENT_MISS_REASONS)}, got {reason!r}")
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+            raise ValueError(f"blocks: expected a non-negative int, got {blocks!r}")
+        st = self._state
+        with st.lock:
+            st.exact_miss_reasons[reason] = st.exact_miss_reasons.get(reason, 0) + blocks
 
     def get_hashes(self, hashes: Sequence[BlockHash], out: torch.Tensor | None = None) -> torch.Tensor:
         """Decoded KV of the leading cached blocks of this chain, ``[2, L, n * T, H, D]``, decoded

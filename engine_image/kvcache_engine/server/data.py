@@ -17,6 +17,7 @@ from aiohttp import web
 
 from kvcache_engine.client.buffers import byte_view, torch_dtype
 from kvcache_engine.contract import DTYPE_BYTES, KVCacheConfig
+from kvcache_engine.contract.curve import CLIENT_MISS_REASONS
 from kvcache_engine.server.body import BodyViews, read_exact, send_tensor, wire_pieces
 from kvcache_engine.server.http import BadRequestError
 from kvcache_engine.wire import (
@@ -59,13 +60,42 @@ class DataRoutes:
         )
 
     async def lookup(self, request: web.Request) -> web.Response:
-        kind, values = self._chain(await self.server.read_json(request))
+        """Optional keys besides the chain: ``namespace`` (the one the client hashed under: its
+        misses count as a namespace mismatch when it is not the engine's) and ``client_misses``
+        (``{"client_timeout"|"client_error": blocks}`` its failed calls missed since it last said)."""
+        doc = await self.server.read_json(request)
+        kind, values = self._chain(doc)
+        namespace = doc.get("namespace")
+        if namespace is not None and not isinstance(namespace, str):
+            raise BadRequestError(f"namespace: expected a string, got {type(namespace).__name__}")
+        misses = self._client_misses(doc.get("client_misses"))
         bt = self.engine.config.block_tokens
-        if kind == "hashes":
-            blocks = await self.server.run(self.engine.lookup_hashes, values)
-        else:
-            blocks = await self.server.run(self.engine.lookup, values) // bt
+        blocks = await self.server.run(self._lookup, kind, values, namespace, misses)
         return web.json_response({"cached_blocks": blocks, "cached_tokens": blocks * bt})
+
+    def _lookup(self, kind: str, values: list[int], namespace: str | None, misses: dict[str, int]) -> int:
+        """On the executor (the engine's lock is never taken on the event loop)."""
+        for reason, count in misses.items():
+            self.engine.count_client_misses(reason, count)
+        if kind == "hashes":
+            return self.engine.lookup_hashes(values, namespace=namespace)  # type: ignore[arg-type]
+        return self.engine.lookup(values) // self.engine.config.block_tokens
+
+    @staticmethod
+    def _client_misses(doc: Any) -> dict[str, int]:
+        """The ``client_misses`` of a lookup, checked (BadRequestError naming what is wrong)."""
+        if doc is None:
+            return {}
+        if not isinstance(doc, dict):
+            raise BadRequestError(f"client_misses: expected an object, got {type(doc).__name__}")
+        for reason, blocks in doc.items():
+            if reason not in CLIENT_MISS_REASONS:
+                raise BadRequestError(
+                    f"client_misses: unknown reason {reason!r}; expected {', '.join(CLIENT_MISS_REASONS)}"
+                )
+            if isinstance(blocks, bool) or not isinstance(blocks, int) or not 0 <= blocks < 2**53:
+                raise BadRequestError(f"client_misses.{reason}: expected a non-negative int, got {blocks!r}")
+        return doc
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         kind, values = self._chain(await self.server.read_json(request))

@@ -92,6 +92,52 @@ class EngineCollector:
         )
         yield info
         yield self._latency(st.get("latency_histograms", {}))
+        yield from self._curve(st)
+
+    @staticmethod
+    def _curve(st: dict[str, Any]) -> Iterator[Metric]:
+        """Miss reasons and the miss-ratio curve (contract.curve; families absent without one)."""
+        misses = CounterMetricFamily(
+            M.MISSES_BY_REASON,
+            "Blocks asked by lookups and not served, by reason (never_seen/capacity/retune/cleared "
+            "are estimated from the curve's sample; the others are exact).",
+            labels=["reason"],
+        )
+        for reason, blocks in sorted(st["miss_reasons"].items()):
+            misses.add_metric([reason], float(blocks))
+        yield misses
+        cost = {
+            M.CURVE_SAMPLING_RATE: (
+                "Share of block hashes the curve's shadow follows.",
+                st["curve_sampling_rate"],
+            ),
+            M.CURVE_ENTRIES: ("Blocks the curve's shadow holds.", st["curve_entries"]),
+            M.CURVE_MEMORY_BYTES: ("Bytes the curve's shadow holds.", st["curve_memory_bytes"]),
+        }
+        for name, (doc, value) in cost.items():
+            yield GaugeMetricFamily(name, doc, value=float(value))
+        curve = st.get("curve")
+        if curve is None:
+            return
+        rates = GaugeMetricFamily(
+            M.CURVE_HIT_RATE,
+            "Predicted hit rate (blocks) of an LRU cache of multiple x capacity_blocks.",
+            labels=["multiple"],
+        )
+        for label, rate in zip(curve["multiples"], curve["hit_rates"], strict=True):
+            rates.add_metric([label], float(rate))
+        yield rates
+        scalars = {
+            M.CURVE_CEILING: ("Predicted hit rate of an infinite cache.", curve["ceiling"]),
+            M.CURVE_CAPACITY_BLOCKS: (
+                "Capacity (blocks, all tiers) the multiples refer to.",
+                curve["capacity_blocks"],
+            ),
+            M.CURVE_SAMPLES: ("Sampled block references behind the curve.", curve["samples"]),
+            M.CURVE_WEIGHT_BLOCKS: ("Blocks asked by the lookups the curve covers.", curve["weight"]),
+        }
+        for name, (doc, value) in scalars.items():
+            yield GaugeMetricFamily(name, doc, value=float(value))
 
     @staticmethod
     def _latency(hists: dict[str, Any]) -> HistogramMetricFamily:
