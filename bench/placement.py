@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from kvcache_engine.contract import rendezvous_owner, route_key
 from kvcache_engine.core.hashing import chain_hashes
 from kvcache_engine.replay import load_trace
-from kvcache_engine.contract import rendezvous_owner, route_key
 
 BLOCK_TOKENS = 16
 

@@ -514,7 +514,7 @@ REVISION_LABEL = "controller-revision-hash"
 
 
 def _restart_condition(
-    cond: Any, statefulset: Mapping[str, Any] | None, pods: Sequence[Manifest]
+    cond: Any, statefulset: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]
 ) -> Manifest:
     """RestartPending: engines still run an older pod template (a non-live field or the image
     changed; live fields never change the template). True until every pod has rolled."""

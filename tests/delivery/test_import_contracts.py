@@ -81,7 +81,11 @@ def test_the_tree_keeps_every_import_contract() -> None:
         ("operator/kvcache_operator/cli.py", "import e2e.localcluster", "never import the test worlds"),
         ("engine_image/kvcache_engine/cli.py", "import tests.conftest", "never import the test worlds"),
         ("engine_image/kvcache_engine/core/eviction.py", "import aiohttp", "imports no transport"),
-        ("engine_image/kvcache_engine/core/tiers.py", "from kvcache_engine.contract import P", "imports no transport"),
+        (
+            "engine_image/kvcache_engine/core/tiers.py",
+            "from kvcache_engine.contract import P",
+            "imports no transport",
+        ),
     ],
 )
 def test_a_planted_violation_breaks_its_contract(

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kvcache_engine.client import KVCacheClient
+from kvcache_engine.contract import rendezvous_owner, route_key
 from kvcache_engine.core.hashing import chain_hashes
 from kvcache_engine.replay import load_trace
-from kvcache_engine.contract import rendezvous_owner, route_key
 from tests.service.conftest import TOKEN, http_json, make_config, make_kv, make_tokens
 
 NODES = [f"http://10.0.0.{i}:8080" for i in range(1, 5)]
