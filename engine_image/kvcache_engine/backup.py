@@ -15,13 +15,16 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kvcache_engine import objectstore
 from kvcache_engine.contract import AdminError, P, SyncAdminClient, TokenError, resolve_token
 from kvcache_engine.contract.admin import decode_answer
+from kvcache_engine.objectstore import ObjectStore, S3Client, download_backup, upload_backup
 from kvcache_engine.persistence import (
     decode_segment,
     fsync_dir,
@@ -204,13 +207,67 @@ def _stream_body(directory: Path, doc: dict[str, Any]) -> Iterator[bytes]:
 # --- CLI handlers ------------------------------------------------------------------------------------
 
 
+def _s3(args: argparse.Namespace) -> tuple[S3Client, str] | None:
+    """The object-store client and replica folder when ``--s3-bucket`` is given (else None)."""
+    if not getattr(args, "s3_bucket", None):
+        return None
+    if not args.s3_endpoint or not args.replica:
+        raise BackupError("--s3-bucket needs --s3-endpoint and --replica")
+    store = ObjectStore.from_env(
+        args.s3_endpoint,
+        args.s3_bucket,
+        prefix=args.s3_prefix,
+        region=args.s3_region,
+        ca_file=args.s3_ca_file,
+        insecure_skip_verify=args.s3_insecure_skip_verify,
+        part_size=int(args.s3_part_size_mb * 1024 * 1024),
+    )
+    return S3Client(store), args.replica
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
-    pull_backup(args.url, admin(args.url, args.token_file).token, args.dest, args.keep)
+    s3 = _s3(args)
+    token = admin(args.url, args.token_file).token
+    if s3 is None:
+        pull_backup(args.url, token, args.dest, args.keep)
+        return 0
+    client, replica = s3
+    with client:
+        staged = pull_backup(args.url, token, args.dest, 1)
+        try:
+            result = upload_backup(client, staged, replica)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        result["pruned"] = objectstore.prune(client, replica, args.keep)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    s3 = _s3(args)
+    if s3 is None:
+        raise BackupError("upload needs --s3-bucket (and --s3-endpoint, --replica)")
+    client, replica = s3
+    with client:
+        result = upload_backup(client, Path(getattr(args, "from")), replica)
+        result["pruned"] = objectstore.prune(client, replica, args.keep)
+    print(json.dumps(result))
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    result = push_backup(getattr(args, "from"), args.url, admin(args.url, args.token_file).token)
+    token = admin(args.url, args.token_file).token
+    s3 = _s3(args)
+    if s3 is None:
+        result = push_backup(getattr(args, "from"), args.url, token)
+        print(json.dumps(result))
+        return 0
+    client, replica = s3
+    with client, tempfile.TemporaryDirectory(dir=args.staging) as tmp:
+        path, report = download_backup(client, replica, getattr(args, "from"), Path(tmp))
+        result = push_backup(path, args.url, token)
+    result["backup"] = path.name
+    result["blocks_verified"] = report["blocks"]
     print(json.dumps(result))
     return 0
 

@@ -98,15 +98,45 @@ def _add_validate(sub: Sub) -> None:
 def _add_backup(sub: Sub) -> None:
     p = sub.add_parser("backup", help="pull a verified snapshot from a running engine into DEST, keep N")
     _add_url_args(p)
-    p.add_argument("--dest", required=True, help="backup root directory")
+    p.add_argument("--dest", required=True, help="backup root directory (staging with --s3-bucket)")
     p.add_argument("--keep", type=int, default=7, help="backups to keep (default 7)")
+    _add_s3_args(p)
     p.set_defaults(handler=_cmd_backup_module("cmd_backup"))
+
+
+def _add_s3_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "object store (S3 API; credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY[/AWS_SESSION_TOKEN])"
+    )
+    g.add_argument("--s3-endpoint", help="http(s)://host[:port] of the S3 API, e.g. https://s3.amazonaws.com")
+    g.add_argument("--s3-bucket", help="bucket; set to use the object store instead of a directory")
+    g.add_argument("--s3-prefix", default="", help="key prefix inside the bucket")
+    g.add_argument("--s3-region", default="us-east-1", help="signing region (default us-east-1)")
+    g.add_argument("--s3-ca-file", help="PEM CA bundle to verify the endpoint's certificate")
+    g.add_argument("--s3-insecure-skip-verify", action="store_true", help="do not verify TLS certificates")
+    g.add_argument("--s3-part-size-mb", type=_positive_float, default=64.0, help="multipart part size, MiB")
+    g.add_argument("--replica", help="folder of this replica's backups in the store (e.g. cache-0)")
+
+
+def _add_upload(sub: Sub) -> None:
+    p = sub.add_parser("upload", help="upload a local backup directory to the object store (resumable)")
+    p.add_argument("--from", required=True, metavar="PATH", help="backup directory")
+    p.add_argument("--keep", type=int, default=7, help="backups to keep in the store (default 7)")
+    _add_s3_args(p)
+    p.set_defaults(handler=_cmd_backup_module("cmd_upload"))
 
 
 def _add_restore(sub: Sub) -> None:
     p = sub.add_parser("restore", help="validate a backup and stream it into a running engine")
-    p.add_argument("--from", required=True, metavar="PATH", help="backup directory")
+    p.add_argument(
+        "--from",
+        required=True,
+        metavar="PATH|NAME",
+        help="backup directory; with --s3-bucket a name or latest",
+    )
+    p.add_argument("--staging", help="download directory with --s3-bucket (default: a temporary one)")
     _add_url_args(p)
+    _add_s3_args(p)
     p.set_defaults(handler=_cmd_backup_module("cmd_restore"))
 
 
@@ -229,8 +259,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 _SUBCOMMANDS: list[Callable[[Sub], None]] = [
-    _add_serve, _add_stats, _add_persist, _add_validate, _add_backup, _add_restore, _add_replay, _add_doctor,
-    _add_profile, _add_bench,
+    _add_serve, _add_stats, _add_persist, _add_validate, _add_backup, _add_restore, _add_upload, _add_replay,
+    _add_doctor, _add_profile, _add_bench,
 ]  # fmt: skip
 
 
