@@ -39,7 +39,23 @@ def _add_serve(sub: Sub) -> None:
     p.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--token-file", help="API token file (default: $KVCACHE_TOKEN_FILE, then $KVCACHE_TOKEN)")
+    p.add_argument(
+        "--admin-token-file",
+        help="admin token file: /admin/* (default: $KVCACHE_ADMIN_TOKEN_FILE, then $KVCACHE_ADMIN_TOKEN)",
+    )
     p.add_argument("--auth-probes", action="store_true", help="token on /healthz, /readyz, /metrics too")
+    p.add_argument("--auth-metrics", action="store_true", help="a data or admin token on /metrics")
+    p.add_argument("--header-timeout-s", type=float, default=10.0, help="request line+headers timeout (s)")
+    p.add_argument("--idle-timeout-s", type=float, default=75.0, help="idle keep-alive timeout (s)")
+    p.add_argument("--max-connections", type=int, default=1024, help="open connections cap (default 1024)")
+    p.add_argument(
+        "--max-json-depth", type=int, default=32, help="deepest JSON nesting accepted (default 32)"
+    )
+    p.add_argument(
+        "--drain-peer",
+        action="append",
+        help="CIDR or IP a drain may push to (repeatable; default: private and loopback IPs)",
+    )
     p.add_argument("--max-body-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
     p.add_argument("--max-blocks", type=int, default=4096, help="most blocks per request (default 4096)")
     p.add_argument("--body-timeout-s", type=float, default=60.0, help="body receive timeout (s)")

@@ -266,6 +266,8 @@ def _header_metadata(data: bytes) -> dict[str, str] | None:
         raise SegmentError("segment: truncated header")
     try:
         header = json.loads(data[8 : 8 + n])
+    except RecursionError:
+        raise SegmentError("segment: header nests too deep") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SegmentError(f"segment: header is not JSON ({exc})") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
@@ -344,6 +346,8 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(text)
+    except RecursionError:
+        raise SegmentError(f"{path}: JSON nests too deep") from None
     except json.JSONDecodeError as exc:
         raise SegmentError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("segments"), list):

@@ -42,6 +42,8 @@ __all__ = [
     "decode_frame_header",
     "decode_json_object",
     "encode_frame_header",
+    "json_depth",
+    "loads_bounded",
     "parse_hashes",
     "parse_tokens",
 ]
@@ -55,6 +57,8 @@ MAX_HASH = 2**64 - 1
 # A frame or stream header is small JSON (hashes/tokens lists at most); bound it so a garbage
 # length field can never make anyone allocate gigabytes.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+"""Deepest JSON nesting any request body, frame or stream header may have (ours nest <= 3)."""
 _PREFIX = struct.Struct("<4sI")
 PREFIX_BYTES = _PREFIX.size
 SEGMENT_LEN = struct.Struct("<Q")
@@ -83,12 +87,49 @@ def decode_frame_prefix(prefix: bytes, magic: bytes = FRAME_MAGIC) -> int:
     return int(length)
 
 
-def decode_json_object(raw: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
-    """Parse ``raw`` as one JSON object; WireError naming ``what`` and the problem otherwise."""
+def json_depth(doc: Any) -> int:
+    """The nesting depth of a parsed JSON value (a scalar is 0, ``[]`` is 1), iteratively."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((v, depth) for v in value if isinstance(v, (dict, list)))
+    return deepest
+
+
+def loads_bounded(
+    raw: bytes | bytearray | memoryview | str, what: str, max_depth: int = MAX_JSON_DEPTH
+) -> Any:
+    """``json.loads`` for untrusted input: WireError (never RecursionError) naming ``what`` when
+    it is not JSON or nests deeper than ``max_depth``. The depth is walked only when the text
+    holds more brackets than ``max_depth`` (a bytes count: free for the usual flat bodies)."""
+    text = raw if isinstance(raw, str) else bytes(raw)
+    opens = (
+        text.count("[") + text.count("{") if isinstance(text, str) else text.count(b"[") + text.count(b"{")
+    )
     try:
-        doc = json.loads(bytes(raw))
+        doc = json.loads(text)
+    except RecursionError:
+        raise WireError(f"{what}: JSON nested deeper than {max_depth} levels") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"{what} is not valid JSON ({exc})") from None
+    if opens > max_depth and json_depth(doc) > max_depth:
+        raise WireError(f"{what}: JSON nested deeper than {max_depth} levels")
+    return doc
+
+
+def decode_json_object(
+    raw: bytes | bytearray | memoryview, what: str, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, Any]:
+    """Parse ``raw`` as one JSON object; WireError naming ``what`` and the problem otherwise
+    (not JSON, nested deeper than ``max_depth``, not an object)."""
+    doc = loads_bounded(raw, what, max_depth)
     if not isinstance(doc, dict):
         raise WireError(f"{what} must be a JSON object, got {type(doc).__name__}")
     return doc
@@ -205,10 +246,7 @@ def parse_segment_metadata(metadata: Mapping[str, str] | None) -> list[BlockMeta
     """Block list of a segment from its safetensors metadata (WireError when absent/garbled)."""
     if not metadata or "kvcache" not in metadata:
         raise WireError("segment: no kvcache metadata (not a kvcache segment)")
-    try:
-        doc = json.loads(metadata["kvcache"])
-    except json.JSONDecodeError as exc:
-        raise WireError(f"segment: metadata is not JSON ({exc})") from None
+    doc = loads_bounded(metadata["kvcache"], "segment: metadata")
     if not isinstance(doc, dict) or doc.get("format_version") != WIRE_FORMAT_VERSION:
         got = doc.get("format_version") if isinstance(doc, dict) else None
         raise WireError(f"segment: format_version {got!r}, expected {WIRE_FORMAT_VERSION}")

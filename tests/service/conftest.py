@@ -24,6 +24,7 @@ from aiohttp import web
 from kvcache_engine.contract import KVCacheConfig
 from kvcache_engine.engine import KVCacheEngine
 from kvcache_engine.server import EngineServer, ServerSettings
+from kvcache_engine.server.limits import GuardedSite, runner_kwargs
 
 TOKEN = "test-token"
 GEOMETRY: dict[str, Any] = {
@@ -64,13 +65,16 @@ class LiveServer:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.runner = web.AppRunner(
-            self.server.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+            self.server.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            **runner_kwargs(settings),
         )
         self._call(self.runner.setup())
-        self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.site = GuardedSite(self.runner, settings, self.server.headers_seen)
         self._call(self.site.start())
-        assert self.site._server is not None
-        self.port = self.site._server.sockets[0].getsockname()[1]
+        self.port = self.site.port
         self.url = f"http://127.0.0.1:{self.port}"
         if load:
             self.server.load_in_background().join(timeout=30)

@@ -111,14 +111,14 @@ def error_message(body: bytes) -> str:
     try:
         doc = json.loads(body)
         return str(doc.get("error", doc)) if isinstance(doc, dict) else str(doc)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return body[:200].decode("utf-8", "replace")
 
 
 def json_body(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise CacheProtocolError("response body is not JSON") from None
     if not isinstance(doc, dict):
         raise CacheProtocolError("response body is not a JSON object")

@@ -45,7 +45,7 @@ from kvcache_engine.contract.sizing import (
     tier_blocks,
     tier_bytes,
 )
-from kvcache_engine.contract.tokens import TokenError, TokenSource, read_token_file, resolve_token
+from kvcache_engine.contract.tokens import TokenError, TokenSource, read_token_file, resolve_token, role_of
 
 __all__ = [
     "CODEC_BYTES_PER_FP16_BYTE",
@@ -90,6 +90,7 @@ __all__ = [
     "rendezvous_order",
     "rendezvous_owner",
     "resolve_token",
+    "role_of",
     "route_key",
     "staging_bytes",
     "tier_blocks",

@@ -79,7 +79,7 @@ def decode_answer(where: str, status: int, raw: bytes) -> dict[str, Any]:
     """A JSON object from an answer; AdminError with the engine's own message on an error status."""
     try:
         payload = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         payload = None
     if status >= 400:
         detail = payload.get("error") if isinstance(payload, dict) else None

@@ -56,6 +56,21 @@ def as_tokens(tokens: Any) -> list[int]:
     raise ValueError(f"tokens: expected a list of ints or a 1-D integer tensor, got {type(tokens).__name__}")
 
 
+def check_distinct(hashes: Sequence[int], parent: int | None = None) -> None:
+    """ValueError naming the first repeated hash: a chain's blocks (and its parent) are distinct;
+    a repeat would link a block as its own ancestor."""
+    if len(set(hashes)) == len(hashes) and (parent is None or parent not in hashes):
+        return
+    seen: dict[int, int] = {} if parent is None else {int(parent): -1}
+    for i, h in enumerate(hashes):
+        if int(h) in seen:
+            where = "the parent" if seen[int(h)] < 0 else f"hashes[{seen[int(h)]}]"
+            raise ValueError(
+                f"hashes[{i}]: {int(h):#018x} repeats {where}; a chain's block hashes are distinct"
+            )
+        seen[int(h)] = i
+
+
 def as_hashes(hashes: Any) -> list[BlockHash]:
     """``hashes`` as a list of block hashes. Raises ValueError naming ``hashes``."""
     if isinstance(hashes, (str, bytes)) or not isinstance(hashes, Iterable):
@@ -186,7 +201,9 @@ class BlockStore:
     ) -> PutPlan | None:
         """Under the lock: (leading blocks already cached, hashes to store, their slots). Stores
         nothing when ``parent`` is not cached. Slots come free or, with ``evict``, by evicting
-        unprotected blocks; without, None when the free slots do not cover every new block."""
+        unprotected blocks; without, None when the free slots do not cover every new block.
+        A chain that repeats a hash (or holds its parent) is refused before anything is taken."""
+        check_distinct(hashes, parent)
         st = self._state
         if parent is not None and parent not in st.index:
             return 0, [], []

@@ -11,6 +11,7 @@ target (a block arrives after its ancestors).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from kvcache_engine.core.block_pool import StoredBlock
     from kvcache_engine.server.app import EngineServer
 
-__all__ = ["SNAPSHOT_SEGMENT_BYTES", "AdminRoutes", "live_changes"]
+__all__ = ["SNAPSHOT_SEGMENT_BYTES", "AdminRoutes", "check_peer", "live_changes"]
 
 log = logging.getLogger("kvcache_engine.server")
 
@@ -176,7 +177,7 @@ class AdminRoutes:
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise BadRequestError("targets: expected a non-empty list of 'http://host:port' strings")
         for t in targets:
-            node_id(t)  # ValueError (400) naming a malformed target
+            check_peer(t, self.settings.drain_peers)  # 400/403 naming a malformed or foreign target
         report = await self.server.run(self._drain_to, targets)
         return web.json_response(report)
 
@@ -257,7 +258,7 @@ class AdminRoutes:
              encode_stream_trailer({"blocks": len(metas), "segments": 1})]
         )  # fmt: skip
         peer = SyncAdminClient(
-            f"http://{node_id(target)}", self.server.token(), timeout_s=self.settings.drain_timeout_s
+            f"http://{node_id(target)}", self.server.admin_token(), timeout_s=self.settings.drain_timeout_s
         )
         try:
             peer.call_raw("POST", P.ADMIN_RESTORE, body, content_type=STREAM_CONTENT_TYPE)
@@ -266,6 +267,32 @@ class AdminRoutes:
             result["ok"] = False
             result["error"] = f"{type(exc).__name__}: {exc}"
             log.error("drain to %s failed: %s", target, exc)
+
+
+def check_peer(target: str, allowed: tuple[str, ...] = ()) -> str:
+    """``host:port`` of a drain target, refused unless it is an IP literal inside ``allowed``
+    (CIDRs or IPs; empty: private and loopback addresses). A drain carries every block and the
+    admin token: never to a name DNS may turn into anything, a link-local address (cloud
+    metadata) or a public one. BadRequestError 400 (malformed) or 403 (not a peer)."""
+    try:
+        node = node_id(target)
+    except ValueError as exc:
+        raise BadRequestError(f"targets: {exc}") from None
+    host = node.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise BadRequestError(
+            f"targets: {target!r} is not an IP address (drain peers are pod IPs)", 403
+        ) from None
+    if allowed:
+        ok = any(ip in ipaddress.ip_network(net, strict=False) for net in allowed)
+    else:
+        ok = (ip.is_private or ip.is_loopback) and not ip.is_link_local and not ip.is_unspecified
+    if not ok:
+        where = ", ".join(allowed) if allowed else "private or loopback addresses"
+        raise BadRequestError(f"targets: {target!r} is not a drain peer (allowed: {where})", 403)
+    return node
 
 
 def live_changes(doc: dict[str, Any]) -> dict[str, Any]:

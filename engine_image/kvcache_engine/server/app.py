@@ -2,15 +2,16 @@
 auth and error middleware, probes, stats, the executors the engine calls run on) and owns its
 lifecycle (load in the background, final persist on shutdown).
 
-Guarantees of the middleware: every request gets a request id; a missing or wrong token gets 401
-with no detail (probes stay open unless ``--auth-probes``); malformed input gets a 4xx JSON error
-naming what was wrong, never a 500 and never a crash.
+Guarantees of the middleware: every request gets a request id; a missing or unknown token gets
+401 and a data token on ``/admin/*`` gets 403, both bare (``{"error": "unauthorized"}`` /
+``"forbidden"``: nothing about which token was expected; probes stay open unless
+``--auth-probes``, ``/metrics`` unless ``--auth-probes`` or ``--auth-metrics``); malformed input
+gets a 4xx JSON error naming what was wrong, never a 500 and never a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import threading
@@ -23,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from kvcache_engine.contract.admin import P
-from kvcache_engine.contract.tokens import TokenSource
+from kvcache_engine.contract.tokens import ADMIN, DATA, TokenSource, role_of
 from kvcache_engine.persistence import GeometryMismatchError, Persister, persister_for
 from kvcache_engine.server.admin import AdminRoutes
 from kvcache_engine.server.body import Staging, receive_body, receive_json
@@ -41,6 +42,7 @@ log = logging.getLogger("kvcache_engine.server")
 T = TypeVar("T")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_PROBES = frozenset({"/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -62,6 +64,7 @@ class EngineServer:
         # in-flight reservations must never hold the threads those reservations commit on.
         self.commit_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcache-commit")
         self._token = TokenSource(settings.token, settings.token_file)
+        self._admin_token = TokenSource(settings.admin_token, settings.admin_token_file)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(self))
         self.http_requests = Counter(
@@ -73,6 +76,7 @@ class EngineServer:
         self.staging = Staging(settings.staging_bytes, engine.config.dtype)
         self.data = DataRoutes(self)
         self.admin = AdminRoutes(self)
+        self.headers_seen: set[int] = set()  # handlers that completed headers (server.limits)
         self.app = self._build_app()
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -105,15 +109,32 @@ class EngineServer:
         return app
 
     def token(self) -> str | None:
-        """The expected token; a token file is re-read (at most once a second) for rotation."""
+        """The expected data token; a token file is re-read (at most once a second) for rotation."""
         return self._token.get()
 
-    def _authorised(self, request: web.Request) -> bool:
-        expected = self.token()
-        if expected is None:
-            return True
-        got = request.headers.get("Authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {expected}".encode())
+    def admin_token(self) -> str | None:
+        """The expected admin token (the data token when no admin token is configured)."""
+        admin = self._admin_token.get()
+        return admin if admin is not None else self._token.get()
+
+    def _needs(self, path: str) -> str | None:
+        """The role a path needs (None: open)."""
+        if self.settings.open_probes and (
+            path in _PROBES or (path == P.METRICS and not self.settings.auth_metrics)
+        ):
+            return None
+        return ADMIN if path == "/admin" or path.startswith("/admin/") else DATA
+
+    def _refusal(self, request: web.Request) -> int | None:
+        """401 (no or unknown token) or 403 (a data token on an admin path); None: allowed."""
+        need = self._needs(request.path)
+        tokens = {DATA: self.token(), ADMIN: self.admin_token()}
+        if need is None or (tokens[DATA] is None and tokens[ADMIN] is None):
+            return None
+        role = role_of(request.headers.get("Authorization", ""), tokens)
+        if role is None:
+            return 401
+        return 403 if need == ADMIN and role != ADMIN else None
 
     @web.middleware
     async def _middleware(
@@ -122,14 +143,17 @@ class EngineServer:
         rid = request.headers.get("X-Request-Id", "")
         rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex[:16]
         request[REQUEST_ID] = rid
+        if self.settings.header_timeout_s > 0:
+            self.headers_seen.add(id(request.protocol))
         route = (
             request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         )
         try:
-            if not (request.path in OPEN_PATHS and self.settings.open_probes) and not self._authorised(
-                request
-            ):
-                resp: web.StreamResponse = error_response(401, "unauthorized", rid)
+            refused = self._refusal(request)
+            if refused is not None:
+                resp: web.StreamResponse = error_response(
+                    refused, "unauthorized" if refused == 401 else "forbidden", rid
+                )
             else:
                 resp = await handler(request)
                 if not resp.prepared:
@@ -164,7 +188,8 @@ class EngineServer:
 
     async def read_json(self, request: web.Request) -> dict[str, Any]:
         """The body as a JSON object (see :func:`receive_json`)."""
-        return await receive_json(request, self.settings.body_timeout_s)
+        s = self.settings
+        return await receive_json(request, s.body_timeout_s, s.max_json_bytes, s.max_json_depth)
 
     # -- probes, stats ---------------------------------------------------------------------------
 

@@ -66,9 +66,12 @@ async def receive_body(request: web.Request, limit: int, timeout_s: float) -> by
     return buf
 
 
-async def receive_json(request: web.Request, timeout_s: float) -> dict[str, Any]:
-    """A JSON object body of at most 64 MiB (``{}`` when empty); 400 naming ``body`` otherwise."""
-    return decode_json_object(await receive_body(request, 64 * 1024 * 1024, timeout_s) or b"{}", "body")
+async def receive_json(
+    request: web.Request, timeout_s: float, max_bytes: int = 64 * 1024 * 1024, max_depth: int = 32
+) -> dict[str, Any]:
+    """A JSON object body of at most ``max_bytes`` nested at most ``max_depth`` deep (``{}`` when
+    empty); 400 (413 over the size) naming ``body`` otherwise."""
+    return decode_json_object(await receive_body(request, max_bytes, timeout_s) or b"{}", "body", max_depth)
 
 
 def wire_pieces(shape: list[int], cfg: KVCacheConfig) -> tuple[int, int, int]:

@@ -18,6 +18,7 @@ from aiohttp import web
 from kvcache_engine.client.buffers import byte_view, torch_dtype
 from kvcache_engine.contract import DTYPE_BYTES, KVCacheConfig
 from kvcache_engine.contract.curve import CLIENT_MISS_REASONS
+from kvcache_engine.core.store import check_distinct
 from kvcache_engine.server.body import BodyViews, read_exact, send_tensor, wire_pieces
 from kvcache_engine.server.http import BadRequestError
 from kvcache_engine.wire import (
@@ -58,6 +59,14 @@ class DataRoutes:
         return "tokens", parse_tokens(
             doc["tokens"], max_len=max_blocks * cfg.block_tokens + cfg.block_tokens - 1
         )
+
+    def _put_chain(self, doc: dict[str, Any]) -> tuple[str, list[int]]:
+        """A put's chain: as :meth:`_chain`, and a repeated hash is refused before anything is
+        reserved (a put is atomic: a refusal leaves no trace in the pool or the index)."""
+        kind, values = self._chain(doc)
+        if kind == "hashes":
+            check_distinct(values)
+        return kind, values
 
     async def lookup(self, request: web.Request) -> web.Response:
         """Optional keys besides the chain: ``namespace`` (the one the client hashed under: its
@@ -123,7 +132,7 @@ class DataRoutes:
         if declared is None:  # chunked upload: buffer it whole
             body = await self.server.read_body(request)
             header, payload = split_frame(body)
-            kind, values = self._chain(header)
+            kind, values = self._put_chain(header)
             want = self._frame_shape(header, kind, values, payload.nbytes)
             kv = self._as_kv(want, memoryview(body)[len(body) - payload.nbytes :])
             return await self._store(kind, values, kv)
@@ -136,7 +145,7 @@ class DataRoutes:
             if PREFIX_BYTES + hlen > declared:
                 raise BadRequestError(f"frame: truncated header ({declared - PREFIX_BYTES} of {hlen} bytes)")
             header = decode_frame_header(await read_exact(reader, hlen))
-        kind, values = self._chain(header)
+        kind, values = self._put_chain(header)
         want = self._frame_shape(header, kind, values, declared - PREFIX_BYTES - hlen)
         raw = self.engine.stores_raw_rows
         hashes = self._hashes(kind, values) if raw else []

@@ -15,6 +15,7 @@ from aiohttp import web
 from kvcache_engine.contract import ConfigError, load_config
 from kvcache_engine.core.block_pool import ScatterSums
 from kvcache_engine.server.app import EngineServer
+from kvcache_engine.server.limits import GuardedSite, runner_kwargs
 from kvcache_engine.server.settings import ServerSettings, settings_from_args
 
 __all__ = ["cmd_serve", "serve"]
@@ -48,13 +49,17 @@ def serve(config_path: str | None, settings: ServerSettings, environ: dict[str, 
 
 
 async def _serve_forever(server: EngineServer) -> None:
-    runner = web.AppRunner(server.app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = web.AppRunner(
+        server.app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=5.0,
+        **runner_kwargs(server.settings),
+    )
     await runner.setup()
-    site = web.TCPSite(runner, server.settings.host, server.settings.port, backlog=1024)
+    site = GuardedSite(runner, server.settings, server.headers_seen, backlog=1024)
     await site.start()
-    server_sockets = getattr(site._server, "sockets", None) or []
-    sockets = [s.getsockname() for s in server_sockets]
-    port = sockets[0][1] if sockets else server.settings.port
+    port = site.port
     print(f"kvcache-engine: listening on http://{server.settings.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
