@@ -68,7 +68,9 @@ def test_data_token_gets_a_bare_403_on_admin_paths(roles_server: Any, method: st
 
 @pytest.mark.parametrize("token", [None, "wrong", TOKEN + "x", ADMIN[:-1]])
 @pytest.mark.parametrize(("method", "path"), [("POST", "/v1/lookup"), ("POST", "/admin/clear")])
-def test_no_or_unknown_token_gets_a_bare_401(roles_server: Any, token: str | None, method: str, path: str) -> None:
+def test_no_or_unknown_token_gets_a_bare_401(
+    roles_server: Any, token: str | None, method: str, path: str
+) -> None:
     status, body = http(method, roles_server.url + path, b'{"hashes": [1]}', token=token)
     assert status == 401
     assert json.loads(body)["error"] == "unauthorized"
@@ -86,7 +88,11 @@ def test_admin_token_does_everything_the_data_token_does(roles_server: Any) -> N
 def test_the_data_token_changes_no_state_under_admin(roles_server: Any) -> None:
     url = roles_server.url
     assert http("POST", url + "/v1/put", _frame([21, 22]), token=TOKEN)[0] == 200
-    for path, body in [("/admin/clear", b""), ("/admin/config", b'{"maxTokens": 16}'), ("/admin/compact", b"")]:
+    for path, body in [
+        ("/admin/clear", b""),
+        ("/admin/config", b'{"maxTokens": 16}'),
+        ("/admin/compact", b""),
+    ]:
         assert http("POST", url + path, body, token=TOKEN)[0] == 403
     assert roles_server.engine.get_stats()["cached_blocks"] == 2
     assert roles_server.engine.config.max_tokens == 1024
@@ -203,11 +209,18 @@ class _Listener:
 
 @pytest.mark.parametrize(
     "target",
-    ["http://metadata.google.internal:80", "http://169.254.169.254:80", "http://8.8.8.8:80", "http://example.com:1"],
+    [
+        "http://metadata.google.internal:80",
+        "http://169.254.169.254:80",
+        "http://8.8.8.8:80",
+        "http://example.com:1",
+    ],
 )
 def test_drain_refuses_targets_that_are_not_peers(roles_server: Any, target: str) -> None:
     assert http("POST", roles_server.url + "/v1/put", _frame([31, 32]))[0] == 200
-    status, body = http("POST", roles_server.url + "/admin/drain", json.dumps({"targets": [target]}).encode(), ADMIN)
+    status, body = http(
+        "POST", roles_server.url + "/admin/drain", json.dumps({"targets": [target]}).encode(), ADMIN
+    )
     assert status == 403, body
     assert "not" in json.loads(body)["error"]
 
@@ -265,7 +278,8 @@ def test_connections_over_the_cap_get_503(live_server: Any) -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03SECRET-BYTES\r\n\r\n", b"GET / HTTP/1.1\r\nHo\x00st: SECRET-BYTES\r\n\r\n",
+    [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03SECRET-BYTES\r\n\r\n",
+     b"GET / HTTP/1.1\r\nHo\x00st: SECRET-BYTES\r\n\r\n",
      b"POST /v1/put HTTP/1.1\r\nContent-Length: -5\r\nX: SECRET-BYTES\r\n\r\n"],
 )  # fmt: skip
 def test_malformed_http_is_one_warning_without_the_bytes(

@@ -209,10 +209,13 @@ class BlockStore:
             return 0, [], []
         present = st.index.leading(hashes, parent)
         new = hashes[present:]
-        if new and new[0] in st.index:
-            # The hash exists under another parent: a 64-bit collision. Keep the stored chain.
-            log.warning("block %016x already cached with a different parent; not stored", new[0])
-            new = []
+        clash = next((i for i, h in enumerate(new) if h in st.index), None)
+        if clash is not None:
+            # The hash exists under another parent (a 64-bit collision, or a hostile chain): keep
+            # the stored chain and store only the new blocks before it (nothing is allocated for
+            # a block that could not be linked: a put leaves no trace it cannot index).
+            log.warning("block %016x already cached with a different parent; not stored", new[clash])
+            new = new[:clash]
         if not evict and len(new) > st.tiers[PRIMARY].pool.free_count:
             return None
         # The cached prefix (and a given parent's whole chain) must survive the evictions.
