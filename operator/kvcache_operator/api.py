@@ -237,6 +237,56 @@ PriorityClassName = Annotated[
     str, Checked(v.dns_subdomain_rules("PriorityClass name", "inference-high"), max_length=253)
 ]
 NamespaceName = Annotated[str, Checked(v.dns_label_rules("namespace", "kvcache-system"), max_length=63)]
+ObjectStoreEndpoint = Annotated[
+    str,
+    Checked(
+        (
+            v.FieldRule(
+                '"{value}" is not an object store endpoint: use http(s)://host[:port] '
+                "(e.g. https://s3.eu-west-1.amazonaws.com or http://minio.storage:9000)",
+                *v.matching("https?://[-.a-zA-Z0-9]+(:[0-9]{1,5})?/?"),
+            ),
+        ),
+        max_length=253,
+    ),
+]
+BucketName = Annotated[
+    str,
+    Checked(
+        (
+            v.FieldRule(
+                "\"{value}\" is not a bucket name: 3-63 lowercase letters, digits, '-' and '.', "
+                "starting and ending with a letter or digit (e.g. kvcache-backups)",
+                *v.matching("[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]"),
+            ),
+        ),
+        max_length=63,
+    ),
+]
+ObjectPrefix = Annotated[
+    str,
+    Checked(
+        (
+            v.FieldRule(
+                "\"{value}\" is not a key prefix: use letters, digits, '-', '_', '.' and '/' (e.g. prod/kv)",
+                *v.matching("[-._/a-zA-Z0-9]*"),
+            ),
+        ),
+        max_length=200,
+    ),
+]
+ObjectStoreRegion = Annotated[
+    str,
+    Checked(
+        (
+            v.FieldRule(
+                "\"{value}\" is not a region: lowercase letters, digits and '-' (e.g. us-east-1)",
+                *v.matching("[a-z0-9][-a-z0-9]*"),
+            ),
+        ),
+        max_length=63,
+    ),
+]
 SecretKey = Annotated[
     str,
     Checked(
@@ -457,8 +507,50 @@ class Persistence(_Model):
     when_scaled: Retention = Field(Retention.RETAIN, description="PVCs of replicas removed by a scale-down.")
 
 
+class ObjectStoreCredentials(_Model):
+    """The Secret holding the object store's access keys (read by the backup and restore Jobs only)."""
+
+    secret_name: SecretName = Field(description="Secret in the KVCache's namespace.")
+    access_key_id_key: SecretKey = Field("AWS_ACCESS_KEY_ID", description="Key of the access key id.")
+    secret_access_key_key: SecretKey = Field(
+        "AWS_SECRET_ACCESS_KEY", description="Key of the secret access key."
+    )
+    session_token_key: SecretKey | None = Field(
+        None, description="Key of a session token (temporary credentials); unset: none."
+    )
+
+
+class ObjectStoreTLS(_Model):
+    """How the Jobs verify the endpoint's certificate (https endpoints)."""
+
+    ca_secret_name: SecretName | None = Field(
+        None, description="Secret holding a PEM CA bundle for a private CA; unset: the system CAs."
+    )
+    ca_key: SecretKey = Field("ca.crt", description="Key of the CA bundle in that Secret.")
+    insecure_skip_verify: bool = Field(
+        False, description="Do not verify the certificate (test setups only: anyone on the path can read)."
+    )
+
+
+class ObjectStore(_Model):
+    """Backups in an S3-compatible object store (AWS S3, MinIO, Ceph RGW, ...) through the S3 API."""
+
+    endpoint: ObjectStoreEndpoint = Field(description="http(s)://host[:port] of the S3 API.")
+    bucket: BucketName = Field(description="Bucket (it must exist).")
+    prefix: ObjectPrefix = Field(
+        "", description="Key prefix; backups go under <prefix>/<kvcache>/<replica>/<backup>/."
+    )
+    region: ObjectStoreRegion = Field("us-east-1", description="Region the requests are signed for.")
+    credentials: ObjectStoreCredentials = Field(description="Access keys, from a Secret.")
+    tls: ObjectStoreTLS = Field(default_factory=ObjectStoreTLS, description="Certificate verification.")
+    part_size_mb: int = Field(
+        64, ge=5, le=5120, description="Multipart part size in MiB (S3 requires 5..5120); larger segments."
+    )
+
+
 class Backup(_Model):
-    """Scheduled backups of every replica's persisted cache into one backup PVC (needs persistence)."""
+    """Scheduled backups of every replica's persisted cache into one backup PVC or an object store
+    (needs persistence)."""
 
     enabled: bool | None = Field(
         None, description="Run the backup CronJob (unset: false; required when schedule is set)."
@@ -476,6 +568,13 @@ class Backup(_Model):
     storage_class_name: StorageClassName | None = Field(None, description="StorageClass of the backup PVC.")
     suspend: bool = Field(False, description="Suspend the CronJob (no new backups).")
     on_delete: Retention = Field(Retention.RETAIN, description="The backup PVC when the KVCache is deleted.")
+    object_store: ObjectStore | None = Field(
+        None,
+        description=(
+            "Back up to an S3-compatible object store instead of the backup PVC (no PVC is made); "
+            "keep is then applied in the store."
+        ),
+    )
     starting_deadline_seconds: int = Field(
         300, ge=10, le=86400, description="A run that cannot start within this many seconds is skipped."
     )

@@ -49,6 +49,9 @@ TOKEN_FILE = f"{TOKEN_DIR}/token"
 DATA_DIR = "/var/lib/kvcache"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the Kubernetes default, named explicitly
 BACKUP_DIR = "/backups"
+STAGING_DIR = "/staging"
+"""Object-store backups: one replica's snapshot is staged here, uploaded, then removed."""
+S3_CA_DIR = "/etc/kvcache-s3-ca"
 RUN_AS_USER = 10001
 CONNECTION_FORMAT_VERSION = 1
 CONFIG_HASH_ANNOTATION = "kvcache.dev/config-hash"
@@ -406,56 +409,102 @@ def build_statefulset(kvc: KVCache, config: KVCacheConfig, replicas: int) -> Man
 # --- backups ----------------------------------------------------------------------------------------
 
 
+def object_store_args(kvc: KVCache, store: api.ObjectStore, ordinal: int) -> list[str]:
+    """``kvcache-engine backup|restore`` arguments that address replica ``ordinal``'s folder in the
+    object store (``<prefix>/<kvcache>/<name>-<ordinal>/``); credentials come from the environment."""
+    args = [
+        "--s3-endpoint", store.endpoint, "--s3-bucket", store.bucket,
+        "--s3-prefix", "/".join(p for p in (store.prefix.strip("/"), kvc.name) if p),
+        "--s3-region", store.region, "--s3-part-size-mb", str(store.part_size_mb),
+        "--replica", f"{kvc.name}-{ordinal}",
+    ]  # fmt: skip
+    if store.tls.ca_secret_name is not None:
+        args += ["--s3-ca-file", f"{S3_CA_DIR}/{store.tls.ca_key}"]
+    if store.tls.insecure_skip_verify:
+        args.append("--s3-insecure-skip-verify")
+    return args
+
+
+def object_store_env(store: api.ObjectStore) -> list[Manifest]:
+    """The access keys from ``credentials.secretName``, as the AWS SDK variables the CLI reads."""
+    creds = store.credentials
+    pairs = [
+        ("AWS_ACCESS_KEY_ID", creds.access_key_id_key),
+        ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key_key),
+    ]
+    if creds.session_token_key is not None:
+        pairs.append(("AWS_SESSION_TOKEN", creds.session_token_key))
+    return [
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": creds.secret_name, "key": key}}}
+        for env, key in pairs
+    ]
+
+
 def backup_script(kvc: KVCache, replicas: int) -> str:
     """Back up every replica; one failure does not stop the others, but fails the Job."""
     keep = kvc.spec.backup.keep
+    store = kvc.spec.backup.object_store
     lines = ["rc=0"]
     for i in range(replicas):
+        dest = f"{BACKUP_DIR}/{kvc.name}-{i}" if store is None else STAGING_DIR
         args = [
             "kvcache-engine",
             "backup",
             "--url",
             pod_url(kvc, i),
             "--dest",
-            f"{BACKUP_DIR}/{kvc.name}-{i}",
+            dest,
             "--keep",
             str(keep),
             "--token-file",
             TOKEN_FILE,
         ]
+        if store is not None:
+            args += object_store_args(kvc, store, i)
         lines.append(f"{shlex.join(args)} || rc=1")
     lines.append("exit $rc")
     return "\n".join(lines) + "\n"
 
 
 def build_backup_cronjob(kvc: KVCache, replicas: int) -> Manifest | None:
-    """``<name>-backup``: streams each replica's snapshot into the backup PVC (Forbid: one at a time)."""
+    """``<name>-backup``: streams each replica's snapshot into the backup PVC or, staged one replica at a
+    time, into the object store (Forbid: one run at a time)."""
     backup = kvc.spec.backup
     if not backup.enabled:
         return None
-    container = {
+    store = backup.object_store
+    mounts: list[Manifest] = [
+        {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[Manifest] = [_token_volume(kvc), {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    if store is None:
+        mounts.insert(0, {"name": "backups", "mountPath": BACKUP_DIR})
+        volumes.insert(0, {"name": "backups", "persistentVolumeClaim": {"claimName": backup_claim_name(kvc)}})
+    else:
+        # one replica staged at a time (removed after its upload): at most one replica's cache
+        mounts.insert(0, {"name": "staging", "mountPath": STAGING_DIR})
+        volumes.insert(0, {"name": "staging", "emptyDir": {"sizeLimit": kvc.spec.persistence.size}})
+        if store.tls.ca_secret_name is not None:
+            mounts.append({"name": "s3-ca", "mountPath": S3_CA_DIR, "readOnly": True})
+            volumes.append({"name": "s3-ca", "secret": {"secretName": store.tls.ca_secret_name}})
+    container: Manifest = {
         "name": "backup",
         "image": kvc.spec.image,
         "imagePullPolicy": kvc.spec.image_pull_policy,
         "command": ["sh", "-c", backup_script(kvc, replicas)],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": container_security_context(),
-        "volumeMounts": [
-            {"name": "backups", "mountPath": BACKUP_DIR},
-            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
+    if store is not None:
+        container["env"] = object_store_env(store)
     pod_spec = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [
-            {"name": "backups", "persistentVolumeClaim": {"claimName": backup_claim_name(kvc)}},
-            _token_volume(kvc),
-            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-        ],
+        "volumes": volumes,
     }
     job_spec = {
         "backoffLimit": backup.backoff_limit,
@@ -480,9 +529,10 @@ def build_backup_cronjob(kvc: KVCache, replicas: int) -> Manifest | None:
 
 
 def build_backup_pvc(kvc: KVCache) -> Manifest | None:
-    """The backup PVC; with backup.onDelete=Retain it is annotated so the caller does not own it."""
+    """The backup PVC (none with an object store); with backup.onDelete=Retain it is annotated so the
+    caller does not own it."""
     backup = kvc.spec.backup
-    if not backup.enabled:
+    if not backup.enabled or backup.object_store is not None:
         return None
     spec: Manifest = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": backup.size}}}
     if backup.storage_class_name is not None:

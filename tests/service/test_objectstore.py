@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -259,3 +260,59 @@ def test_errors_name_the_request(store: ObjectStore, tmp_path: Path) -> None:
         S3Client(ObjectStore("s3.amazonaws.com", "b"))
     with pytest.raises(ObjectStoreError, match="AWS_ACCESS_KEY_ID"):
         ObjectStore.from_env("http://x", "bkt", env={})
+
+
+def test_operator_backup_script_runs_against_the_store(
+    live_server, store: ObjectStore, small_segments: None, tmp_path: Path, capsys
+) -> None:
+    """The CronJob's script as resources.py builds it (pod URL, token file and staging dir pointed at
+    this machine), run by sh with the Secret's keys in its environment, lands a complete backup where
+    ``object_store_args`` (what a restore uses) finds it."""
+    from kvcache_operator import api, resources
+
+    src = live_server()
+    chains = _fill(src.url, src.engine.config, range(4))
+    spec = {
+        "persistence": {"enabled": True},
+        "backup": {
+            "enabled": True,
+            "objectStore": {
+                "endpoint": store.endpoint,
+                "bucket": store.bucket,
+                "prefix": "ops",
+                "credentials": {"secretName": "s3-keys"},
+                "partSizeMb": 5,
+            },
+        },
+    }
+    kvc = api.parse_kvcache({"metadata": {"name": "kvc", "namespace": "ns"}, "spec": spec})
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    (tmp_path / "staging").mkdir()
+    script = (
+        resources.backup_script(kvc, 1)
+        .replace(shlex.quote(resources.pod_url(kvc, 0)), src.url)
+        .replace(resources.TOKEN_FILE, str(token_file))
+        .replace(resources.STAGING_DIR, str(tmp_path / "staging"))
+    )
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+    )
+    done = subprocess.run(["sh", "-c", script], env=env, check=False, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert kvc.spec.backup.object_store is not None
+    args = resources.object_store_args(kvc, kvc.spec.backup.object_store, 0)
+    with S3Client(ObjectStore(store.endpoint, store.bucket, access_key="a", secret_key="b")) as c:
+        assert {tuple(k.split("/")[:3]) for k in c.list_keys("ops/")} == {("ops", "kvc", "kvc-0")}
+    fresh = live_server()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        restore = ["restore", "--from", "latest", "--url", fresh.url, "--token-file", str(token_file)]
+        assert main(restore + args) == 0
+    assert json.loads(capsys.readouterr().out)["blocks_verified"] == 16
+    for s, tokens in chains.items():
+        assert torch.equal(fresh.engine.get(tokens), src.engine.get(tokens)), s
