@@ -26,6 +26,7 @@ from kvcache_engine.contract import AdminError, P, SyncAdminClient, TokenError, 
 from kvcache_engine.contract.admin import decode_answer
 from kvcache_engine.objectstore import ObjectStore, S3Client, download_backup, upload_backup
 from kvcache_engine.persistence import (
+    MANIFEST,
     decode_segment,
     fsync_dir,
     new_segment,
@@ -256,20 +257,95 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    source = getattr(args, "from")
+    if args.to_dir:
+        result = restore_to_dir(args, source, Path(args.to_dir))
+    elif not args.url:
+        raise BackupError("restore needs --url (a running engine) or --to-dir (a data directory)")
+    else:
+        result = _restore_to_engine(args, source)
+    text = json.dumps(result)
+    if args.report_file:
+        Path(args.report_file).write_text(text)
+    print(text)
+    return 0
+
+
+def _restore_to_engine(args: argparse.Namespace, source: str) -> dict[str, Any]:
     token = admin(args.url, args.token_file).token
     s3 = _s3(args)
     if s3 is None:
-        result = push_backup(getattr(args, "from"), args.url, token)
-        print(json.dumps(result))
-        return 0
+        path = find_backup(Path(args.backup_root), source) if args.backup_root else Path(source)
+        report = validate_path(path)
+        result = push_backup(path, args.url, token)
+        result.update(backup=path.name, source=str(path), blocks_verified=report["blocks"])
+        return result
     client, replica = s3
     with client, tempfile.TemporaryDirectory(dir=args.staging) as tmp:
-        path, report = download_backup(client, replica, getattr(args, "from"), Path(tmp))
+        path, report = download_backup(client, replica, source, Path(tmp))
         result = push_backup(path, args.url, token)
-    result["backup"] = path.name
-    result["blocks_verified"] = report["blocks"]
-    print(json.dumps(result))
-    return 0
+    result.update(backup=path.name, source=_s3_source(client, replica), blocks_verified=report["blocks"])
+    return result
+
+
+def _s3_source(client: S3Client, replica: str) -> str:
+    return f"s3://{client.store.bucket}/{client.store.key(replica)}/"
+
+
+def find_backup(root: Path, name: str) -> Path:
+    """Backup ``name`` (or ``latest``: the newest complete one) under a backup root directory."""
+    backups = sorted(p for p in root.glob(BACKUP_PREFIX + "*") if p.is_dir()) if root.is_dir() else []
+    if name == "latest":
+        if not backups:
+            raise BackupError(f"no backup ({BACKUP_PREFIX}*) under {root}")
+        return backups[-1]
+    path = root / name
+    if path not in backups:
+        raise BackupError(
+            f"backup {name!r} not found under {root}; found {[p.name for p in backups] or 'none'}"
+        )
+    return path
+
+
+def restore_to_dir(args: argparse.Namespace, source: str, dest: Path) -> dict[str, Any]:
+    """Write a verified backup into ``dest`` as an engine's persisted cache (segments, then the
+    manifest last), so the engine loads it before it reports ready. With ``--if-empty`` a directory
+    that already holds a cache is left alone (a restarted pod keeps its own, newer data)."""
+    if args.if_empty and read_manifest(dest) is not None:
+        return {"skipped": f"{dest} already holds a cache"}
+    dest.mkdir(parents=True, exist_ok=True)
+    s3 = _s3(args)
+    with tempfile.TemporaryDirectory(dir=args.staging or dest.parent) as tmp:
+        if s3 is not None:
+            client, replica = s3
+            with client:
+                path, report = download_backup(client, replica, source, Path(tmp))
+            where = _s3_source(client, replica)
+        else:
+            path = find_backup(Path(args.backup_root), source) if args.backup_root else Path(source)
+            report = validate_path(path)
+            if not report["is_valid"]:
+                raise BackupError(f"restore: {path} is not a valid backup: {'; '.join(report['errors'])}")
+            where = str(path.parent)
+        doc = read_manifest(path)
+        assert doc is not None
+        old = read_manifest(dest)
+        (dest / MANIFEST).unlink(missing_ok=True)  # a crash from here on leaves no cache, not a mix
+        for seg in doc["segments"]:
+            write_atomic(dest / seg["file"], (path / seg["file"]).read_bytes())
+        write_atomic(dest / MANIFEST, (path / MANIFEST).read_bytes())
+        fsync_dir(dest)
+        keep = {seg["file"] for seg in doc["segments"]} | {MANIFEST}
+        for seg in (old or {}).get("segments", []):  # the replaced cache's files
+            if seg["file"] not in keep:
+                (dest / seg["file"]).unlink(missing_ok=True)
+    return {
+        "backup": path.name,
+        "source": where,
+        "blocks_verified": report["blocks"],
+        "segments": report["segments"],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -143,15 +143,25 @@ def _add_upload(sub: Sub) -> None:
 
 
 def _add_restore(sub: Sub) -> None:
-    p = sub.add_parser("restore", help="validate a backup and stream it into a running engine")
+    p = sub.add_parser(
+        "restore", help="validate a backup and stream it into a running engine (or into a data directory)"
+    )
     p.add_argument(
         "--from",
         required=True,
         metavar="PATH|NAME",
-        help="backup directory; with --s3-bucket a name or latest",
+        help="backup directory; with --s3-bucket or --backup-root a backup name or latest",
     )
+    p.add_argument("--backup-root", help="directory of backups (kvcache-backup-*) --from names one of")
     p.add_argument("--staging", help="download directory with --s3-bucket (default: a temporary one)")
-    _add_url_args(p)
+    p.add_argument("--url", help="engine base URL, e.g. http://127.0.0.1:8080 (or --to-dir)")
+    p.add_argument("--token-file", help="API token file (default: $KVCACHE_TOKEN_FILE, then $KVCACHE_TOKEN)")
+    p.add_argument(
+        "--to-dir",
+        help="write the verified backup as an engine's persisted cache here (before the engine starts)",
+    )
+    p.add_argument("--if-empty", action="store_true", help="with --to-dir: do nothing if it holds a cache")
+    p.add_argument("--report-file", help="also write the JSON result here (e.g. /dev/termination-log)")
     _add_s3_args(p)
     p.set_defaults(handler=_cmd_backup_module("cmd_restore"))
 

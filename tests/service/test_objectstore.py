@@ -316,3 +316,56 @@ def test_operator_backup_script_runs_against_the_store(
     assert json.loads(capsys.readouterr().out)["blocks_verified"] == 16
     for s, tokens in chains.items():
         assert torch.equal(fresh.engine.get(tokens), src.engine.get(tokens)), s
+
+
+def test_restore_into_a_data_directory_before_the_engine_starts(
+    live_server, store: ObjectStore, small_segments: None, creds: None, tmp_path: Path, capsys
+) -> None:
+    """``restore --to-dir`` (what a KVCache's restore init container runs) from the store and from a
+    PVC backup root: the engine started on that directory holds the blocks before serving; with
+    --if-empty a directory that already holds a cache is left alone; the report file gets the record."""
+    from kvcache_engine.engine import KVCacheEngine
+
+    src = live_server()
+    chains = _fill(src.url, src.engine.config, range(5))
+    root = tmp_path / "pvc" / "cache-0"
+    local = pull_backup(src.url, TOKEN, root, keep=3)
+    with S3Client(store) as c:
+        objectstore.upload_backup(c, local, "cache-0")
+    for how, extra in (("s3", _s3_args(store)), ("pvc", ["--backup-root", str(root)])):
+        data = tmp_path / how / "cache"
+        report = tmp_path / how / "termination-log"
+        argv = [
+            "restore",
+            "--from",
+            "latest",
+            "--to-dir",
+            str(data),
+            "--if-empty",
+            "--report-file",
+            str(report),
+        ]
+        assert main(argv + extra) == 0
+        record = json.loads(report.read_text())
+        assert record["backup"] == local.name and record["blocks_verified"] == 20, record
+        assert json.loads(capsys.readouterr().out) == record
+        engine = KVCacheEngine(src.engine.config.model_copy(update={"persistence_path": str(data)}))
+        for s, tokens in chains.items():
+            assert torch.equal(engine.get(tokens), src.engine.get(tokens)), (how, s)
+        assert main(argv + extra) == 0  # the pod restarts: its own cache stays
+        assert "already holds a cache" in json.loads(capsys.readouterr().out)["skipped"]
+    assert (
+        main(
+            [
+                "restore",
+                "--from",
+                "kvcache-backup-x",
+                "--to-dir",
+                str(tmp_path / "x"),
+                "--backup-root",
+                str(root),
+            ]
+        )
+        == 2
+    )
+    assert "not found under" in capsys.readouterr().err
