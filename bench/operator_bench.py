@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -72,6 +73,17 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..1)."""
     ordered = sorted(values)
@@ -87,7 +99,7 @@ def free_port() -> int:
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True, timeout=10
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -167,18 +179,21 @@ class Bench:
         base_s = time.perf_counter() - t0
 
         burst = [f"burst-{i:04d}" for i in range(args.burst)]
+        cpu0, own0 = cpu_s(self.proc.pid), own_cpu_s()
         t0 = time.perf_counter()
         self.create(burst)
         await self.wait_until(
             lambda: all(n in self.recorder.done for n in burst), args.timeout, "the burst's statuses"
         )
         burst_total = time.perf_counter() - t0
+        burst_cpu, burst_own = cpu_s(self.proc.pid) - cpu0, own_cpu_s() - own0
         latencies = [self.recorder.done[n] - self.recorder.created[n] for n in burst]
         all_settle = await self.settle()
 
-        mark = len(self.emu.calls)
+        mark, cpu0 = len(self.emu.calls), cpu_s(self.proc.pid)
         await asyncio.sleep(args.window)
         self._check_alive()
+        idle_cpu = cpu_s(self.proc.pid) - cpu0
         window = self.emu.calls[mark:]
         writes = Counter(
             f"{v.upper()} {p}{'/' + s if s else ''}" for v, p, _, _, s in window if v in WRITE_VERBS
@@ -198,11 +213,14 @@ class Bench:
             "burst_p99_s": round(percentile(latencies, 0.99), 3),
             "burst_max_s": round(max(latencies), 3),
             "burst_all_s": round(burst_total, 3),
+            "burst_operator_cpu_s": round(burst_cpu, 2),
+            "burst_emulator_cpu_s": round(burst_own, 2),
             "idle_quiet_before_window": bool(all_settle["quiet"]),
             "idle_window_s": args.window,
             "idle_writes": sum(writes.values()),
             "idle_writes_per_min": round(sum(writes.values()) * 60 / args.window, 1),
             "idle_writes_by_resource": dict(writes.most_common()),
+            "idle_operator_cpu_percent": round(100 * idle_cpu / args.window, 1),
             "idle_reads": sum(reads.values()),
             "idle_reads_by_resource": dict(reads.most_common()),
             "rss_0_caches_mib": round(rss_empty, 1),
@@ -265,12 +283,17 @@ def render(result: dict[str, Any]) -> None:
         f"{result['burst']} created at once: all statuses written", f"{result['burst_all_s']:.2f} s"
     )
     table.add_row(
+        "  CPU meanwhile: operator / emulator",
+        f"{result['burst_operator_cpu_s']:.1f} s / {result['burst_emulator_cpu_s']:.1f} s",
+    )
+    table.add_row(
         f"idle {result['caches']} caches: API writes in {result['idle_window_s']:.0f} s",
         f"{result['idle_writes']} ({result['idle_writes_per_min']:.0f}/min)",
     )
-    for resource, count in result["idle_writes_by_resource"].items():
-        table.add_row(f"  {resource}", str(count))
+    for name, count in result["idle_writes_by_resource"].items():
+        table.add_row(f"  {name}", str(count))
     table.add_row(f"idle: API reads (GET/LIST) in {result['idle_window_s']:.0f} s", str(result["idle_reads"]))
+    table.add_row("idle: operator CPU", f"{result['idle_operator_cpu_percent']:.1f} % of a core")
     table.add_row("operator RSS, 0 caches", f"{result['rss_0_caches_mib']:.0f} MiB")
     table.add_row(f"operator RSS, {result['caches']} caches", f"{result['rss_all_caches_mib']:.0f} MiB")
     table.add_row("operator RSS per cache", f"{result['rss_per_cache_kib']:.0f} KiB")

@@ -302,8 +302,9 @@ class KubeEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _rv: int = attrs.field(default=0, init=False)
     _history: deque[tuple[int, ResourceKey, dict[str, Any]]] = attrs.field(factory=deque, init=False)
     _history_floor: int = attrs.field(default=0, init=False)  # events with rv <= floor are forgotten
-    _watchers: set[asyncio.Queue[tuple[int, ResourceKey, dict[str, Any]]]] = attrs.field(
-        factory=set, init=False
+    # each open watch's queue -> the resource it watches (events go only to that resource's watches)
+    _watchers: dict[asyncio.Queue[tuple[int, ResourceKey, dict[str, Any]]], ResourceKey] = attrs.field(
+        factory=dict, init=False
     )
     _hooks: list[Hook] = attrs.field(factory=list, init=False)
     _builtin_reactions: int = attrs.field(default=0, init=False)
@@ -618,8 +619,9 @@ class KubeEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         self._history.append((rv, key, event))
         while len(self._history) > self.history_size:
             self._history_floor = self._history.popleft()[0]
-        for queue in self._watchers:
-            queue.put_nowait((rv, key, event))
+        for queue, watched in self._watchers.items():
+            if watched == key:
+                queue.put_nowait((rv, key, event))
         for hook in list(self._hooks):
             hook(event_type, _resource_str(key), copy.deepcopy(obj))
 
@@ -853,7 +855,7 @@ class KubeEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         key = parse_resource(resource)
         spec = self._spec(key)
         queue: asyncio.Queue[tuple[int, ResourceKey, dict[str, Any]]] = asyncio.Queue()
-        self._watchers.add(queue)
+        self._watchers[queue] = key
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
         try:
@@ -916,7 +918,7 @@ class KubeEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 ):
                     yield copy.deepcopy(event)
         finally:
-            self._watchers.discard(queue)
+            self._watchers.pop(queue, None)
 
 
 def _apply(obj: dict[str, Any], patch: Any, patch_type: str) -> dict[str, Any]:
