@@ -383,3 +383,59 @@ def test_an_error_answer_keeps_the_connection(fake_engine) -> None:
     answers = iter([http_reply(b'{"error": "nope"}', "404 Not Found")])
     asyncio.run(run())
     assert fake.connections == 2
+
+
+def test_breaker_probes_a_recovered_endpoint_within_two_seconds_of_a_long_outage() -> None:
+    """Issue 16 finding 10: after a 20 s outage the backoff had grown to 30 s (9.4 s of misses
+    after the endpoint answered again); the backoff is bounded so recovery is seen within 2 s."""
+    now = [0.0]
+    br = CircuitBreaker("e", failure_threshold=3, reset_timeout_s=0.25, clock=lambda: now[0])
+    while now[0] < 20.0:  # down: every allowed call (probes included) fails
+        if br.allow():
+            br.record_failure()
+        now[0] += 0.01
+    recovered_at = now[0]
+    while not br.allow():
+        now[0] += 0.01
+    assert now[0] - recovered_at <= 2.0 + 1e-9
+    br.record_success()
+    assert br.state == "closed"
+
+
+@pytest.mark.parametrize("declared", [2**31, 2**33])
+def test_a_lying_content_length_never_allocates(fake_engine, declared: int) -> None:
+    """Issue 16 finding 3: the sync client preallocated whatever Content-Length a server
+    declared (+1.4 GiB for one lookup); answers are bounded by the client's own limits."""
+    import tracemalloc
+
+    fake = fake_engine(lambda _: http_reply(b'{"cached_blocks": 1}', length=declared))
+    with client(fake.url, timeout_s=0.5) as c:
+        tracemalloc.start()
+        try:
+            t0 = time.monotonic()
+            assert c.lookup(TOKENS) == 0
+            elapsed = time.monotonic() - t0
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+    assert elapsed < 0.5 + MARGIN
+    with client(fake.url, timeout_s=0.5, strict=True) as s, pytest.raises(CacheProtocolError, match="limit"):
+        s.lookup(TOKENS)
+
+
+async def test_the_async_client_refuses_a_lying_content_length_too(fake_engine) -> None:
+    fake = fake_engine(lambda _: http_reply(b'{"cached_blocks": 1}', length=2**33))
+    async with AsyncKVCacheClient([fake.url], config=make_config(), timeout_s=0.5, strict=True) as s:
+        with pytest.raises(CacheProtocolError, match="limit"):
+            await s.lookup(TOKENS)
+
+
+def test_a_get_frame_header_longer_than_the_answer_is_refused(fake_engine) -> None:
+    frame = b"KVC1" + (60 * 2**20).to_bytes(4, "little") + b"{}"
+    fake = fake_engine(lambda _: http_reply(frame, length=len(frame)))
+    with (
+        client(fake.url, timeout_s=0.5, strict=True) as s,
+        pytest.raises(CacheProtocolError, match="frame header"),
+    ):
+        s.get(TOKENS)

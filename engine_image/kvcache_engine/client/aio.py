@@ -16,6 +16,8 @@ from kvcache_engine.client.codec import (
     RECV_CHUNK,
     Head,
     Req,
+    check_answer_length,
+    check_frame_header_length,
     error_message,
     json_body,
     parse_head,
@@ -84,7 +86,7 @@ class AsyncConn:
 
     async def receive(self, sink: GetSink, head: Head) -> None:
         """Receive a get's frame: its header, then the payload straight into the sink's tensor."""
-        hlen = decode_frame_prefix(await self.read_exact(PREFIX_BYTES))
+        hlen = check_frame_header_length(head, decode_frame_prefix(await self.read_exact(PREFIX_BYTES)))
         kv = sink.tensor(head, hlen, await self.read_exact(hlen))
         if kv.numel():
             await self.read_into(byte_view(kv))
@@ -256,7 +258,8 @@ class AsyncKVCacheClient(ClientBase[AsyncConn]):
             M_BYTES.labels("sent").inc(length)
             head = await conn.read_head()
             if head.status != 200 or sink is None:
-                body = await conn.read_exact(head.content_length) if head.content_length else b""
+                n = check_answer_length(head)
+                body = await conn.read_exact(n) if n else b""
                 if head.status != 200:
                     ok = head.keep_alive
                     raise CacheServerError(head.status, error_message(body))

@@ -17,17 +17,21 @@ from urllib.parse import urlsplit
 from kvcache_engine.client.buffers import RecvPool, byte_view, reusable, torch_dtype
 from kvcache_engine.client.connection import ClientGeometry
 from kvcache_engine.client.errors import CacheProtocolError
-from kvcache_engine.wire import encode_frame_header
+from kvcache_engine.wire import PREFIX_BYTES, encode_frame_header
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "CONFIG_REQ",
+    "MAX_ANSWER_BYTES",
+    "MAX_FRAME_HEADER_BYTES",
     "MAX_HEAD_BYTES",
     "RECV_CHUNK",
     "Head",
     "Req",
+    "check_answer_length",
+    "check_frame_header_length",
     "error_message",
     "field_parser",
     "get_tensor_for",
@@ -41,6 +45,11 @@ __all__ = [
 ]
 
 MAX_HEAD_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 1024 * 1024
+"""Largest JSON answer or error body a client reads (the engine's are a few hundred bytes): a
+server declaring more is refused before anything is allocated."""
+MAX_FRAME_HEADER_BYTES = 64 * 1024
+"""Largest get frame header (dtype, shape, nbytes: under 200 bytes from the engine)."""
 RECV_CHUNK = 4 * 1024 * 1024
 
 
@@ -91,6 +100,26 @@ class Req:
 
     def nbytes(self) -> int:
         return sum(memoryview(p).nbytes for p in self.parts)
+
+
+def check_answer_length(head: Head, limit: int = MAX_ANSWER_BYTES) -> int:
+    """The Content-Length of a JSON or error answer; CacheProtocolError when it is over ``limit``."""
+    if head.content_length > limit:
+        raise CacheProtocolError(
+            f"response of {head.content_length} bytes (HTTP {head.status}) exceeds the client's "
+            f"limit of {limit}"
+        )
+    return head.content_length
+
+
+def check_frame_header_length(head: Head, header_len: int) -> int:
+    """A get frame's header length, checked against the answer and MAX_FRAME_HEADER_BYTES."""
+    if header_len > MAX_FRAME_HEADER_BYTES or PREFIX_BYTES + header_len > head.content_length:
+        raise CacheProtocolError(
+            f"get: frame header of {header_len} bytes in a {head.content_length}-byte answer "
+            f"(at most {MAX_FRAME_HEADER_BYTES})"
+        )
+    return header_len
 
 
 def request_head(req: Req, host: str, token: str | None, length: int) -> bytes:

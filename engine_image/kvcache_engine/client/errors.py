@@ -76,21 +76,24 @@ class RetryableConnError(CacheUnavailableError):
 class CircuitBreaker:
     """Per-endpoint breaker: closed → open after ``failure_threshold`` consecutive failures;
     open → half-open after ``reset_timeout_s`` (doubling per failed probe up to
-    ``max_reset_timeout_s``); half-open lets exactly one probe through — its success closes the
-    breaker, its failure re-opens it. Thread-safe; asyncio code uses it from one thread."""
+    ``max_reset_timeout_s``, 2 s by default: an endpoint that answers again is probed within two
+    seconds however long it was down; a probe is one call's deadline, so the cost of probing a
+    dead endpoint stays one call every 2 s); half-open lets exactly one probe through — its
+    success closes the breaker, its failure re-opens it. Thread-safe; asyncio code uses it from
+    one thread."""
 
     def __init__(
         self,
         name: str,
         failure_threshold: int = 3,
         reset_timeout_s: float = 1.0,
-        max_reset_timeout_s: float = 30.0,
+        max_reset_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.failure_threshold = failure_threshold
         self.base_reset_s = reset_timeout_s
-        self.max_reset_s = max_reset_timeout_s
+        self.max_reset_s = max(max_reset_timeout_s, reset_timeout_s)
         self._clock = clock
         self._lock = threading.Lock()
         self._failures = 0

@@ -18,6 +18,8 @@ from kvcache_engine.client.codec import (
     RECV_CHUNK,
     Head,
     Req,
+    check_answer_length,
+    check_frame_header_length,
     error_message,
     json_body,
     parse_head,
@@ -110,7 +112,7 @@ class SyncConn:
 
     def receive(self, sink: GetSink, head: Head, deadline: float) -> None:
         """Receive a get's frame: its header, then the payload straight into the sink's tensor."""
-        hlen = decode_frame_prefix(self.read_exact(PREFIX_BYTES, deadline))
+        hlen = check_frame_header_length(head, decode_frame_prefix(self.read_exact(PREFIX_BYTES, deadline)))
         kv = sink.tensor(head, hlen, self.read_exact(hlen, deadline))
         if kv.numel():
             self.read_into(byte_view(kv), deadline)
@@ -327,7 +329,8 @@ class KVCacheClient(ClientBase[SyncConn]):
             M_BYTES.labels("sent").inc(length)
             head = conn.read_head(deadline)
             if head.status != 200 or sink is None:
-                body = conn.read_exact(head.content_length, deadline) if head.content_length else b""
+                n = check_answer_length(head)  # a lying Content-Length never allocates
+                body = conn.read_exact(n, deadline) if n else b""
                 if head.status != 200:
                     raise CacheServerError(head.status, error_message(body))
                 M_BYTES.labels("received").inc(len(body))
