@@ -47,6 +47,33 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     )
 
 
+def _curve_tables(status: Mapping[str, Any]) -> list[str]:
+    """What the engines' miss-ratio curve predicts (at the current size, unbounded, the size the
+    autoscaler sizes for) and why lookups missed, when the status has them."""
+    out = []
+    if status.get("predictedHitRate") is not None:
+        capacity = status.get("recommendedCapacity")
+        rows = [
+            ["PREDICTED HIT RATE", "PREDICTED CEILING", "RECOMMENDED CAPACITY"],
+            [
+                _percent(status.get("predictedHitRate")),
+                _percent(status.get("predictedCeiling")),
+                "- (curve warming up)" if capacity is None else f"{int(capacity):,} blocks",
+            ],
+        ]
+        out.append(_table(rows))
+    misses = {k: float(v) for k, v in (status.get("missesByReason") or {}).items() if float(v) > 0}
+    if misses:
+        total = sum(misses.values())
+        rows = [["MISS REASON", "BLOCKS", "SHARE"]]
+        rows += [
+            [reason, f"{blocks:,.0f}", _percent(blocks / total)]
+            for reason, blocks in sorted(misses.items(), key=lambda item: -item[1])
+        ]
+        out.append(_table(rows))
+    return out
+
+
 def format_status(obj: Mapping[str, Any]) -> str:
     """The human view of one KVCache: a summary table, its conditions and the last decisions."""
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
@@ -68,6 +95,7 @@ def format_status(obj: Mapping[str, Any]) -> str:
         ],
     ]
     parts = [_table(summary)]
+    parts += _curve_tables(status)
     conditions = status.get("conditions") or []
     if conditions:
         rows = [["CONDITION", "STATUS", "REASON", "MESSAGE"]]

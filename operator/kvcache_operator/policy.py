@@ -18,15 +18,27 @@ Invariants (tested with scripted series and hypothesis):
 * no decision while a rollout is in progress or while the mode is ``Off``;
 * tuned values stay within ``spec.tuning`` bounds; a tuning change waits ``intervalSeconds``;
 * ``DryRun`` decisions are returned with ``applied=False``: the caller records them and acts on none.
+
+Sizing from the miss-ratio curve (when the engines report one with enough samples; until then the
+threshold rules above decide, and say the curve is warming up): the total capacity (replicas x
+effective blocks per replica) goes to the smallest size the curve predicts ``targetHitRate`` at,
+or, when no measured size reaches it, to the knee, past which a doubling buys less than
+``minGainPerDoubling``. A replica is never added when the curve says it buys less than that (per
+doubling of the capacity it adds), and one is removed only when the curve says its loss is under
+half of that, or the target still holds without it (so a stationary curve never flaps). int8
+compression is weighed with the same curve: it nearly doubles the capacity without new pods, so
+when it buys what a replica would, the tuner turns it on instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kvcache_engine.contract import CODEC_BYTES_PER_FP16_BYTE, HitRateCurve
 from kvcache_operator.api import Autoscaling, Mode, Tuning
 
 SCALE_IN_HEADROOM = 0.9
@@ -41,6 +53,10 @@ MAX_TOKENS_CHANGE_FRACTION = 0.1
 """A device-sized max_tokens differing from the current one by less than this is left alone."""
 COMPRESSION_STEPS = (1.0, 0.5, 0.25)
 """Compression ratios tuning moves through (none → int8 → int4); bounded by spec.tuning."""
+MIN_CURVE_SAMPLES = 200.0
+"""Sampled block references the merged curve needs before the policy sizes by it."""
+REMOVE_GAIN_FRACTION = 0.5
+"""A replica is removed only when the curve says it buys less than minGainPerDoubling x this."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ class Sample:
     p95_latency_ms: float | None = None
     ready_replicas: int = 0
     device_memory_total: int = 0
+    curve: HitRateCurve | None = None  # merged over the ready engines (None: not every one reports)
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,185 @@ def _projected(pressure: float, current: int, target: int) -> float:
     return pressure * current / max(target, 1)
 
 
+# --- capacity from the miss-ratio curve ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """What the merged curve says about a KVCache's size. Capacities are effective blocks (after
+    compression) over all replicas; ``replicas`` is where the policy takes the replica count
+    (bounded), ``capacity_blocks`` the capacity the curve recommends (``replicas`` x
+    ``blocks_per_replica``). ``warming_up``: too few samples, the threshold rules decide."""
+
+    capacity_blocks: float
+    blocks_per_replica: float
+    predicted_hit_rate: float
+    ceiling: float
+    samples: float
+    recommended_capacity_blocks: float
+    goal_capacity_blocks: float
+    replicas: int
+    reason: str
+    warming_up: bool = False
+    int8_gain_per_doubling: float | None = None  # what switching none -> int8 buys (None: n/a)
+    curve: HitRateCurve | None = field(default=None, repr=False, compare=False)
+
+    def predicted_at(self, capacity_blocks: float) -> float:
+        """The curve's hit rate at ``capacity_blocks`` (the current prediction without a curve)."""
+        return self.curve.at(capacity_blocks) if self.curve is not None else self.predicted_hit_rate
+
+
+def gain_per_doubling(curve: HitRateCurve, low: float, high: float) -> float:
+    """Hit rate the curve says growing from ``low`` to ``high`` blocks buys, per doubling."""
+    if low <= 0 or high <= low:
+        return 0.0
+    return (curve.at(high) - curve.at(low)) / math.log2(high / low)
+
+
+def _knee(curve: HitRateCurve, min_gain: float) -> float:
+    """The smallest capacity (in eighth-octave steps) from which on every doubling buys less than
+    ``min_gain``, among those whose doubling the curve measured (a curve can pay more per doubling
+    further on: its convex start); the largest measured capacity when the last doubling measured
+    still pays (the knee lies beyond: grow, and measure further)."""
+    points = curve.points()
+    x, last = points[0][0], points[-1][0]
+    knee = x
+    while 2 * x <= last * (1 + 1e-9):
+        step = x * 2 ** (1 / 8)
+        if curve.at(2 * x) - curve.at(x) >= min_gain:
+            knee = step if 2 * step <= last * (1 + 1e-9) else last
+        x = step
+    return knee
+
+
+def _kblocks(blocks: float) -> str:
+    return f"{blocks / 1000:.3g}k" if blocks >= 1000 else f"{blocks:.0f}"
+
+
+def plan_capacity(
+    spec: Autoscaling, sample: Sample, current_replicas: int, *, codec: str = "none"
+) -> CapacityPlan | None:
+    """The curve's plan for ``sample`` (None when not every ready engine reports a curve).
+    ``codec``: what the engines store with now (the int8 weighing needs it)."""
+    curve = sample.curve
+    if curve is None or sample.ready_replicas <= 0 or current_replicas <= 0:
+        return None
+    per = curve.capacity_blocks / sample.ready_replicas
+    now = per * current_replicas
+    predicted, ceiling = curve.at(now), curve.ceiling
+    warming = CapacityPlan(
+        capacity_blocks=now, blocks_per_replica=per, predicted_hit_rate=predicted, ceiling=ceiling,
+        samples=curve.samples, recommended_capacity_blocks=now, goal_capacity_blocks=now,
+        replicas=current_replicas, warming_up=True, curve=curve,
+        reason=f"curve warming up ({curve.samples:.0f} of {MIN_CURVE_SAMPLES:.0f} samples)",
+    )  # fmt: skip
+    if curve.samples < MIN_CURVE_SAMPLES:
+        return warming
+    target, g = spec.target_hit_rate, spec.min_gain_per_doubling
+    reach = curve.smallest_capacity_for(target)
+    if reach is not None:
+        goal = reach
+        why = f"target {target:.2f} predicted at {_kblocks(goal)} blocks"
+    else:
+        goal = _knee(curve, g)
+        largest = curve.points()[-1][0]
+        limit = (
+            f"predicted ceiling {ceiling:.2f}"
+            if target > ceiling
+            else f"{curve.at(largest):.2f} at the largest measured size ({_kblocks(largest)} blocks)"
+        )
+        sized = f"sized to {_kblocks(goal)} blocks for {curve.at(goal):.2f}"
+        why = f"target {target:.2f} unreachable: {limit}; {sized}"
+    replicas, step_why = _replicas_for(spec, curve, per, current_replicas, goal, reachable=reach is not None)
+    int8 = None
+    if codec == "none":
+        factor = CODEC_BYTES_PER_FP16_BYTE["none"] / CODEC_BYTES_PER_FP16_BYTE["int8"]
+        int8 = gain_per_doubling(curve, now, now * factor)
+    return dataclasses.replace(
+        warming, recommended_capacity_blocks=replicas * per, goal_capacity_blocks=goal, replicas=replicas,
+        reason=why + step_why, warming_up=False, int8_gain_per_doubling=int8,
+    )  # fmt: skip
+
+
+def _replicas_for(
+    spec: Autoscaling, curve: HitRateCurve, per: float, current: int, goal: float, *, reachable: bool
+) -> tuple[int, str]:
+    """The bounded replica count toward ``goal``: up while each added replica buys at least
+    minGainPerDoubling (per doubling of the capacity it adds), down while each removed one loses
+    less than REMOVE_GAIN_FRACTION of that, or the target still holds without it. With why a
+    step stops short of the goal."""
+    g = spec.min_gain_per_doubling
+    want = min(max(math.ceil(goal / per - 1e-9), spec.min_replicas), spec.max_replicas)
+    r = current
+    while r < want and gain_per_doubling(curve, r * per, (r + 1) * per) >= g:
+        r += 1
+    if r < want:
+        gain = gain_per_doubling(curve, r * per, (r + 1) * per)
+        return r, (f"; replica {r + 1} would buy {gain:.4f} per doubling < minGainPerDoubling {g}: not added")
+    while r > max(want, spec.min_replicas):
+        lower = (r - 1) * per
+        if reachable and curve.at(lower) < spec.target_hit_rate:
+            break
+        if not reachable and gain_per_doubling(curve, lower, r * per) >= g * REMOVE_GAIN_FRACTION:
+            break
+        r -= 1
+    return min(max(r, spec.min_replicas), spec.max_replicas), ""
+
+
+def _plans(spec: Autoscaling, window: Sequence[Sample], current: int) -> list[CapacityPlan] | None:
+    """The curve's plan for every sample of the window, or None when one has no usable curve."""
+    plans = [plan_capacity(spec, s, current) for s in window]
+    if any(p is None or p.warming_up for p in plans):
+        return None
+    return [p for p in plans if p is not None]
+
+
+def _curve_scale(
+    spec: Autoscaling, samples: Sequence[Sample], current: int, now_s: float, last_change_s: float | None
+) -> Decision | None:
+    """The replica decision the curve makes: every plan of the (up or down) window agrees."""
+    up = _window(samples, now_s, spec.scale_up_stabilization_seconds, last_change_s)
+    plans = _plans(spec, up, current) if up else None
+    if plans and all(p.replicas > current for p in plans):
+        target = min(*(p.replicas for p in plans), current + spec.max_scale_up_step)
+        return _curve_decision(spec, plans, current, target, spec.scale_up_stabilization_seconds)
+    down = _window(samples, now_s, spec.scale_down_stabilization_seconds, last_change_s)
+    plans = _plans(spec, down, current) if down else None
+    if plans and all(p.replicas < current for p in plans):
+        target = max(*(p.replicas for p in plans), current - spec.max_scale_down_step)
+        return _curve_decision(spec, plans, current, target, spec.scale_down_stabilization_seconds)
+    return None
+
+
+def _curve_decision(
+    spec: Autoscaling, plans: Sequence[CapacityPlan], current: int, target: int, window_s: int
+) -> Decision:
+    p = plans[-1]
+    numbers = {
+        "predictedHitRate": round(p.predicted_hit_rate, 4),
+        "predictedCeiling": round(p.ceiling, 4),
+        "predictedHitRateAfter": round(p.predicted_at(target * p.blocks_per_replica), 4),
+        "capacityBlocks": round(p.capacity_blocks),
+        "recommendedCapacityBlocks": round(p.recommended_capacity_blocks),
+        "blocksPerReplica": round(p.blocks_per_replica),
+        "targetHitRate": spec.target_hit_rate,
+        "minGainPerDoubling": spec.min_gain_per_doubling,
+        "curveSamples": round(p.samples),
+        "windowSeconds": window_s,
+        "samples": len(plans),
+    }
+    reason = (
+        f"{p.reason}: {current} -> {target} replicas ({_kblocks(target * p.blocks_per_replica)} blocks) "
+        f"predicted {numbers['predictedHitRateAfter']:.3f} (now {p.predicted_hit_rate:.3f}), "
+        f"held over {len(plans)} samples in {window_s}s"
+    )
+    if target < current:
+        reason += f"; draining ordinals {', '.join(str(i) for i in range(target, current))} first"
+    return Decision(
+        "Scale", Mode(spec.mode), f"replicas {current} -> {target}", reason, numbers, current, target
+    )
+
+
 def decide_scale(
     spec: Autoscaling,
     samples: Sequence[Sample],
@@ -171,6 +367,24 @@ def decide_scale(
             current_replicas,
             bounded,
         )
+    latest = plan_capacity(spec, samples[-1], current_replicas) if samples else None
+    if latest is not None and not latest.warming_up:
+        return _curve_scale(spec, samples, current_replicas, now_s, last_change_s)
+    fallback = _threshold_scale(spec, samples, current_replicas, now_s, last_change_s)
+    if fallback is None:
+        return None
+    why = latest.reason if latest is not None else "the engines report no miss-ratio curve"
+    return dataclasses.replace(fallback, reason=f"{fallback.reason} (threshold rules: {why})")
+
+
+def _threshold_scale(
+    spec: Autoscaling,
+    samples: Sequence[Sample],
+    current_replicas: int,
+    now_s: float,
+    last_change_s: float | None,
+) -> Decision | None:
+    """The fallback: memory pressure and the measured hit rate against their targets."""
     up = _window(samples, now_s, spec.scale_up_stabilization_seconds, last_change_s)
     if up and current_replicas < spec.max_replicas and all(_scale_up_signal(s, spec) for s in up):
         return _scale_up(spec, up, current_replicas)
@@ -254,8 +468,15 @@ def decide_tuning(
     last_change_s: float | None,
     rolling_out: bool,
     fp16_bytes_per_token: float,
+    plan: CapacityPlan | None = None,
+    min_gain_per_doubling: float = 0.01,
 ) -> Decision | None:
     """Compression and max_tokens changes within ``spec`` bounds, or None.
+
+    With a ``plan`` from a warm curve, compression follows the curve instead of the pressure
+    thresholds: int8 is switched on when the capacity should grow and the curve says the near
+    doubling buys at least ``min_gain_per_doubling``, off when the capacity without it still
+    meets the plan (the target, or a loss under half that gain).
 
     ``live`` is the engines' live config. Compression is tightened one step when every sample of
     the interval shows pressure above ``target_pressure`` and p95 latency under LATENCY_BUDGET_MS,
@@ -275,7 +496,16 @@ def decide_tuning(
         "samples": len(window),
         "intervalSeconds": spec.interval_seconds,
     }
-    _tune_compression(spec, target_pressure, live, window, changes=changes, reasons=reasons, numbers=numbers)
+    if plan is not None and not plan.warming_up:
+        _tune_compression_by_curve(
+            spec, plan, live, min_gain_per_doubling, changes=changes, reasons=reasons, numbers=numbers
+        )
+    else:
+        _tune_compression(
+            spec, target_pressure, live, window, changes=changes, reasons=reasons, numbers=numbers
+        )
+        if changes and plan is not None:
+            reasons[-1] += f" (threshold rules: {plan.reason})"
     _tune_max_tokens(
         spec,
         live,
@@ -348,6 +578,54 @@ def _tune_compression(
             )
 
 
+def live_codec(live: TunedConfig) -> str:
+    """The codec the engines store with for these live values (KVCacheConfig.codec's rule)."""
+    if not live.use_compression:
+        return "none"
+    return "int8" if live.compression_ratio >= 0.5 else "int4"
+
+
+def _tune_compression_by_curve(
+    spec: Tuning,
+    plan: CapacityPlan,
+    live: TunedConfig,
+    min_gain: float,
+    *,
+    changes: dict[str, LiveValue],
+    reasons: list[str],
+    numbers: dict[str, float],
+) -> None:
+    codec = live_codec(live)
+    factor = CODEC_BYTES_PER_FP16_BYTE["none"] / CODEC_BYTES_PER_FP16_BYTE["int8"]
+    now = plan.capacity_blocks
+    allowed = spec.compression_ratio_min <= 0.5 <= spec.compression_ratio_max
+    if codec == "none" and allowed and plan.goal_capacity_blocks > now:
+        gain = gain_per_doubling_of(plan, now, now * factor)
+        numbers.update({"int8GainPerDoubling": round(gain, 4), "minGainPerDoubling": min_gain})
+        if gain >= min_gain:
+            changes.update({"use_compression": True, "compression_ratio": 0.5})
+            reasons.append(
+                f"{plan.reason}: int8 takes the capacity {_kblocks(now)} -> {_kblocks(now * factor)} blocks "
+                f"without new replicas, predicted {plan.predicted_at(now):.3f} -> "
+                f"{plan.predicted_at(now * factor):.3f} ({gain:.4f} per doubling >= {min_gain})"
+            )
+    elif codec == "int8" and spec.compression_ratio_max >= 1.0:
+        without = now / factor
+        gain = gain_per_doubling_of(plan, without, now)
+        numbers.update({"int8GainPerDoubling": round(gain, 4), "minGainPerDoubling": min_gain})
+        if plan.goal_capacity_blocks <= without or gain < min_gain * REMOVE_GAIN_FRACTION:
+            changes.update({"use_compression": False, "compression_ratio": 1.0})
+            reasons.append(
+                f"{plan.reason}: without int8 the capacity {_kblocks(now)} -> {_kblocks(without)} blocks "
+                f"loses {gain:.4f} per doubling (predicted {plan.predicted_at(without):.3f}): compression off"
+            )
+
+
+def gain_per_doubling_of(plan: CapacityPlan, low: float, high: float) -> float:
+    """gain_per_doubling on the plan's curve (0 without one)."""
+    return gain_per_doubling(plan.curve, low, high) if plan.curve is not None else 0.0
+
+
 def _tune_max_tokens(
     spec: Tuning,
     live: TunedConfig,
@@ -403,13 +681,23 @@ class Proposals:
 
     scale: Decision | None = None
     tune: Decision | None = None
+    plan: CapacityPlan | None = None  # the curve's view this round (None without a curve)
 
     def __iter__(self) -> Iterator[Decision]:
         return iter([d for d in (self.scale, self.tune) if d is not None])
 
 
 def decide(given: PolicyInput) -> Proposals:
-    """The scale and tuning proposals for one round (either may be None)."""
+    """The scale and tuning proposals for one round (either may be None). When the curve makes
+    the tuner switch int8 on (applied), a scale-up waits: the next rounds size with the new
+    capacity."""
+    plan = (
+        plan_capacity(
+            given.autoscaling, given.samples[-1], given.current_replicas, codec=live_codec(given.live)
+        )
+        if given.samples
+        else None
+    )
     scale = decide_scale(
         given.autoscaling,
         given.samples,
@@ -427,5 +715,13 @@ def decide(given: PolicyInput) -> Proposals:
         last_change_s=given.last_tune_s,
         rolling_out=given.rolling_out,
         fp16_bytes_per_token=given.fp16_bytes_per_token,
+        plan=plan,
+        min_gain_per_doubling=given.autoscaling.min_gain_per_doubling,
     )
-    return Proposals(scale, tune)
+    by_curve = plan is not None and not plan.warming_up
+    compressing = (
+        by_curve and tune is not None and tune.applied and tune.changes.get("use_compression") is True
+    )
+    if compressing and scale is not None and (scale.to_replicas or 0) > (scale.from_replicas or 0):
+        scale = None
+    return Proposals(scale, tune, plan)

@@ -18,7 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvcache_engine.contract import AdminClient, AdminError, EngineStats, LiveConfig
+from kvcache_engine.contract import (
+    AdminClient,
+    AdminError,
+    EngineStats,
+    HitRateCurve,
+    LiveConfig,
+    merge_curves,
+)
 from kvcache_operator.policy import Sample
 
 
@@ -124,8 +131,18 @@ def observe(previous: Scrape | None, current: Scrape) -> Observation:
         p95_latency_ms=histogram_quantile(0.95, _bucket_delta(ok, before, both)),
         ready_replicas=len(ok),
         device_memory_total=int(min((stats.device_memory_total for stats in ok.values()), default=0)),
+        curve=_merged_curve(ok),
     )
     return Observation(sample, tuple(current.failed), d_hit, d_req)
+
+
+def _merged_curve(ok: Mapping[str, EngineStats]) -> HitRateCurve | None:
+    """The ready engines' curves merged (capacities add), or None unless every one reports one
+    (a partial merge would predict for a smaller cache than the one serving)."""
+    curves = [stats.curve for stats in ok.values()]
+    if not curves or any(c is None for c in curves):
+        return None
+    return merge_curves(c for c in curves if c is not None)
 
 
 def _bucket_delta(

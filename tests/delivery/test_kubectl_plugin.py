@@ -73,6 +73,28 @@ def test_status_table_shows_the_numbers_and_newest_decisions() -> None:
     assert "replicas 6 -> 7" in decisions[1] and "replicas 2 -> 3" in decisions[-1]
 
 
+def test_status_shows_the_curves_prediction_and_why_lookups_missed() -> None:
+    obj = make_kvcache(
+        predictedHitRate=0.3514,
+        predictedCeiling=0.3664,
+        recommendedCapacity=45000,
+        missesByReason={"capacity": 600.0, "never_seen": 1800.0, "retune": 0.0, "client_timeout": 100.0},
+    )
+    text = plugin.format_status(obj)
+    lines = text.splitlines()
+    i = lines.index(next(line for line in lines if line.startswith("PREDICTED HIT RATE")))
+    assert lines[i + 1].split() == ["35.1%", "36.6%", "45,000", "blocks"]
+    j = lines.index(next(line for line in lines if line.startswith("MISS REASON")))
+    assert [line.split() for line in lines[j + 1 : j + 4]] == [
+        ["never_seen", "1,800", "72.0%"],
+        ["capacity", "600", "24.0%"],
+        ["client_timeout", "100", "4.0%"],
+    ]
+    assert "retune" not in text  # reasons that never happened are left out
+    warming = plugin.format_status(make_kvcache(predictedHitRate=0.1, predictedCeiling=0.2))
+    assert "- (curve warming up)" in warming
+
+
 def test_status_of_a_new_cache_has_dashes() -> None:
     obj = {"metadata": {"name": "new", "generation": 1}, "spec": {"replicas": 1}}
     text = plugin.format_status(obj)

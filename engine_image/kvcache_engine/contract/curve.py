@@ -120,19 +120,6 @@ class HitRateCurve:
                 return float(lo_cap * (hi_cap / lo_cap) ** f)
         return None
 
-    def gain_per_doubling(self, capacity_blocks: float) -> float:
-        """Hit rate bought by doubling the capacity from ``capacity_blocks`` (the slope the knee is
-        defined by)."""
-        return self.at(2 * capacity_blocks) - self.at(capacity_blocks)
-
-    def knee(self, min_gain_per_doubling: float) -> float:
-        """The smallest reported capacity past which doubling buys less than
-        ``min_gain_per_doubling`` (the largest reported capacity when every doubling still pays)."""
-        for cap, _ in self.points():
-            if self.gain_per_doubling(cap) < min_gain_per_doubling:
-                return cap
-        return self.points()[-1][0]
-
     def to_dict(self) -> dict[str, object]:
         """The ``/v1/stats`` form (``curve`` key): JSON-ready."""
         return {
