@@ -287,6 +287,20 @@ ObjectStoreRegion = Annotated[
         max_length=63,
     ),
 ]
+BackupRef = Annotated[
+    str,
+    Checked(
+        (
+            v.FieldRule(
+                '"{value}" is not a backup: use latest or the name of one '
+                "(e.g. kvcache-backup-20260101T000000Z)",
+                *v.matching("latest|kvcache-backup-[0-9]{8}T[0-9]{6}Z(-[0-9]+)?"),
+            ),
+        ),
+        max_length=80,
+    ),
+]
+KVCacheRef = Annotated[str, Checked(v.dns_label_rules("KVCache name", "cache-a"), max_length=MAX_NAME_LENGTH)]
 SecretKey = Annotated[
     str,
     Checked(
@@ -589,6 +603,24 @@ class Backup(_Model):
         return self.schedule or DEFAULT_BACKUP_SCHEDULE
 
 
+class Restore(_Model):
+    """Start every replica whose data volume is empty (a new KVCache, or a replica whose PVC was
+    replaced) from a backup: an init container verifies it and writes it into the volume, so the
+    engine loads it before it reports ready. A replica that already holds a cache keeps it."""
+
+    from_backup: BackupRef = Field("latest", description="A backup's name or latest (the newest complete).")
+    source_name: KVCacheRef | None = Field(
+        None,
+        description="The KVCache whose backups to read (replica i reads <sourceName>-i's); unset: this one.",
+    )
+    object_store: ObjectStore | None = Field(
+        None, description="Read from this object store; unset: spec.backup.objectStore, else the backup PVC."
+    )
+    claim_name: ClaimName | None = Field(
+        None, description="Backup PVC to read when no object store is used; unset: <sourceName>-backups."
+    )
+
+
 class Autoscaling(_Model):
     """Replica autoscaling from the engines' memory pressure and hit rate."""
 
@@ -599,22 +631,7 @@ class Autoscaling(_Model):
         0.8, gt=0.0, le=1.0, description="Scale up when mean memory pressure (used/capacity) exceeds this."
     )
     target_hit_rate: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        description=(
-            "Hit rate to size for: the smallest capacity the engines' miss-ratio curve predicts it at "
-            "(the knee when no size reaches it); below it, more capacity is considered."
-        ),
-    )
-    min_gain_per_doubling: float = Field(
-        0.01,
-        ge=0.0,
-        le=1.0,
-        description=(
-            "Least hit rate a doubling of the capacity must buy, per the engines' curve: no replica is "
-            "added that buys less (per doubling of what it adds); past the knee capacity stops growing."
-        ),
+        0.5, ge=0.0, le=1.0, description="Hit rate below which more capacity is considered."
     )
     scale_up_stabilization_seconds: int = Field(
         60, ge=0, le=3600, description="A scale-up signal must hold this long before acting."
@@ -697,6 +714,9 @@ class KVCacheSpec(_Model):
         default_factory=Persistence, description="Per-replica cache persistence."
     )
     backup: Backup = Field(default_factory=Backup, description="Scheduled backups.")
+    restore: Restore | None = Field(
+        None, description="Start replicas with an empty data volume from a backup (needs persistence)."
+    )
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
     tuning: Tuning = Field(default_factory=Tuning, description="Live tuning of max_tokens and compression.")
     auth: Auth = Field(default_factory=Auth, description="API token.")
@@ -739,6 +759,17 @@ class Condition(_Model):
     message: str = Field("", description="Human-readable detail.")
     last_transition_time: str | None = Field(None, description="RFC 3339 time of the last status change.")
     observed_generation: int | None = Field(None, description="metadata.generation this was computed for.")
+
+
+class RestoreRecord(_Model):
+    """What a replica's restore init container wrote into its volume."""
+
+    pod: str = Field(description="The engine pod.")
+    backup: str | None = Field(None, description="The backup restored.")
+    source: str | None = Field(None, description="Where it was read (s3://bucket/prefix/ or a path).")
+    blocks_verified: int | None = Field(None, description="Blocks whose checksums were verified.")
+    time: str | None = Field(None, description="When (UTC).")
+    message: str | None = Field(None, description="Why nothing was restored, or why it failed.")
 
 
 class BackupRecord(_Model):
@@ -807,21 +838,8 @@ class KVCacheStatus(_Model):
     engines: list[EngineRecord] = Field(default_factory=list, description="Each engine pod, by name.")
     hit_rate: float | None = Field(None, description="Token hit rate over the last scrape window (0..1).")
     memory_pressure: float | None = Field(None, description="Mean used/capacity over the engines (0..1).")
-    predicted_hit_rate: float | None = Field(
-        None, description="Hit rate the engines' miss-ratio curve predicts at the current capacity (0..1)."
-    )
-    predicted_ceiling: float | None = Field(
-        None, description="Hit rate the curve predicts for an unbounded cache: no size passes it (0..1)."
-    )
-    recommended_capacity: int | None = Field(
-        None, description="Effective blocks (all replicas) the autoscaler sizes for, from the curve."
-    )
-    misses_by_reason: dict[str, float] | None = Field(
-        None,
-        description=(
-            "Blocks missed per reason since the engines started (never_seen, capacity, retune, cleared, "
-            "namespace_mismatch, client_timeout, client_error; the first four estimated by the curve)."
-        ),
+    restored: list[RestoreRecord] = Field(
+        default_factory=list, description="Replicas started from a backup (spec.restore), by pod."
     )
     last_backup: BackupRecord | None = Field(None, description="The last backup run.")
     last_scale: ScaleRecord | None = Field(None, description="The last autoscaler change.")
@@ -922,6 +940,12 @@ CROSS_FIELD_RULES: tuple[Rule, ...] = (
         "spec.backup.schedule is set but spec.backup.enabled is not, so no backup would run: "
         "add enabled: true (or enabled: false to keep backups off on purpose)",
         lambda s: s.backup.schedule is None or s.backup.enabled is not None,
+    ),
+    Rule(
+        ("spec",),
+        "!has(self.restore) || self.persistence.enabled",
+        "spec.restore requires spec.persistence.enabled (a backup is restored into the replica's volume)",
+        lambda s: s.restore is None or s.persistence.enabled,
     ),
     Rule(
         ("spec",),

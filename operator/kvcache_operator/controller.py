@@ -647,6 +647,10 @@ async def converge(
     )
     if state.last_scale is not None:
         new_status["lastScale"] = state.last_scale
+    if kvc.spec.restore is not None:
+        restored = status_mod.restore_records(observed.pods, (previous or {}).get("restored"))
+        if restored:
+            new_status["restored"] = restored
     await _write_status(rt, body, state, previous, new_status)
 
 

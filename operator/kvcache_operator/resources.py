@@ -52,6 +52,10 @@ BACKUP_DIR = "/backups"
 STAGING_DIR = "/staging"
 """Object-store backups: one replica's snapshot is staged here, uploaded, then removed."""
 S3_CA_DIR = "/etc/kvcache-s3-ca"
+PERSIST_DIR = f"{DATA_DIR}/cache"
+"""The engine's persistence_path on its PVC (where a restore init container writes a backup)."""
+RESTORE_BACKUPS_DIR = "/restore-backups"
+RESTORE_CONTAINER = "restore"
 RUN_AS_USER = 10001
 CONNECTION_FORMAT_VERSION = 1
 CONFIG_HASH_ANNOTATION = "kvcache.dev/config-hash"
@@ -130,7 +134,7 @@ def engine_config(
     spec = kvc.spec
     update: dict[str, Any] = {}
     if spec.persistence.enabled:
-        update["persistence_path"] = f"{DATA_DIR}/cache"
+        update["persistence_path"] = PERSIST_DIR
     if spec.model is not None:
         update["model_path"] = "/".join(p for p in (spec.model.mount_path.rstrip("/"), spec.model.path) if p)
     if spec.cache.device == "auto":
@@ -355,16 +359,91 @@ def _scheduling(spec: KVCacheSpec) -> Manifest:
     return out
 
 
+def restore_store(kvc: KVCache) -> api.ObjectStore | None:
+    """The object store ``spec.restore`` reads (its own, else the backups'); None: the backup PVC."""
+    restore = kvc.spec.restore
+    if restore is None:
+        return None
+    return restore.object_store or kvc.spec.backup.object_store
+
+
+def restore_script(kvc: KVCache) -> str:
+    """The restore init container's script: replica ``i`` (from the pod name) writes backup
+    ``fromBackup`` of ``<source>-i`` into its data directory unless it already holds a cache, and
+    reports what it did in its termination message (read back into ``status.restored``)."""
+    restore = kvc.spec.restore
+    assert restore is not None
+    source = restore.source_name or kvc.name
+    args = [
+        "kvcache-engine", "restore", "--from", restore.from_backup, "--to-dir", PERSIST_DIR, "--if-empty",
+        "--report-file", TERMINATION_MESSAGE_PATH, "--staging", DATA_DIR,
+    ]  # fmt: skip
+    store = restore_store(kvc)
+    if store is None:
+        line = f'{shlex.join(args)} --backup-root {RESTORE_BACKUPS_DIR}/{shlex.quote(source)}-"$i"'
+    else:
+        args += object_store_args(kvc, store, None, source)
+        line = f'{shlex.join(args)} --replica {shlex.quote(source)}-"$i"'
+    return f'i="${{POD_NAME##*-}}"\nexec {line}\n'
+
+
+def build_restore_container(kvc: KVCache) -> Manifest | None:
+    """The init container of ``spec.restore`` (None without it): before the engine starts, so the
+    engine loads the restored cache before it reports ready."""
+    if kvc.spec.restore is None:
+        return None
+    store = restore_store(kvc)
+    mounts: list[Manifest] = [{"name": "data", "mountPath": DATA_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
+    if store is None:
+        mounts.append({"name": "restore-backups", "mountPath": RESTORE_BACKUPS_DIR, "readOnly": True})
+    elif store.tls.ca_secret_name is not None:
+        mounts.append({"name": "s3-ca", "mountPath": S3_CA_DIR, "readOnly": True})
+    container: Manifest = {
+        "name": RESTORE_CONTAINER,
+        "image": kvc.spec.image,
+        "imagePullPolicy": kvc.spec.image_pull_policy,
+        "command": ["sh", "-c", restore_script(kvc)],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "HOME", "value": "/tmp"},
+            *(object_store_env(store) if store is not None else []),
+        ],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        # a failure exits before writing the report: the kubelet then keeps the log's last lines
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+    }
+    return container
+
+
+def _restore_volumes(kvc: KVCache) -> list[Manifest]:
+    restore = kvc.spec.restore
+    if restore is None:
+        return []
+    store = restore_store(kvc)
+    if store is None:
+        claim = restore.claim_name or f"{restore.source_name or kvc.name}-backups"
+        return [{"name": "restore-backups", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]
+    if store.tls.ca_secret_name is not None:
+        return [{"name": "s3-ca", "secret": {"secretName": store.tls.ca_secret_name}}]
+    return []
+
+
 def build_pod_template(kvc: KVCache, config: KVCacheConfig) -> Manifest:
-    spec = {
+    spec: Manifest = {
         "serviceAccountName": "default",
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": kvc.spec.termination_grace_period_seconds,
         "securityContext": pod_security_context(),
         "containers": [build_engine_container(kvc)],
-        "volumes": _engine_volumes(kvc),
+        "volumes": _engine_volumes(kvc) + _restore_volumes(kvc),
         **_scheduling(kvc.spec),
     }
+    restore = build_restore_container(kvc)
+    if restore is not None:
+        spec["initContainers"] = [restore]
     meta = {"labels": labels(kvc.name), "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config)}}
     return {"metadata": meta, "spec": spec}
 
@@ -409,15 +488,21 @@ def build_statefulset(kvc: KVCache, config: KVCacheConfig, replicas: int) -> Man
 # --- backups ----------------------------------------------------------------------------------------
 
 
-def object_store_args(kvc: KVCache, store: api.ObjectStore, ordinal: int) -> list[str]:
+def object_store_args(
+    kvc: KVCache, store: api.ObjectStore, ordinal: int | None, source: str | None = None
+) -> list[str]:
     """``kvcache-engine backup|restore`` arguments that address replica ``ordinal``'s folder in the
-    object store (``<prefix>/<kvcache>/<name>-<ordinal>/``); credentials come from the environment."""
+    object store (``<prefix>/<kvcache>/<kvcache>-<ordinal>/``, ``<kvcache>`` = ``source`` or this
+    one); credentials come from the environment. ``ordinal`` None: no ``--replica`` (the caller adds
+    one computed in the pod)."""
+    name = source or kvc.name
     args = [
         "--s3-endpoint", store.endpoint, "--s3-bucket", store.bucket,
-        "--s3-prefix", "/".join(p for p in (store.prefix.strip("/"), kvc.name) if p),
+        "--s3-prefix", "/".join(p for p in (store.prefix.strip("/"), name) if p),
         "--s3-region", store.region, "--s3-part-size-mb", str(store.part_size_mb),
-        "--replica", f"{kvc.name}-{ordinal}",
     ]  # fmt: skip
+    if ordinal is not None:
+        args += ["--replica", f"{name}-{ordinal}"]
     if store.tls.ca_secret_name is not None:
         args += ["--s3-ca-file", f"{S3_CA_DIR}/{store.tls.ca_key}"]
     if store.tls.insecure_skip_verify:

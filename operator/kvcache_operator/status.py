@@ -43,13 +43,14 @@ Printer-column fields come from the engines: ``readyReplicas``, ``hitRate``, ``m
 from __future__ import annotations
 
 import datetime
+import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvcache_engine.contract import EngineStats
-from kvcache_operator import api, policy, resources
+from kvcache_operator import api, resources
 
 if TYPE_CHECKING:
     from kvcache_operator.scrape import Observation, Scrape
@@ -478,10 +479,8 @@ def build_status(
         status["memoryPressure"] = round(observation.sample.memory_pressure, 4)
         if observation.sample.hit_rate is not None:
             status["hitRate"] = round(observation.sample.hit_rate, 4)
-        status.update(_predicted(kvc, observation.sample, desired))
     if scraped is not None and scraped.now:
         status.update(_reported_storage(scraped.now))
-        status["missesByReason"] = _misses_by_reason(scraped.now)
     if last_backup is not None:
         status["lastBackup"] = dict(last_backup)
     return status
@@ -549,30 +548,6 @@ def _engine_record(engine: EngineHealth, persist_failing: bool) -> Manifest:
     if persist_failing:
         record["persistFailing"] = True
     return record
-
-
-def _predicted(kvc: api.KVCache, sample: policy.Sample, replicas: int) -> Manifest:
-    """What the engines' merged miss-ratio curve predicts now, and the capacity it recommends
-    (once the curve has its samples); nothing when not every ready engine reports a curve."""
-    plan = policy.plan_capacity(kvc.spec.autoscaling, sample, replicas)
-    if plan is None:
-        return {}
-    out: Manifest = {
-        "predictedHitRate": round(plan.predicted_hit_rate, 4),
-        "predictedCeiling": round(plan.ceiling, 4),
-    }
-    if not plan.warming_up:
-        out["recommendedCapacity"] = round(plan.recommended_capacity_blocks)
-    return out
-
-
-def _misses_by_reason(now: Mapping[str, EngineStats]) -> dict[str, float]:
-    """Blocks missed per reason, summed over the engines (cumulative since each started)."""
-    total: dict[str, float] = {}
-    for stats in now.values():
-        for reason, blocks in stats.misses_by_reason.items():
-            total[reason] = total.get(reason, 0.0) + blocks
-    return {reason: round(blocks) for reason, blocks in sorted(total.items())}
 
 
 def _reported_storage(now: Mapping[str, EngineStats]) -> Manifest:
@@ -683,3 +658,58 @@ def _parse_time(text: Any) -> float | None:
     except ValueError:
         return None
     return when.replace(tzinfo=datetime.UTC).timestamp()
+
+
+# --- restores -----------------------------------------------------------------------------------------
+
+
+def restore_records(
+    pods: Sequence[Mapping[str, Any]], previous: Sequence[Mapping[str, Any]] | None
+) -> list[Manifest]:
+    """``status.restored``: per engine pod, what its restore init container reported in its
+    termination message (the JSON of ``kvcache-engine restore --to-dir``). A record of a restore
+    is kept when the pod is later recreated over its now non-empty volume (that run only skips)."""
+    records: dict[str, Manifest] = {str(r["pod"]): dict(r) for r in previous or () if r.get("pod")}
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name")
+        found = next(
+            (
+                s
+                for s in (pod.get("status") or {}).get("initContainerStatuses") or []
+                if s.get("name") == resources.RESTORE_CONTAINER
+            ),
+            None,
+        )
+        if not name or found is None:
+            continue
+        term = (found.get("state") or {}).get("terminated") or (found.get("lastState") or {}).get(
+            "terminated"
+        )
+        if not term:
+            continue
+        record = _restore_record(str(name), term)
+        if "backup" in record or str(name) not in records:
+            records[str(name)] = record
+    return [records[k] for k in sorted(records)]
+
+
+def _restore_record(pod: str, term: Mapping[str, Any]) -> Manifest:
+    text = str(term.get("message") or "")
+    try:
+        doc = json.loads(text) if text else {}
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    if term.get("exitCode", 0) != 0:
+        why = text.strip().splitlines()[-1] if text.strip() else f"exit code {term.get('exitCode')}"
+        return {"pod": pod, "message": f"restore failed: {why[:500]}", "time": term.get("finishedAt")}
+    if "skipped" in doc:
+        return {"pod": pod, "message": str(doc["skipped"]), "time": term.get("finishedAt")}
+    record: Manifest = {"pod": pod}
+    for key in ("backup", "source", "time"):
+        if isinstance(doc.get(key), str):
+            record[key] = doc[key]
+    if isinstance(doc.get("blocks_verified"), int):
+        record["blocksVerified"] = doc["blocks_verified"]
+    return record
