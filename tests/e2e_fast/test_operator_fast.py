@@ -3,6 +3,7 @@ local cluster. The same scenario code runs in ``make e2e`` (e2e/test_scenarios.p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -43,3 +44,24 @@ def test_a_killed_engine_shows_in_status_and_as_an_event(driver: LocalDriver) ->
 
 def test_a_max_tokens_patch_is_live_without_a_new_pod(driver: LocalDriver) -> None:
     scenarios.max_tokens_patch_is_live(driver, "livepatch")
+
+
+def test_a_ready_idle_cache_settles_to_no_api_writes(driver: LocalDriver) -> None:
+    """Engines serving, nothing changing: the operator's passes (every 2 s) stop writing (status
+    and children are written only when they change) and never list (reads come from watches)."""
+    scenarios.create_ready(driver, "quiet", replicas=1, autoscaling={"mode": "Off"}, tuning={"mode": "Off"})
+    server = driver.cluster.emulator
+    assert server is not None
+    deadline = time.monotonic() + 40
+    try:
+        while True:
+            mark = len(server.calls)
+            time.sleep(6.0)  # three scrape intervals
+            window = server.calls[mark:]
+            writes = [call for call in window if call[0] in ("create", "patch", "update", "delete")]
+            if not writes:
+                break
+            assert time.monotonic() < deadline, f"the operator still writes to an idle cache: {writes}"
+        assert [call for call in window if call[0] == "list"] == []
+    finally:
+        driver.delete("KVCache", "quiet")
