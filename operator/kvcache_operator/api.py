@@ -631,7 +631,22 @@ class Autoscaling(_Model):
         0.8, gt=0.0, le=1.0, description="Scale up when mean memory pressure (used/capacity) exceeds this."
     )
     target_hit_rate: float = Field(
-        0.5, ge=0.0, le=1.0, description="Hit rate below which more capacity is considered."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Hit rate to size for: the smallest capacity the engines' miss-ratio curve predicts it at "
+            "(the knee when no size reaches it); below it, more capacity is considered."
+        ),
+    )
+    min_gain_per_doubling: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Least hit rate a doubling of the capacity must buy, per the engines' curve: no replica is "
+            "added that buys less (per doubling of what it adds); past the knee capacity stops growing."
+        ),
     )
     scale_up_stabilization_seconds: int = Field(
         60, ge=0, le=3600, description="A scale-up signal must hold this long before acting."
@@ -838,6 +853,22 @@ class KVCacheStatus(_Model):
     engines: list[EngineRecord] = Field(default_factory=list, description="Each engine pod, by name.")
     hit_rate: float | None = Field(None, description="Token hit rate over the last scrape window (0..1).")
     memory_pressure: float | None = Field(None, description="Mean used/capacity over the engines (0..1).")
+    predicted_hit_rate: float | None = Field(
+        None, description="Hit rate the engines' miss-ratio curve predicts at the current capacity (0..1)."
+    )
+    predicted_ceiling: float | None = Field(
+        None, description="Hit rate the curve predicts for an unbounded cache: no size passes it (0..1)."
+    )
+    recommended_capacity: int | None = Field(
+        None, description="Effective blocks (all replicas) the autoscaler sizes for, from the curve."
+    )
+    misses_by_reason: dict[str, float] | None = Field(
+        None,
+        description=(
+            "Blocks missed per reason since the engines started (never_seen, capacity, retune, cleared, "
+            "namespace_mismatch, client_timeout, client_error; the first four estimated by the curve)."
+        ),
+    )
     restored: list[RestoreRecord] = Field(
         default_factory=list, description="Replicas started from a backup (spec.restore), by pod."
     )

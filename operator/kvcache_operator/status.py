@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvcache_engine.contract import EngineStats
-from kvcache_operator import api, resources
+from kvcache_operator import api, policy, resources
 
 if TYPE_CHECKING:
     from kvcache_operator.scrape import Observation, Scrape
@@ -479,8 +479,10 @@ def build_status(
         status["memoryPressure"] = round(observation.sample.memory_pressure, 4)
         if observation.sample.hit_rate is not None:
             status["hitRate"] = round(observation.sample.hit_rate, 4)
+        status.update(_predicted(kvc, observation.sample, desired))
     if scraped is not None and scraped.now:
         status.update(_reported_storage(scraped.now))
+        status["missesByReason"] = _misses_by_reason(scraped.now)
     if last_backup is not None:
         status["lastBackup"] = dict(last_backup)
     return status
@@ -548,6 +550,30 @@ def _engine_record(engine: EngineHealth, persist_failing: bool) -> Manifest:
     if persist_failing:
         record["persistFailing"] = True
     return record
+
+
+def _predicted(kvc: api.KVCache, sample: policy.Sample, replicas: int) -> Manifest:
+    """What the engines' merged miss-ratio curve predicts now, and the capacity it recommends
+    (once the curve has its samples); nothing when not every ready engine reports a curve."""
+    plan = policy.plan_capacity(kvc.spec.autoscaling, sample, replicas)
+    if plan is None:
+        return {}
+    out: Manifest = {
+        "predictedHitRate": round(plan.predicted_hit_rate, 4),
+        "predictedCeiling": round(plan.ceiling, 4),
+    }
+    if not plan.warming_up:
+        out["recommendedCapacity"] = round(plan.recommended_capacity_blocks)
+    return out
+
+
+def _misses_by_reason(now: Mapping[str, EngineStats]) -> dict[str, float]:
+    """Blocks missed per reason, summed over the engines (cumulative since each started)."""
+    total: dict[str, float] = {}
+    for stats in now.values():
+        for reason, blocks in stats.misses_by_reason.items():
+            total[reason] = total.get(reason, 0.0) + blocks
+    return {reason: round(blocks) for reason, blocks in sorted(total.items())}
 
 
 def _reported_storage(now: Mapping[str, EngineStats]) -> Manifest:
