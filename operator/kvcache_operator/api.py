@@ -693,6 +693,13 @@ class Metrics(_Model):
         default_factory=dict,
         description="Extra labels on the ServiceMonitor (to match a Prometheus selector).",
     )
+    auth: bool = Field(
+        False,
+        description=(
+            "Require a token on the engines' /metrics (the data token, as the ServiceMonitor sends, "
+            "or the admin token, as the operator sends); off: /metrics is open like the probes."
+        ),
+    )
 
 
 class NetworkPolicy(_Model):

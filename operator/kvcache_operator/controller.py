@@ -716,8 +716,14 @@ async def _create_or_patch(
 
 
 async def _token(rt: Runtime, kvc: api.KVCache, observed: Observed) -> str | None:
-    """The engines' API token: from the watched token Secret, or read once per pass when it is
-    the user's own Secret (``spec.auth.existingSecret``, not labelled as ours)."""
+    """The token the operator calls the engines with: the admin token (``<name>-admin-token``,
+    watched: the operator's own Secret); before that Secret exists (the first pass), the data
+    token from the watched token Secret, or read once per pass when it is the user's own Secret
+    (``spec.auth.existingSecret``, not labelled as ours)."""
+    admin = observed.child("Secret", resources.admin_token_secret_name(kvc))
+    value = ((admin or {}).get("data") or {}).get(resources.ADMIN_TOKEN_KEY)
+    if value:
+        return base64.b64decode(value).decode()
     name = resources.token_secret_name(kvc)
     secret = observed.child("Secret", name) or await rt.kube.get(k8s.SECRETS, kvc.namespace, name)
     value = ((secret or {}).get("data") or {}).get(kvc.spec.auth.secret_key)

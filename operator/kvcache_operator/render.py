@@ -56,5 +56,11 @@ def render_file(filename: str, namespace: str | None = None) -> str:
     for doc in load_kvcaches(text, filename):
         meta = dict(doc.get("metadata") or {})
         meta.setdefault("namespace", namespace or "default")
-        out.append(dump_manifests(build_children({**doc, "metadata": meta}, token=PLACEHOLDER_TOKEN)))
+        out.append(
+            dump_manifests(
+                build_children(
+                    {**doc, "metadata": meta}, token=PLACEHOLDER_TOKEN, admin_token=PLACEHOLDER_TOKEN
+                )
+            )
+        )
     return "".join(out)

@@ -9,6 +9,7 @@ Contract for the operator (H5)::
                                                 # (with autoscaling Auto the operator passes its own count)
         token: str | None = None,               # generated API token; None = a fresh random one
                                                 # (only used when spec.auth.existingSecret is unset)
+        admin_token: str | None = None,         # the generated <name>-admin-token; None = random
         live_overrides: LiveConfig | None = None,
                                                 # tuned live fields (contract.LiveConfig)
                                                 # rendered into the engine ConfigMap; they never change
@@ -18,7 +19,7 @@ Contract for the operator (H5)::
 Raises ``api.SpecError`` (a ValueError) naming the field (``spec.autoscaling.minReplicas: ...``).
 Every child carries ``metadata.namespace`` and the ``app.kubernetes.io/*`` labels; owner references are
 NOT set here (the caller adds them). Children annotated ``kvcache.dev/create-only: "true"`` (the
-generated token Secret) must be created when missing and never patched; children annotated
+generated token Secrets) must be created when missing and never patched; children annotated
 ``kvcache.dev/retain-on-delete: "true"`` (backup PVC with backup.onDelete=Retain) must not get an owner
 reference. The pod template annotation ``kvcache.dev/config-hash`` covers only restart-requiring config.
 """
@@ -46,6 +47,9 @@ CONFIG_DIR = "/etc/kvcache"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 TOKEN_DIR = "/var/run/kvcache/token"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
+ADMIN_TOKEN_DIR = "/var/run/kvcache/admin-token"
+ADMIN_TOKEN_FILE = f"{ADMIN_TOKEN_DIR}/token"
+ADMIN_TOKEN_KEY = "token"
 DATA_DIR = "/var/lib/kvcache"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the Kubernetes default, named explicitly
 BACKUP_DIR = "/backups"
@@ -69,6 +73,12 @@ METRICS_LABEL = "kvcache.dev/metrics"
 
 def headless_service_name(name: str) -> str:
     return f"{name}-headless"
+
+
+def admin_token_secret_name(kvc: KVCache) -> str:
+    """``<name>-admin-token``: the admin role's token (docs/security.md), always the operator's own;
+    held by the engines, the operator and the backup Job, never named in ``<name>-connection``."""
+    return f"{kvc.name}-admin-token"
 
 
 def token_secret_name(kvc: KVCache) -> str:
@@ -181,6 +191,20 @@ def build_token_secret(kvc: KVCache, token: str | None) -> Manifest | None:
     }
 
 
+def build_admin_token_secret(kvc: KVCache, token: str | None = None) -> Manifest:
+    """``<name>-admin-token`` with a random token (``token``: a fixed one, for tests). Create-only."""
+    value = token if token is not None else secrets.token_urlsafe(32)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(
+            kvc, admin_token_secret_name(kvc), "engine", annotations={CREATE_ONLY_ANNOTATION: "true"}
+        ),
+        "data": {ADMIN_TOKEN_KEY: base64.b64encode(value.encode()).decode()},
+    }
+
+
 # --- services -------------------------------------------------------------------------------------
 
 
@@ -268,6 +292,8 @@ def engine_command() -> list[str]:
         str(api.ENGINE_PORT),
         "--token-file",
         TOKEN_FILE,
+        "--admin-token-file",
+        ADMIN_TOKEN_FILE,
         "--staging-mb",
         str(api.ENGINE_STAGING_MB),  # counted in the memory request (api.memory_request_bytes)
     ]
@@ -277,6 +303,7 @@ def _engine_mounts(kvc: KVCache) -> list[Manifest]:
     mounts: list[Manifest] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+        {"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     if kvc.spec.persistence.enabled:
@@ -294,7 +321,7 @@ def build_engine_container(kvc: KVCache) -> Manifest:
         "name": "engine",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": engine_command(),
+        "command": engine_command() + (["--auth-metrics"] if spec.metrics.auth else []),
         "ports": [{"name": "http", "containerPort": api.ENGINE_PORT, "protocol": "TCP"}],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -319,7 +346,7 @@ def build_engine_container(kvc: KVCache) -> Manifest:
             "--url",
             f"http://127.0.0.1:{api.ENGINE_PORT}",
             "--token-file",
-            TOKEN_FILE,
+            ADMIN_TOKEN_FILE,  # persist is an admin call
         ]
         container["lifecycle"] = {"preStop": {"exec": {"command": persist}}}
     return container
@@ -331,10 +358,17 @@ def _token_volume(kvc: KVCache) -> Manifest:
     return {"name": "token", "secret": secret}
 
 
+def _admin_token_volume(kvc: KVCache, name: str = "admin-token") -> Manifest:
+    items = [{"key": ADMIN_TOKEN_KEY, "path": "token"}]
+    secret = {"secretName": admin_token_secret_name(kvc), "items": items, "defaultMode": 0o440}
+    return {"name": name, "secret": secret}
+
+
 def _engine_volumes(kvc: KVCache) -> list[Manifest]:
     volumes = [
         {"name": "config", "configMap": {"name": f"{kvc.name}-config"}},
         _token_volume(kvc),
+        _admin_token_volume(kvc),
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
     ]
     if kvc.spec.model is not None:
@@ -562,7 +596,11 @@ def build_backup_cronjob(kvc: KVCache, replicas: int) -> Manifest | None:
         {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    volumes: list[Manifest] = [_token_volume(kvc), {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    # the Job's calls (snapshot, persist) are admin calls: its "token" volume holds the admin token
+    volumes: list[Manifest] = [
+        _admin_token_volume(kvc, "token"),
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
     if store is None:
         mounts.insert(0, {"name": "backups", "mountPath": BACKUP_DIR})
         volumes.insert(0, {"name": "backups", "persistentVolumeClaim": {"claimName": backup_claim_name(kvc)}})
@@ -764,6 +802,7 @@ def build_children(
     *,
     replicas: int | None = None,
     token: str | None = None,
+    admin_token: str | None = None,
     live_overrides: LiveConfig | Mapping[str, Any] | None = None,
 ) -> list[Manifest]:
     """Every child manifest of one KVCache, in apply order (see the module docstring)."""
@@ -775,6 +814,7 @@ def build_children(
     children = [
         build_configmap(kvc, config),
         build_token_secret(kvc, token),
+        build_admin_token_secret(kvc, admin_token),
         build_connection_configmap(kvc, config),
         build_headless_service(kvc),
         build_client_service(kvc),

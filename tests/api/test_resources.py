@@ -31,7 +31,7 @@ from tests.api import helpers as h
 
 def children(spec: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, dict[str, Any]]:
     """build_children of a tiny KVCache, keyed by ``Kind/name``."""
-    built = resources.build_children(h.make_kvcache(spec), token="t0k3n", **kwargs)
+    built = resources.build_children(h.make_kvcache(spec), token="t0k3n", admin_token="4dm1n", **kwargs)
     return {f"{c['kind']}/{c['metadata']['name']}": c for c in built}
 
 
@@ -58,6 +58,7 @@ def test_gpu_production_sample_has_every_kind_of_child() -> None:
         [
             "ConfigMap",
             "ConfigMap",
+            "Secret",
             "Secret",
             "Service",
             "Service",
@@ -223,6 +224,8 @@ def test_engine_container_command_probes_and_security() -> None:
         "8080",
         "--token-file",
         "/var/run/kvcache/token/token",
+        "--admin-token-file",
+        "/var/run/kvcache/admin-token/token",
         "--staging-mb",
         "256",
     ]
@@ -314,14 +317,14 @@ def test_generated_token_secret_is_create_only() -> None:
         c["data"]["token"]
         for _ in range(2)
         for c in resources.build_children(h.make_kvcache())
-        if c["kind"] == "Secret"
+        if c["kind"] == "Secret" and c["metadata"]["name"] == "kvc-token"
     }
     assert len(random_tokens) == 2 and all(len(base64.b64decode(t)) >= 32 for t in random_tokens)
 
 
 def test_existing_secret_is_used_not_generated() -> None:
     built = children({"auth": {"existingSecret": "mine", "secretKey": "api"}})
-    assert not [k for k in built if k.startswith("Secret/")]
+    assert [k for k in built if k.startswith("Secret/")] == ["Secret/kvc-admin-token"]  # always ours
     volume = next(
         v for v in built["StatefulSet/kvc"]["spec"]["template"]["spec"]["volumes"] if v["name"] == "token"
     )
@@ -414,7 +417,8 @@ def test_render_prints_every_child(capsys: pytest.CaptureFixture[str]) -> None:
     sample = h.SAMPLES / "gpu-production.yaml"
     assert main(["render", "-f", str(sample)]) == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
-    assert docs == resources.build_children(h.load_yaml(sample), token="generated-by-the-operator")
+    placeholder = "generated-by-the-operator"
+    assert docs == resources.build_children(h.load_yaml(sample), token=placeholder, admin_token=placeholder)
 
 
 def test_render_rejects_other_kinds_naming_the_document(
@@ -523,3 +527,33 @@ def test_memory_request_covers_pool_staging_and_overhead_of_the_rendered_serve_a
         memory = api.parse_quantity(container["resources"][kind]["memory"])
         assert runs_now <= envelope <= memory < envelope + 2**20, (kind, memory, envelope)
     assert serve.staging_mb > 0  # the server keeps buffers: the request must count them
+
+
+# --- token roles (issue 16) ----------------------------------------------------------------------------
+
+
+def test_admin_token_is_its_own_create_only_secret_held_by_engines_and_backups_only() -> None:
+    built = children({"persistence": {"enabled": True}, "backup": {"enabled": True, "schedule": "0 * * * *"}})
+    admin = built["Secret/kvc-admin-token"]
+    assert base64.b64decode(admin["data"]["token"]) == b"4dm1n"
+    assert admin["metadata"]["annotations"][resources.CREATE_ONLY_ANNOTATION] == "true"
+    pod = built["StatefulSet/kvc"]["spec"]["template"]["spec"]
+    names = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert names == {"token": "kvc-token", "admin-token": "kvc-admin-token"}
+    engine_c = pod["containers"][0]
+    assert engine_c["lifecycle"]["preStop"]["exec"]["command"][-1] == resources.ADMIN_TOKEN_FILE
+    job = built["CronJob/kvc-backup"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    job_secrets = {v["secret"]["secretName"] for v in job["volumes"] if "secret" in v}
+    assert job_secrets == {"kvc-admin-token"}  # the backup Job never holds the data token
+
+
+def test_the_connection_contract_names_the_data_token_only() -> None:
+    data = children()["ConfigMap/kvc-connection"]["data"]
+    assert data["tokenSecretName"] == "kvc-token"
+    assert "admin" not in data["connection.json"]
+    assert not [v for v in data.values() if "admin" in v]
+
+
+def test_metrics_auth_is_wired_from_the_spec() -> None:
+    assert "--auth-metrics" not in engine()["command"]
+    assert "--auth-metrics" in engine({"metrics": {"auth": True}})["command"]

@@ -185,10 +185,14 @@ class Engines:
         secret = await wait_for(
             lambda: emu.get("v1/secrets", f"{name}-token", NS), what=f"Secret {name}-token"
         )
+        admin = await wait_for(
+            lambda: emu.get("v1/secrets", f"{name}-admin-token", NS), what=f"Secret {name}-admin-token"
+        )
         config = cm["data"]["config.yaml"]
         token = base64.b64decode(secret["data"]["token"]).decode()
         (self.tmp_path / "config.yaml").write_text(config)
         (self.tmp_path / "token").write_text(token)
+        (self.tmp_path / "admin-token").write_text(base64.b64decode(admin["data"]["token"]).decode())
         self.token = token
         ports = [free_port() for _ in range(count)]
         for port in ports:
@@ -208,6 +212,8 @@ class Engines:
                             str(port),
                             "--token-file",
                             str(self.tmp_path / "token"),
+                            "--admin-token-file",
+                            str(self.tmp_path / "admin-token"),
                         ],
                         stdout=log,
                         stderr=subprocess.STDOUT,

@@ -33,7 +33,7 @@ from tests.operator.conftest import (
     wait_for,
 )
 
-EXPECTED = {"ConfigMap": 2, "Secret": 1, "Service": 2, "StatefulSet": 1, "PodDisruptionBudget": 1}
+EXPECTED = {"ConfigMap": 2, "Secret": 2, "Service": 2, "StatefulSet": 1, "PodDisruptionBudget": 1}
 
 
 def _counts(found: dict[str, list[dict[str, object]]]) -> dict[str, int]:
