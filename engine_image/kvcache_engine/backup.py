@@ -10,6 +10,8 @@ complete (a crashed backup never looks like a backup), then prunes to ``--keep``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -24,6 +26,7 @@ from typing import Any
 from kvcache_engine import objectstore
 from kvcache_engine.contract import AdminError, P, SyncAdminClient, TokenError, resolve_token
 from kvcache_engine.contract.admin import decode_answer
+from kvcache_engine.contract.tokens import ADMIN
 from kvcache_engine.objectstore import ObjectStore, S3Client, download_backup, upload_backup
 from kvcache_engine.persistence import (
     MANIFEST,
@@ -63,10 +66,13 @@ class BackupError(ValueError):
 
 
 def admin(url: str, token_file: str | None, *, timeout: float = 300.0) -> SyncAdminClient:
-    """The admin client of the engine at ``url`` with the token from ``--token-file`` (else
-    ``$KVCACHE_TOKEN_FILE``, else ``$KVCACHE_TOKEN``); BackupError naming a bad URL or token file."""
+    """The admin client of the engine at ``url`` with the token from ``--token-file`` (else the
+    admin token from ``$KVCACHE_ADMIN_TOKEN_FILE`` / ``$KVCACHE_ADMIN_TOKEN``, else
+    ``$KVCACHE_TOKEN_FILE`` / ``$KVCACHE_TOKEN``); BackupError naming a bad URL or token file."""
     try:
-        token, _ = resolve_token(token_file)
+        token, _ = resolve_token(token_file, role=ADMIN)
+        if token is None:
+            token, _ = resolve_token(None)
         return SyncAdminClient(url, token, timeout_s=timeout)
     except (AdminError, TokenError) as exc:
         raise BackupError(str(exc)) from None
@@ -98,9 +104,39 @@ def pull_backup(
         raise BackupError(f"--keep must be >= 1, got {keep}")
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
+    with _backup_lock(root):
+        return _pull_locked(url, token, root, keep, timeout)
+
+
+@contextlib.contextmanager
+def _backup_lock(root: Path) -> Iterator[None]:
+    """One backup at a time into ``root`` (so every ``.partial-*`` there is a dead run's)."""
+    fd = os.open(root, os.O_RDONLY)  # the directory itself is the lock: no file left behind
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackupError(f"another backup is running into {root}") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def clean_partials(root: Path) -> list[Path]:
+    """Remove the ``.partial-*`` directories of backups that died mid-run (kill -9, OOM, a node
+    lost); called under the backup lock, so none of them is being written."""
+    stale = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(".partial-"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _pull_locked(url: str, token: str | None, root: Path, keep: int, timeout: float) -> Path:
+    stale = clean_partials(root)
+    if stale:
+        print(f"backup: removed {len(stale)} partial backup(s) of interrupted runs", file=sys.stderr)
     name = BACKUP_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     partial = root / f".partial-{name}"
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
         for resp in SyncAdminClient(url, token, timeout_s=timeout).stream(P.ADMIN_SNAPSHOT):
@@ -157,9 +193,10 @@ def _metadata(data: bytes) -> dict[str, str] | None:
 
 
 def prune(root: Path, keep: int) -> list[Path]:
-    """Remove the oldest backups beyond ``keep`` (names sort by time); returns those removed."""
+    """Remove the oldest backups beyond ``keep`` (names sort by time) and any partial one left
+    by an interrupted run (it never counts as a backup); returns those removed."""
     backups = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(BACKUP_PREFIX))
-    removed = backups[: max(0, len(backups) - keep)]
+    removed = backups[: max(0, len(backups) - keep)] + clean_partials(root)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

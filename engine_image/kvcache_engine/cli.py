@@ -9,6 +9,7 @@ Handlers return a process exit code. Errors on input print one line naming the p
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -171,7 +172,12 @@ def _cmd_backup_module(name: str) -> Handler:
         from kvcache_engine import backup
 
         handler: Handler = getattr(backup, name)
-        return handler(args)
+        try:
+            return handler(args)
+        except (OSError, http.client.HTTPException) as exc:
+            # an unreachable engine, a dropped stream, a full disk: one line, no traceback
+            print(f"kvcache-engine {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
 
     return run
 

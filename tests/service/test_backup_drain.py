@@ -121,3 +121,70 @@ def test_snapshot_stream_is_consistent(live_server, tmp_path: Path) -> None:
     manifest = json.loads((backup / "manifest.json").read_text())
     hashes = [b["hash"] for s in manifest["segments"] for b in s["blocks"]]
     assert len(hashes) == len(set(hashes)) == 12
+
+
+# --- issue 16: partial backups of killed runs, one-line errors ---------------------------------------
+
+
+def test_partials_of_killed_runs_are_removed_at_the_next_run(live_server, tmp_path: Path) -> None:
+    src = live_server()
+    _fill(src.url, src.engine.config, range(2))
+    dest = tmp_path / "b"
+    for i in range(3):  # what kill -9 mid-run leaves behind: a partial with segments in it
+        dead = dest / f".partial-kvcache-backup-2026010{i}T000000Z"
+        dead.mkdir(parents=True)
+        (dead / "seg-000000.safetensors").write_bytes(b"\0" * 4096)
+    made = pull_backup(src.url, TOKEN, dest, keep=1)
+    assert sorted(p.name for p in dest.iterdir()) == [made.name]
+
+
+def test_a_second_backup_into_the_same_root_is_refused_while_one_runs(tmp_path: Path) -> None:
+    from kvcache_engine.backup import _backup_lock
+
+    tmp_path.joinpath(".partial-kvcache-backup-x").mkdir()
+    with _backup_lock(tmp_path), pytest.raises(BackupError, match="another backup is running"):
+        pull_backup("http://127.0.0.1:1", TOKEN, tmp_path, keep=1)
+    assert tmp_path.joinpath(".partial-kvcache-backup-x").exists()  # not touched while locked
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1", "http://127.0.0.1:1/x"])
+def test_failed_backups_print_one_line_and_no_traceback(
+    tmp_path: Path, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvcache_engine.cli import main
+
+    rc = main(["backup", "--url", url, "--dest", str(tmp_path / "b"), "--keep", "1"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("kvcache-engine backup: error:"), err
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".partial")]
+
+
+def test_a_stream_cut_mid_backup_is_one_line_and_leaves_no_partial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+    import threading
+
+    from kvcache_engine.cli import main
+    from kvcache_engine.wire import encode_stream_header
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        head = encode_stream_header({"format_version": 1, "geometry": {}})
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + head + b"\x10\0\0\0\0\0\0\0abc")
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    rc = main(["backup", "--url", url, "--dest", str(tmp_path / "b"), "--keep", "1"])
+    srv.close()
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not list((tmp_path / "b").iterdir())
