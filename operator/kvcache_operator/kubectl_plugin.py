@@ -359,6 +359,26 @@ def cmd_backup_now(cluster: Cluster, args: argparse.Namespace) -> str:
     return f"job.batch/{cluster.create_job(args.namespace, job)} created\n"
 
 
+def cmd_restore(cluster: Cluster, args: argparse.Namespace) -> str:
+    """A Job that streams backup ``--from`` of each replica into the running engines (no restart)."""
+    from kvcache_operator import api, resources
+
+    obj = cluster.get_kvcache(args.namespace, args.name)
+    kvc = api.parse_kvcache(obj)
+    replicas = int((obj.get("status") or {}).get("replicas") or kvc.spec.replicas)
+    now = datetime.datetime.now(datetime.UTC)
+    suffix = f"-restore-{int(now.timestamp())}"
+    job = resources.build_restore_job(
+        kvc, replicas, args.from_backup, args.name[: JOB_NAME_MAX - len(suffix)] + suffix, args.source
+    )
+    name = cluster.create_job(args.namespace, job)
+    source = args.source or args.name
+    return (
+        f"job.batch/{name} created: restores {args.from_backup} of {source}-0..{replicas - 1} into "
+        f"{args.name}'s {replicas} running engines (each replica's result: kubectl logs job/{name})\n"
+    )
+
+
 def cmd_pause(cluster: Cluster, args: argparse.Namespace) -> str:
     cluster.get_kvcache(args.namespace, args.name)
     cluster.patch_kvcache(args.namespace, args.name, pause_patch(True))
@@ -385,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("-f", "--filename", help="a KVCache manifest instead of a live object ('-': stdin)")
     validate = sub.add_parser("validate", help="check manifests offline, every problem at once (exit 1)")
     validate.add_argument("-f", "--filename", action="append", required=True, help="manifest; repeatable")
+    restore = sub.add_parser("restore", help="stream a backup into the running engines (a Job)")
+    restore.add_argument("name")
+    restore.add_argument(
+        "--from", dest="from_backup", default="latest", help="a backup's name or latest (default)"
+    )
+    restore.add_argument("--source", help="the KVCache whose backups to read (default: this one)")
     for name, text in (
         ("backup-now", "run the backup CronJob now (a manual Job)"),
         ("pause", "stop the operator from changing the cache's children"),
@@ -394,7 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"status": cmd_status, "backup-now": cmd_backup_now, "pause": cmd_pause, "resume": cmd_resume}
+COMMANDS = {
+    "status": cmd_status,
+    "backup-now": cmd_backup_now,
+    "restore": cmd_restore,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+}
 
 
 def run(args: argparse.Namespace, cluster: Cluster | None = None) -> str:

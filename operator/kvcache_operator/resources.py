@@ -27,6 +27,7 @@ reference. The pod template annotation ``kvcache.dev/config-hash`` covers only r
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import secrets
@@ -664,6 +665,51 @@ def build_backup_pvc(kvc: KVCache) -> Manifest | None:
     if backup.on_delete == api.Retention.RETAIN:
         meta["annotations"] = {RETAIN_ANNOTATION: "true"}
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+
+
+def restore_job_script(kvc: KVCache, replicas: int, from_backup: str, source: str | None = None) -> str:
+    """Restore every running replica ``i`` from backup ``from_backup`` of ``<source>-i`` (default:
+    this KVCache's own), streamed into the live engine; one failure does not stop the others."""
+    store = kvc.spec.backup.object_store
+    name = source or kvc.name
+    lines = ["rc=0"]
+    for i in range(replicas):
+        args = [
+            "kvcache-engine", "restore", "--url", pod_url(kvc, i), "--token-file", TOKEN_FILE,
+            "--from", from_backup,
+        ]  # fmt: skip
+        if store is None:
+            args += ["--backup-root", f"{BACKUP_DIR}/{name}-{i}"]
+        else:
+            args += ["--staging", STAGING_DIR, *object_store_args(kvc, store, i, name)]
+        lines.append(f"{shlex.join(args)} || rc=1")
+    lines.append("exit $rc")
+    return "\n".join(lines) + "\n"
+
+
+def build_restore_job(
+    kvc: KVCache, replicas: int, from_backup: str, job_name: str, source: str | None = None
+) -> Manifest:
+    """A one-off Job (``kubectl kvcache restore``) that streams a backup into the running engines:
+    the backup CronJob's pod (token, backup PVC or object-store keys and CA) with a restore script.
+    ValueError when the KVCache has no backups configured."""
+    cronjob = build_backup_cronjob(kvc, replicas)
+    if cronjob is None:
+        raise ValueError(
+            f"KVCache {kvc.namespace}/{kvc.name} has no spec.backup: enable backups (a PVC or "
+            "spec.backup.objectStore) so the restore knows where the backups are"
+        )
+    job_spec = copy.deepcopy(cronjob["spec"]["jobTemplate"]["spec"])
+    container = job_spec["template"]["spec"]["containers"][0]
+    container["name"] = "restore"
+    container["command"] = ["sh", "-c", restore_job_script(kvc, replicas, from_backup, source)]
+    job_spec["template"]["metadata"]["labels"] = labels(kvc.name, "restore")
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(kvc, job_name, "restore"),
+        "spec": job_spec,
+    }
 
 
 # --- availability, monitoring, network ---------------------------------------------------------------

@@ -279,6 +279,8 @@ def backup_record(jobs: Sequence[Mapping[str, Any]]) -> Manifest | None:
     """The latest finished backup Job as ``status.lastBackup`` (None when none finished)."""
     finished = []
     for job in jobs:
+        if ((job.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") == "restore":
+            continue  # a kubectl kvcache restore Job, not a backup
         status = job.get("status") or {}
         failed = next(
             (

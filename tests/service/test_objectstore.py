@@ -4,6 +4,7 @@ tampered objects refused, retention applied remotely."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -369,3 +370,48 @@ def test_restore_into_a_data_directory_before_the_engine_starts(
         == 2
     )
     assert "not found under" in capsys.readouterr().err
+
+
+def test_kubectl_restore_job_script_streams_into_running_engines(
+    live_server, store: ObjectStore, small_segments: None, tmp_path: Path
+) -> None:
+    """The script of ``kubectl kvcache restore``'s Job, as resources.py builds it, run by sh: every
+    replica's backup from the store reaches the running engine, bit-exact."""
+    from kvcache_operator import api, resources
+
+    src = live_server()
+    chains = _fill(src.url, src.engine.config, range(3))
+    local = pull_backup(src.url, TOKEN, tmp_path / "b", keep=1)
+    # the layout backups of a KVCache named "old" have: <prefix>/old/old-<i>/
+    with S3Client(dataclasses.replace(store, prefix=f"{store.prefix}/old")) as c:
+        objectstore.upload_backup(c, local, "old-0")
+    st = {
+        "endpoint": store.endpoint,
+        "bucket": store.bucket,
+        "prefix": store.prefix,
+        "credentials": {"secretName": "k"},
+    }
+    spec = {"persistence": {"enabled": True}, "backup": {"enabled": True, "objectStore": st}}
+    kvc = api.parse_kvcache({"metadata": {"name": "kvc", "namespace": "ns"}, "spec": spec})
+    fresh = live_server()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    (tmp_path / "staging").mkdir()
+    script = (
+        resources.restore_job_script(kvc, 1, "latest", "old")
+        .replace(shlex.quote(resources.pod_url(kvc, 0)), fresh.url)
+        .replace(resources.TOKEN_FILE, str(token_file))
+        .replace(resources.STAGING_DIR, str(tmp_path / "staging"))
+    )
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+    )
+    done = subprocess.run(["sh", "-c", script], env=env, check=False, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    result = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert result["backup"] == local.name and result["blocks_verified"] == 12
+    for s, tokens in chains.items():
+        assert torch.equal(fresh.engine.get(tokens), src.engine.get(tokens)), s
