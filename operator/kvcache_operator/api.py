@@ -656,6 +656,14 @@ class Autoscaling(_Model):
     )
     max_scale_up_step: int = Field(2, ge=1, le=100, description="Most replicas added in one decision.")
     max_scale_down_step: int = Field(1, ge=1, le=100, description="Most replicas removed in one decision.")
+    scale_in_on_drain_failure: bool = Field(
+        False,
+        description=(
+            "Scale in even when the leaving replicas could not hand their blocks over (they are "
+            "lost, with whenScaled: Delete their volumes too); off: a failed drain stops the "
+            "scale-in (status and a ScaleInBlocked Event say why) until a drain succeeds."
+        ),
+    )
 
 
 class Tuning(_Model):

@@ -484,10 +484,18 @@ async def _decide_and_act(
         # DryRun starts the same cooldown an applied change would: recorded once per window, not per scrape
         state.last_scale_s = now
         failures: list[str] = []
+        blocked = False
         if proposals.scale.applied and proposals.scale.to_replicas is not None:
             failures = await _drain(rt, kvc, observed.pods, proposals.scale, token=token, logger=logger)
-            await _scale(rt, kvc, state, sts, proposals.scale)
-        _record(rt, body, state, proposals.scale, drain_failures=failures)
+            # A failed drain stops the scale-in: the leaving replicas keep their blocks (and, with
+            # whenScaled: Delete, their volumes) until a drain succeeds after the cooldown, unless
+            # an admin accepts the loss (spec.autoscaling.scaleInOnDrainFailure).
+            blocked = bool(failures) and not kvc.spec.autoscaling.scale_in_on_drain_failure
+            if blocked:
+                post_event(body, "ScaleInBlocked", _blocked_message(proposals.scale, failures), warning=True)
+            else:
+                await _scale(rt, kvc, state, sts, proposals.scale)
+        _record(rt, body, state, proposals.scale, drain_failures=failures, blocked=blocked)
     if proposals.tune is not None:
         state.last_tune_s = now
         _record(rt, body, state, proposals.tune)
@@ -511,6 +519,14 @@ async def _scale(
     }
 
 
+def _blocked_message(decision: policy.Decision, failures: Sequence[str]) -> str:
+    return (
+        f"scale-in {decision.action} stopped: {'; '.join(failures)}; the leaving replicas keep their "
+        "data; retried after the cooldown (set spec.autoscaling.scaleInOnDrainFailure: true to scale "
+        "in anyway and lose their blocks)"
+    )
+
+
 def _fp16_bytes_per_token(kvc: api.KVCache) -> float:
     cache = kvc.spec.cache
     return 2.0 * cache.num_layers * cache.num_kv_heads * cache.head_dim * 2
@@ -523,13 +539,23 @@ def _record(
     decision: policy.Decision,
     *,
     drain_failures: Sequence[str] = (),
+    blocked: bool = False,
 ) -> None:
-    """Status entry + Event + metric for every decision (DryRun included)."""
+    """Status entry + Event + metric for every decision (DryRun included); a scale-in stopped by a
+    failed drain is recorded as not applied, with ``blocked`` and its ``drainFailures``."""
     entry: Manifest = dict(decision.to_status(_now()))
     if drain_failures:
         entry["drainFailures"] = list(drain_failures)
+    if blocked:
+        entry["applied"] = False
+        entry["reason"] = (
+            f"{entry['reason']}; stopped: the drain failed, the replicas stay until one succeeds"
+        )
     state.decisions = [*state.decisions, entry][-status_mod.MAX_DECISIONS :]
-    rt.metrics.decisions.labels(decision.kind, decision.mode.value, str(decision.applied).lower()).inc()
+    applied = decision.applied and not blocked
+    rt.metrics.decisions.labels(decision.kind, decision.mode.value, str(applied).lower()).inc()
+    if blocked:
+        return  # its Warning Event (ScaleInBlocked) is already posted
     verb = "Applied" if decision.applied else "Recommended"
     post_event(body, f"{decision.kind}{verb}", f"{decision.action}: {decision.reason}")
 
@@ -549,7 +575,7 @@ async def _drain(
     logger: Logger,
 ) -> list[str]:
     """Before a scale-in, push each leaving replica's blocks to the replicas that stay; returns the
-    leaving pods whose drain failed (the scale-in goes ahead: those blocks are lost)."""
+    leaving pods whose drain failed (the caller then keeps the replicas: see _decide_and_act)."""
     if not decision.leaving:
         return []
     endpoints = status_mod.ready_endpoints(pods)
@@ -562,10 +588,21 @@ async def _drain(
             continue
         try:
             result = await scrape.post_drain(rt.http, url, staying, token=token)
-            logger.info(f"drained {pod} into {len(staying)} replicas: {result}")
         except scrape.EngineError as exc:
-            logger.warning(f"drain of {pod} failed, scaling in anyway: {exc}")
+            logger.warning(f"drain of {pod} failed: {exc}")
             failures.append(f"{pod}: {exc}")
+            continue
+        if result.get("ok") is False:  # answered, but some target did not take its blocks
+            targets = result.get("targets") or {}
+            errors = [
+                f"{t}: {r.get('error')}"
+                for t, r in targets.items()
+                if isinstance(r, dict) and not r.get("ok")
+            ]
+            logger.warning(f"drain of {pod} failed: {'; '.join(errors) or result}")
+            failures.append(f"{pod}: drain incomplete ({'; '.join(errors) or 'see the engine log'})")
+        else:
+            logger.info(f"drained {pod} into {len(staying)} replicas: {result}")
     return failures
 
 

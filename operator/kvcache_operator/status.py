@@ -360,7 +360,11 @@ def problems(
         )
     if drain:
         found.append(
-            Problem(DRAIN_FAILED, "the last scale-in lost blocks it could not hand over: " + "; ".join(drain))
+            Problem(
+                DRAIN_FAILED,
+                "the last scale-in could not hand blocks over (stopped, the replicas stay, unless "
+                "spec.autoscaling.scaleInOnDrainFailure): " + "; ".join(drain),
+            )
         )
     if scraped is not None and scraped.failed:
         found.append(Problem(SCRAPE_FAILED, f"no metrics from {', '.join(scraped.failed)}"))

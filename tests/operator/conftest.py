@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -177,7 +177,9 @@ class Engines:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.token = ""
 
-    async def start(self, emu: KubeEmulator, name: str, count: int) -> list[int]:
+    async def start(
+        self, emu: KubeEmulator, name: str, count: int, extra_args: Sequence[str] = ()
+    ) -> list[int]:
         # The operator creates the ConfigMap and the token Secret one after the other: wait for both.
         cm = await wait_for(
             lambda: emu.get("v1/configmaps", f"{name}-config", NS), what=f"ConfigMap {name}-config"
@@ -214,6 +216,7 @@ class Engines:
                             str(self.tmp_path / "token"),
                             "--admin-token-file",
                             str(self.tmp_path / "admin-token"),
+                            *extra_args,
                         ],
                         stdout=log,
                         stderr=subprocess.STDOUT,

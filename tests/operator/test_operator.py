@@ -662,3 +662,49 @@ async def test_run_without_standalone_or_a_peering_object_says_why_it_waits(
         await asyncio.to_thread(proc.wait, 20)
     assert " WARNING " in line and "KopfPeering 'kvcache-operator'" in line
     assert "--standalone" in line and "ha.enabled" in line and "paused" in line
+
+
+async def test_a_failed_drain_stops_the_scale_in_with_an_event_until_overridden(
+    cluster: Cluster, operator: kopf.Memo, engines: Engines
+) -> None:
+    """Issue 16 finding 11: a failed drain was logged and the scale-in went on (with whenScaled:
+    Delete the leaving replica's volume and blocks were deleted). Here every engine refuses to
+    drain to its peers (``--drain-peer`` names another network): the replicas stay, the decision
+    says why, a ScaleInBlocked Warning Event is written; the spec override lets it through."""
+    emu = cluster.emu
+    autoscaling = {
+        "mode": "Auto",
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        "targetMemoryPressure": 0.8,
+        "scaleDownStabilizationSeconds": 1,
+    }
+    emu.create(KVCACHES, make_kvcache("stuck", autoscaling=autoscaling))
+    await wait_for(lambda: emu.get("v1/configmaps", "stuck-config", NS), what="ConfigMap")
+    ports = await engines.start(emu, "stuck", 2, extra_args=["--drain-peer", "10.255.0.0/16"])
+    await asyncio.to_thread(_fill, f"http://127.0.0.1:{ports[1]}", engines.token, 2)
+    run_pods(emu, "stuck", ports)
+    decision = await wait_for(
+        lambda: next(
+            (d for d in (emu.get(KVCACHES, "stuck", NS).get("status") or {}).get("decisions") or []
+             if d.get("drainFailures")),
+            None,
+        ),
+        timeout=30,
+        what="a blocked scale-in decision",
+    )  # fmt: skip
+    assert decision["applied"] is False and "stopped" in decision["reason"]
+    assert "not a drain peer" in decision["drainFailures"][0]
+    assert emu.get("apps/v1/statefulsets", "stuck", NS)["spec"]["replicas"] == 2
+    assert _used_blocks(ports[1], engines.token) == 4  # the leaving replica kept its blocks
+    events = await wait_for(
+        lambda: [e for e in emu.list("v1/events", NS) if e.get("reason") == "ScaleInBlocked"],
+        what="ScaleInBlocked event",
+    )
+    assert events[0]["type"] == "Warning" and "scaleInOnDrainFailure" in events[0]["message"]
+    emu.patch(KVCACHES, "stuck", {"spec": {"autoscaling": {"scaleInOnDrainFailure": True}}}, NS)
+    await wait_for(
+        lambda: emu.get("apps/v1/statefulsets", "stuck", NS)["spec"]["replicas"] == 1,
+        timeout=30,
+        what="the overridden scale-in",
+    )

@@ -351,7 +351,8 @@ def test_a_failed_drain_degrades_until_the_hold_ends_or_the_next_scale() -> None
     assert cond(status, "Degraded") == (
         "True",
         "DrainFailed",
-        "the last scale-in lost blocks it could not hand over: c-2: POST /admin/drain: HTTP 500",
+        "the last scale-in could not hand blocks over (stopped, the replicas stay, unless "
+        "spec.autoscaling.scaleInOnDrainFailure): c-2: POST /admin/drain: HTTP 500",
     )
     assert cond(build(pods, decisions=[scale_in], now="2026-01-01T00:15:01Z"), "Degraded")[0] == "False"
     later = {**scale_in, "time": "2026-01-01T00:06:00Z", "action": "replicas 2 -> 3", "drainFailures": []}
