@@ -20,6 +20,9 @@ import yaml
 
 from tests.docs.harness import DOCS, Block, check, parse, report, run_sh, scratch_checkout
 from tests.docs.scenarios import SCENARIOS, EngineProcess, request
+from tests.service.s3_server import s3_endpoint
+
+__all__ = ["s3_endpoint"]
 
 SEED_SYMPTOMS = (
     "High latency",
@@ -160,8 +163,30 @@ def test_promql_blocks_name_exported_metrics(tmp_path: Path) -> None:
 # --- the commands, against real engines ------------------------------------------------------------
 
 
+@pytest.fixture
+def s3_bucket_env(s3_endpoint: str) -> dict[str, str]:
+    """``$S3_ENDPOINT``/``$S3_BUCKET`` and the keys for the object-store drills: a real S3-protocol
+    server (moto's) on loopback with an empty bucket."""
+    from kvcache_engine.objectstore import ObjectStore, S3Client
+    from tests.service.s3_server import ACCESS_KEY, SECRET_KEY
+
+    bucket = f"docs-{len(_S3_BUCKETS)}"
+    _S3_BUCKETS.append(bucket)
+    with S3Client(ObjectStore(s3_endpoint, bucket, access_key=ACCESS_KEY, secret_key=SECRET_KEY)) as c:
+        c.create_bucket()
+    return {
+        "S3_ENDPOINT": s3_endpoint,
+        "S3_BUCKET": bucket,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    }
+
+
+_S3_BUCKETS: list[str] = []
+
+
 @pytest.mark.parametrize(("doc", "scenario"), list(_params()))
-def test_engine_blocks(doc: str, scenario: str, tmp_path: Path) -> None:
+def test_engine_blocks(doc: str, scenario: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     blocks = [
         b
         for b in _blocks()
@@ -170,9 +195,12 @@ def test_engine_blocks(doc: str, scenario: str, tmp_path: Path) -> None:
     engine = SCENARIOS[scenario].build(tmp_path / "engine")
     work = scratch_checkout(tmp_path / "work")
     failures = []
+    env = engine.env()
+    if any("$S3_ENDPOINT" in b.code for b in blocks):
+        env.update(request.getfixturevalue("s3_bucket_env"))
     try:
         for block in blocks:
-            result = run_sh(block, work, engine.env())
+            result = run_sh(block, work, env)
             problems = check(block, result)
             if problems:
                 failures.append(report(block, result, problems))
