@@ -21,6 +21,7 @@ BENCHES: list[str] = [
     "bench.operator_bench",
     "bench.inference_bench",
     "bench.inference_gpu",
+    "bench.lifecycle",
 ]
 
 
