@@ -40,6 +40,7 @@ from kvcache_engine.persistence import (
 )
 from kvcache_engine.wire import (
     PREFIX_BYTES,
+    READABLE_WIRE_FORMATS,
     SEGMENT_LEN,
     STREAM_CONTENT_TYPE,
     STREAM_MAGIC,
@@ -161,7 +162,9 @@ def _pull_locked(url: str, token: str | None, root: Path, keep: int, timeout: fl
 def _write_stream(resp: http.client.HTTPResponse, directory: Path) -> tuple[dict[str, Any], list[Any], int]:
     hlen = decode_frame_prefix(_read_exact(resp, PREFIX_BYTES), STREAM_MAGIC)
     header = decode_frame_header(_read_exact(resp, hlen))
-    if header.get("format_version") != WIRE_FORMAT_VERSION or not isinstance(header.get("geometry"), dict):
+    if header.get("format_version") not in READABLE_WIRE_FORMATS or not isinstance(
+        header.get("geometry"), dict
+    ):
         raise BackupError(f"snapshot: unsupported stream header {header!r}")
     segments: list[Any] = []
     blocks = 0

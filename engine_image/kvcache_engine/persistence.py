@@ -367,18 +367,22 @@ class _Segment:
         return {"file": self.file, "size": self.size, "blocks": [m.to_json() for m in self.blocks.values()]}
 
     @classmethod
-    def from_json(cls, doc: Any) -> _Segment:
+    def from_json(cls, doc: Any, version: int = WIRE_FORMAT_VERSION) -> _Segment:
+        """A manifest's segment entry; ``version``: the manifest's wire_format_version (1: written
+        before identity digests, read as is and migrated when the manifest is written again)."""
         if not isinstance(doc, dict) or not isinstance(doc.get("file"), str) or "/" in doc["file"]:
             raise SegmentError(f"manifest: bad segment entry {str(doc)[:120]}")
         try:
-            metas = [BlockMeta.from_json(b) for b in doc.get("blocks", [])]
+            metas = [BlockMeta.from_json(b, version) for b in doc.get("blocks", [])]
             return cls(doc["file"], int(doc["size"]), {m.hash: m for m in metas})
         except (WireError, KeyError, TypeError, ValueError) as exc:
             raise SegmentError(f"manifest: bad segment entry {doc.get('file')!r}: {exc}") from None
 
 
 def _segments_of(doc: Mapping[str, Any]) -> list[_Segment]:
-    return [_Segment.from_json(s) for s in doc["segments"]]
+    version = doc.get("wire_format_version", 1)
+    version = version if isinstance(version, int) and not isinstance(version, bool) else 1
+    return [_Segment.from_json(s, version) for s in doc["segments"]]
 
 
 def new_segment(file: str, size: int, metas: Iterable[BlockMeta]) -> _Segment:

@@ -25,6 +25,7 @@ Shard placement lives in :mod:`kvcache_engine.contract.placement`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Iterable, Mapping
@@ -52,7 +53,12 @@ FRAME_MAGIC = b"KVC1"
 STREAM_MAGIC = b"KVS1"
 FRAME_CONTENT_TYPE = "application/x-kvcache-frame"
 STREAM_CONTENT_TYPE = "application/x-kvcache-stream"
-WIRE_FORMAT_VERSION = 1
+WIRE_FORMAT_VERSION = 2
+"""2: every block's metadata carries ``identity``, a digest of (hash, parent, checksum), so a
+corrupted identity is refused like a corrupted payload (docs/security.md)."""
+READABLE_WIRE_FORMATS = (1, 2)
+"""1 (before identity digests) is still read: payload checksums verified, identity unverifiable;
+whatever is written from it is version 2 (the migration)."""
 MAX_HASH = 2**64 - 1
 # A frame or stream header is small JSON (hashes/tokens lists at most); bound it so a garbage
 # length field can never make anyone allocate gigabytes.
@@ -195,12 +201,28 @@ class BlockMeta:
             "parent": None if self.parent is None else f"{self.parent:016x}",
             "codec": self.codec,
             "checksum": self.checksum,
+            "identity": identity_digest(self.hash, self.parent, self.checksum),
             "keys": list(self.keys),
             "nbytes": self.nbytes,
         }
 
     @classmethod
-    def from_json(cls, item: Any) -> BlockMeta:
+    def from_json(cls, item: Any, version: int = WIRE_FORMAT_VERSION) -> BlockMeta:
+        """A block's metadata; from version 2 on its ``identity`` digest must match (hash,
+        parent, checksum): WireError naming the block otherwise."""
+        meta = cls._from_json(item)
+        got = item.get("identity")
+        if got is None and version < 2:
+            return meta  # format 1: no identity digest to check (migrated when written again)
+        if got != identity_digest(meta.hash, meta.parent, meta.checksum):
+            raise WireError(
+                f"segment metadata: block {meta.hash:016x}: identity digest "
+                f"{'missing' if got is None else 'mismatch'} (its hash, parent or checksum was altered)"
+            )
+        return meta
+
+    @classmethod
+    def _from_json(cls, item: Any) -> BlockMeta:
         if not isinstance(item, dict):
             raise WireError("segment metadata: each block must be an object")
         try:
@@ -220,6 +242,12 @@ class BlockMeta:
             raise WireError(f"segment metadata: block is missing {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise WireError(f"segment metadata: {exc}") from None
+
+
+def identity_digest(block_hash: int, parent: int | None, checksum: str) -> str:
+    """The digest binding a block's identity to its payload checksum (16 hex digits)."""
+    text = f"{block_hash:016x}:{'-' if parent is None else format(parent, '016x')}:{checksum}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _hex64(value: Any, field: str) -> int:
@@ -247,13 +275,13 @@ def parse_segment_metadata(metadata: Mapping[str, str] | None) -> list[BlockMeta
     if not metadata or "kvcache" not in metadata:
         raise WireError("segment: no kvcache metadata (not a kvcache segment)")
     doc = loads_bounded(metadata["kvcache"], "segment: metadata")
-    if not isinstance(doc, dict) or doc.get("format_version") != WIRE_FORMAT_VERSION:
-        got = doc.get("format_version") if isinstance(doc, dict) else None
-        raise WireError(f"segment: format_version {got!r}, expected {WIRE_FORMAT_VERSION}")
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or version not in READABLE_WIRE_FORMATS:
+        raise WireError(f"segment: format_version {version!r}, expected one of {READABLE_WIRE_FORMATS}")
     blocks = doc.get("blocks")
     if not isinstance(blocks, list):
         raise WireError("segment: metadata has no block list")
-    return [BlockMeta.from_json(b) for b in blocks]
+    return [BlockMeta.from_json(b, version) for b in blocks]
 
 
 def encode_stream_header(header: Mapping[str, Any]) -> bytes:

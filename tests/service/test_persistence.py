@@ -46,7 +46,7 @@ def test_persist_then_load_restores_identical_blocks(tmp_path: Path) -> None:
     assert manifest["geometry"]["num_layers"] == 2 and manifest["codec"] == "none"
     assert sum(len(s["blocks"]) for s in manifest["segments"]) == 20
     block = manifest["segments"][0]["blocks"][0]
-    assert set(block) == {"hash", "parent", "codec", "checksum", "keys", "nbytes"}
+    assert set(block) == {"hash", "parent", "codec", "checksum", "identity", "keys", "nbytes"}
 
 
 def test_persist_is_incremental_and_drops_evicted_blocks(tmp_path: Path) -> None:
