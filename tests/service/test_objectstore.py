@@ -25,10 +25,10 @@ from kvcache_engine.objectstore import ObjectStore, ObjectStoreError, S3Client, 
 from kvcache_engine.persistence import MANIFEST
 from kvcache_engine.server import admin as admin_routes
 from tests.service.conftest import TOKEN, make_kv, make_tokens
-from tests.service.s3_server import ACCESS_KEY, SECRET_KEY, s3_endpoint
+from tests.service.s3_server import ACCESS_KEY, SECRET_KEY, s3_endpoint, s3_tls_endpoint
 from tests.service.test_backup_drain import _fill
 
-__all__ = ["s3_endpoint"]
+__all__ = ["s3_endpoint", "s3_tls_endpoint"]
 
 PART = 2048  # bytes: segments of a few KiB go up in several parts
 
@@ -415,3 +415,19 @@ def test_kubectl_restore_job_script_streams_into_running_engines(
     assert result["backup"] == local.name and result["blocks_verified"] == 12
     for s, tokens in chains.items():
         assert torch.equal(fresh.engine.get(tokens), src.engine.get(tokens)), s
+
+
+def test_tls_private_ca_verified_and_skip_verify(s3_tls_endpoint: tuple[str, Path]) -> None:
+    """https endpoints: a certificate from a private CA is refused without the CA (the error says so),
+    accepted with ``ca_file`` (spec.backup.objectStore.tls.caSecretName), and with
+    ``insecure_skip_verify``."""
+    url, ca = s3_tls_endpoint
+    base = ObjectStore(url, "kvc-tls", access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    with S3Client(base) as c, pytest.raises(ObjectStoreError, match="CERTIFICATE_VERIFY_FAILED"):
+        c.create_bucket()
+    with S3Client(dataclasses.replace(base, ca_file=str(ca))) as c:
+        c.create_bucket()
+        c.put_object("a/b", b"over tls")
+        assert c.get_object("a/b") == b"over tls"
+    with S3Client(dataclasses.replace(base, insecure_skip_verify=True)) as c:
+        assert list(c.list_keys("a/")) == ["a/b"]
