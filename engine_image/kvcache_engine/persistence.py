@@ -420,6 +420,7 @@ class _Stats:
     last_persist_seconds: float = 0.0
     bytes_written: int = 0
     blocks_loaded: int = 0
+    blocks_expected: int = 0  # blocks the manifest named at the last load
     last_load_seconds: float = 0.0
     quarantined_segments: int = 0
 
@@ -463,9 +464,17 @@ class Persister:
             "persisted_segments": len(self._segments),
             "persist_bytes_written": s.bytes_written,
             "blocks_loaded": s.blocks_loaded,
+            "blocks_expected": s.blocks_expected,
+            "warm_ratio": self.warm_ratio(),
             "last_load_seconds": s.last_load_seconds,
             "quarantined_segments": s.quarantined_segments,
         }
+
+    def warm_ratio(self) -> float:
+        """Blocks loaded at start / blocks the persisted cache named (1.0 when it named none): what a
+        restarted replica got back; the operator's rolling update waits for it (contract.WARM_RATIO_KEY)."""
+        s = self._stats
+        return 1.0 if s.blocks_expected <= 0 else min(1.0, s.blocks_loaded / s.blocks_expected)
 
     def integrity_errors(self) -> list[str]:
         """Problems found on disk (quarantined segments, a refused manifest), newest last."""
@@ -628,6 +637,7 @@ class Persister:
             check_geometry(doc.get("geometry", {}), self.engine.config, str(self.path / MANIFEST))
             self._generation = int(doc.get("generation", 0))
             segments = _segments_of(doc)
+            self._stats.blocks_expected = sum(len(seg.blocks) for seg in segments)
             good, loaded = self._import_segments(self.path, segments, quarantine=True)
             self._segments = good
             self._on_disk = {h: s.file for s in good for h in s.blocks}

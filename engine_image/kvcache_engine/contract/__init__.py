@@ -31,6 +31,7 @@ from kvcache_engine.contract.cache import (
     payload_layout,
 )
 from kvcache_engine.contract.curve import CURVE_MULTIPLES, MISS_REASONS, HitRateCurve, merge_curves
+from kvcache_engine.contract.lifecycle import WARM_RATIO_KEY, warm_ratio_of
 from kvcache_engine.contract.live import LIVE_FIELDS, TUNED_FIELDS, LiveConfig
 from kvcache_engine.contract.metrics import EngineStats, M, parse_engine_stats
 from kvcache_engine.contract.placement import node_id, rendezvous_order, rendezvous_owner, route_key
@@ -48,6 +49,8 @@ from kvcache_engine.contract.sizing import (
 from kvcache_engine.contract.tokens import TokenError, TokenSource, read_token_file, resolve_token, role_of
 
 __all__ = [
+    "WARM_RATIO_KEY",
+    "warm_ratio_of",
     "CODEC_BYTES_PER_FP16_BYTE",
     "CODEC_GROUP_SIZE",
     "CURVE_MULTIPLES",

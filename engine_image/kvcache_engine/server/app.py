@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from kvcache_engine.contract.admin import P
+from kvcache_engine.contract.lifecycle import WARM_RATIO_KEY
 from kvcache_engine.contract.tokens import ADMIN, DATA, TokenSource, role_of
 from kvcache_engine.persistence import GeometryMismatchError, Persister, persister_for
 from kvcache_engine.server.admin import AdminRoutes
@@ -198,7 +199,8 @@ class EngineServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         if self.ready.is_set():
-            return web.json_response({"status": "ready", "load_error": self.load_error})
+            warm = self.persister.warm_ratio()
+            return web.json_response({"status": "ready", "load_error": self.load_error, WARM_RATIO_KEY: warm})
         return web.json_response({"status": "loading"}, status=503)
 
     async def metrics(self, request: web.Request) -> web.Response:
