@@ -49,8 +49,6 @@ from kvcache_engine.contract.sizing import (
 from kvcache_engine.contract.tokens import TokenError, TokenSource, read_token_file, resolve_token, role_of
 
 __all__ = [
-    "WARM_RATIO_KEY",
-    "warm_ratio_of",
     "CODEC_BYTES_PER_FP16_BYTE",
     "CODEC_GROUP_SIZE",
     "CURVE_MULTIPLES",
@@ -62,6 +60,7 @@ __all__ = [
     "SLOT_OVERHEAD_BYTES",
     "STAGING_MB_DEFAULT",
     "TUNED_FIELDS",
+    "WARM_RATIO_KEY",
     "AdminClient",
     "AdminError",
     "CacheStrategy",
@@ -98,4 +97,5 @@ __all__ = [
     "staging_bytes",
     "tier_blocks",
     "tier_bytes",
+    "warm_ratio_of",
 ]
