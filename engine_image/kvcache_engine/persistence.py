@@ -308,11 +308,30 @@ def read_segment_file(
 # --- files --------------------------------------------------------------------------------------
 
 
+class FileOps:
+    """The file layer every persisted write goes through: the real calls here; tests install a
+    faulty one (``FILES``) to inject fsync/write errors and torn writes (tests/service/
+    test_durability.py). Invariant the callers keep: a failed operation leaves the last
+    durable manifest, and the segments it names, as they were."""
+
+    def write(self, fh: Any, data: bytes | memoryview) -> None:
+        fh.write(data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+
+FILES = FileOps()
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        FILES.fsync(fd)
     finally:
         os.close(fd)
 
@@ -324,10 +343,10 @@ def write_atomic(path: Path, data: bytes | memoryview | list[bytes | memoryview]
     try:
         with open(tmp, "wb") as fh:
             for part in data if isinstance(data, list) else [data]:
-                fh.write(part)
+                FILES.write(fh, part)
             fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            FILES.fsync(fh.fileno())
+        FILES.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -344,6 +363,8 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:  # bit-rot: refused (and quarantined by load), never a traceback
+        raise SegmentError(f"{path}: not UTF-8 text (corrupted)") from None
     try:
         doc = json.loads(text)
     except RecursionError:
@@ -373,7 +394,9 @@ class _Segment:
         if not isinstance(doc, dict) or not isinstance(doc.get("file"), str) or "/" in doc["file"]:
             raise SegmentError(f"manifest: bad segment entry {str(doc)[:120]}")
         try:
-            metas = [BlockMeta.from_json(b, version) for b in doc.get("blocks", [])]
+            if not isinstance(doc.get("blocks"), list):  # a rotted key must not read as "no blocks"
+                raise SegmentError(f"manifest: segment entry {doc['file']!r} has no block list")
+            metas = [BlockMeta.from_json(b, version) for b in doc["blocks"]]
             return cls(doc["file"], int(doc["size"]), {m.hash: m for m in metas})
         except (WireError, KeyError, TypeError, ValueError) as exc:
             raise SegmentError(f"manifest: bad segment entry {doc.get('file')!r}: {exc}") from None
