@@ -28,14 +28,17 @@ import torch
 from kvcache_engine.contract import payload_layout
 from kvcache_engine.core.block_pool import BlockPool
 from kvcache_engine.core.compression import CODECS
+from kvcache_engine.core.curve import ShadowCurve
 from kvcache_engine.core.eviction import STRATEGIES, EvictionStrategy, make_strategy
 from kvcache_engine.core.hashing import BlockHash
 from kvcache_engine.core.prefix_index import BlockEntry, PrefixIndex
 
 __all__ = [
     "REPLAY_GEOMETRY",
+    "ReplayCache",
     "ReplayResult",
     "effective_capacity",
+    "load_timed_trace",
     "load_trace",
     "replay",
     "run_replay_command",
@@ -88,36 +91,58 @@ def _open_trace(path: str | Path | None) -> IO[bytes]:
 def load_trace(path: str | Path | None = None) -> Iterator[list[int]]:
     """The ``hash_ids`` of each request, in file order (gzip detected by its magic bytes; the
     default is the packaged conversation trace). Raises ValueError naming the line on bad data."""
+    for _, ids in load_timed_trace(path):
+        yield ids
+
+
+def load_timed_trace(path: str | Path | None = None) -> Iterator[tuple[float, list[int]]]:
+    """(``timestamp`` in seconds, ``hash_ids``) of each request, in file order (Mooncake traces
+    give milliseconds; a request without one takes the previous one's). See load_trace."""
     with _open_trace(path) as raw:
         data = raw.read()
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
+    t = 0.0
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            ids = json.loads(line)["hash_ids"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            doc = json.loads(line)
+            ids = doc["hash_ids"]
+            stamp = doc.get("timestamp", t * 1000)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"trace line {lineno}: expected a JSON object with hash_ids ({exc})") from None
         if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
             raise ValueError(f"trace line {lineno}: hash_ids must be a list of non-negative ints")
-        yield ids
+        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or stamp < 0:
+            raise ValueError(f"trace line {lineno}: timestamp must be a non-negative number of milliseconds")
+        t = stamp / 1000
+        yield t, ids
 
 
-class _ReplayCache:
-    """The engine's bookkeeping for one tier: index, strategy, slot free list."""
+class ReplayCache:
+    """The engine's bookkeeping for one tier: index, strategy, slot free list; with a ``curve``
+    (the engine's miss-ratio-curve shadow) fed as the engine feeds it."""
 
-    def __init__(self, capacity: int, strategy: str) -> None:
+    def __init__(self, capacity: int, strategy: str, curve: ShadowCurve | None = None) -> None:
         layout = payload_layout("none", num_layers=1, block_tokens=1, num_kv_heads=1, head_dim=1)
         self.pool = BlockPool(layout, capacity, torch.device("cpu"))
         self.strategy: EvictionStrategy = make_strategy(strategy, capacity)
+        self.strategy_name = strategy
         self.index = PrefixIndex()
         self.evictions = 0
+        self.curve = curve
+        self.requested = 0  # blocks asked by lookups
+        self.hits = 0  # ... and found
 
-    def lookup(self, hashes: list[BlockHash]) -> int:
+    def lookup(self, hashes: list[BlockHash], *, moved: bool = False) -> int:
         n = self.index.leading(hashes)
         for h in reversed(hashes[:n]):
             self.strategy.touch(h)
+        self.requested += len(hashes)
+        self.hits += n
+        if self.curve is not None:
+            self.curve.lookup(hashes, n, moved=moved)
         return n
 
     def put(self, hashes: list[BlockHash]) -> None:
@@ -138,6 +163,30 @@ class _ReplayCache:
                 self.strategy.insert(hashes[i])
             else:
                 self.strategy.touch(hashes[i])
+        if self.curve is not None and stored:
+            self.curve.stored(hashes[:stored])
+
+    def add(self, h: BlockHash, parent: BlockHash | None) -> bool:
+        """Store one block whose parent is cached (or a root), as an import does: False when it is
+        there already, its parent is not, or no slot can be made."""
+        if h in self.index or (parent is not None and parent not in self.index):
+            return False
+        ancestors: set[BlockHash] = set()
+        node = parent
+        while node is not None:  # the parent's whole chain survives the evictions
+            ancestors.add(node)
+            entry = self.index.get(node)
+            node = entry.parent if entry is not None else None
+        slot = self._allocate(ancestors)
+        if slot is None or (parent is not None and parent not in self.index):
+            return False
+        if slot is None:
+            return False
+        self.index.add(BlockEntry(h, parent, 0, slot, ""))
+        self.strategy.insert(h)
+        if self.curve is not None:
+            self.curve.imported([(h, parent)])
+        return True
 
     def _allocate(self, protected: set[BlockHash]) -> int | None:
         slot = self.pool.allocate()
@@ -146,6 +195,8 @@ class _ReplayCache:
             if victim is None:
                 return None
             for node in self.index.subtree(victim):
+                if self.curve is not None:
+                    self.curve.evicted(node, "capacity")
                 entry = self.index.remove(node)
                 self.pool.free(entry.slot)
                 if node == victim:
@@ -168,7 +219,7 @@ def replay(
             f"strategy: unknown strategy {strategy!r}; supported: {', '.join(s.lower() for s in STRATEGIES)}"
         )
     capacity = effective_capacity(capacity_blocks, codec)
-    cache = _ReplayCache(capacity, strategy_name)
+    cache = ReplayCache(capacity, strategy_name)
     t0 = time.perf_counter()
     n_requests = requested = hit = 0
     for ids in requests:

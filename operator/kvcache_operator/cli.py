@@ -60,6 +60,32 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_parser(sub)
 
 
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="replay a trace against a KVCache's engines and autoscaler, offline (needs the engine package)",
+    )
+    p.add_argument("-f", "--filename", required=True, help="KVCache manifest (YAML; '-' for stdin)")
+    p.add_argument("--trace", required=True, help="Mooncake-format trace (JSON lines, optionally gzipped)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the summary)")
+    p.add_argument(
+        "--plot", metavar="FILE", help="write a PNG of capacity, hit rate and prediction over time"
+    )
+    p.add_argument(
+        "--curve-rate",
+        type=float,
+        default=None,
+        help="largest sampling rate of the engines' curves (default: the engines' own, 1/64)",
+    )
+    p.set_defaults(handler=_cmd_simulate)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from kvcache_operator.simulate import run_command  # imports the engine package (torch)
+
+    return run_command(args)
+
+
 def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from kvcache_operator.dev import add_parser
 
@@ -72,6 +98,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
     _add_validate,
     _add_run,
     _add_dev,
+    _add_simulate,
 ]
 
 

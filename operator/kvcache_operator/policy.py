@@ -24,8 +24,8 @@ threshold rules above decide, and say the curve is warming up): the total capaci
 effective blocks per replica) goes to the smallest size the curve predicts ``targetHitRate`` at,
 or, when no measured size reaches it, to the knee, past which a doubling buys less than
 ``minGainPerDoubling``. A replica is never added when the curve says it buys less than that (per
-doubling of the capacity it adds), and one is removed only when the curve says its loss is under
-half of that, or the target still holds without it (so a stationary curve never flaps). int8
+doubling of the capacity it adds), and one is removed only when the target still holds without
+it or the capacity exceeds the knee by REMOVE_MARGIN (so a stationary curve never flaps). int8
 compression is weighed with the same curve: it nearly doubles the capacity without new pods, so
 when it buys what a replica would, the tuner turns it on instead.
 """
@@ -55,8 +55,9 @@ COMPRESSION_STEPS = (1.0, 0.5, 0.25)
 """Compression ratios tuning moves through (none → int8 → int4); bounded by spec.tuning."""
 MIN_CURVE_SAMPLES = 200.0
 """Sampled block references the merged curve needs before the policy sizes by it."""
-REMOVE_GAIN_FRACTION = 0.5
-"""A replica is removed only when the curve says it buys less than minGainPerDoubling x this."""
+REMOVE_MARGIN = 1.25
+"""Past the knee, replicas are removed only once the capacity exceeds the knee by this factor
+(then down to the knee): the band between keeps a stationary curve from flapping."""
 
 
 @dataclass(frozen=True)
@@ -268,9 +269,9 @@ def _replicas_for(
     spec: Autoscaling, curve: HitRateCurve, per: float, current: int, goal: float, *, reachable: bool
 ) -> tuple[int, str]:
     """The bounded replica count toward ``goal``: up while each added replica buys at least
-    minGainPerDoubling (per doubling of the capacity it adds), down while each removed one loses
-    less than REMOVE_GAIN_FRACTION of that, or the target still holds without it. With why a
-    step stops short of the goal."""
+    minGainPerDoubling (per doubling of the capacity it adds); down while the target still holds
+    without the replica, or (past the knee) to the knee once the capacity exceeds it by
+    REMOVE_MARGIN. With why a step stops short of the goal."""
     g = spec.min_gain_per_doubling
     want = min(max(math.ceil(goal / per - 1e-9), spec.min_replicas), spec.max_replicas)
     r = current
@@ -279,13 +280,11 @@ def _replicas_for(
     if r < want:
         gain = gain_per_doubling(curve, r * per, (r + 1) * per)
         return r, (f"; replica {r + 1} would buy {gain:.4f} per doubling < minGainPerDoubling {g}: not added")
-    while r > max(want, spec.min_replicas):
-        lower = (r - 1) * per
-        if reachable and curve.at(lower) < spec.target_hit_rate:
-            break
-        if not reachable and gain_per_doubling(curve, lower, r * per) >= g * REMOVE_GAIN_FRACTION:
-            break
-        r -= 1
+    if reachable:
+        while r > max(want, spec.min_replicas) and curve.at((r - 1) * per) >= spec.target_hit_rate:
+            r -= 1
+    elif r * per > goal * REMOVE_MARGIN:
+        r = max(want, spec.min_replicas)
     return min(max(r, spec.min_replicas), spec.max_replicas), ""
 
 
@@ -613,7 +612,7 @@ def _tune_compression_by_curve(
         without = now / factor
         gain = gain_per_doubling_of(plan, without, now)
         numbers.update({"int8GainPerDoubling": round(gain, 4), "minGainPerDoubling": min_gain})
-        if plan.goal_capacity_blocks <= without or gain < min_gain * REMOVE_GAIN_FRACTION:
+        if plan.goal_capacity_blocks <= without or gain < min_gain / 2:
             changes.update({"use_compression": False, "compression_ratio": 1.0})
             reasons.append(
                 f"{plan.reason}: without int8 the capacity {_kblocks(now)} -> {_kblocks(without)} blocks "

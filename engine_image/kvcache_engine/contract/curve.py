@@ -35,6 +35,7 @@ and 8 are among them)."""
 
 MISS_REASONS: tuple[str, ...] = (
     "never_seen",
+    "moved",
     "capacity",
     "retune",
     "cleared",
@@ -43,7 +44,8 @@ MISS_REASONS: tuple[str, ...] = (
     "client_error",
 )
 """Why a requested block was not served (label ``reason`` of ``kvcache_misses_by_reason``):
-never stored here before; evicted to make room; dropped by a live retune (a smaller pool or a
+never stored here before; never stored here because its chain moved here lately (the replica
+set changed: the client says so); evicted to make room; dropped by a live retune (a smaller pool or a
 codec change); dropped by an admin clear; asked under another namespace (model key) than the
 engine's; the client's call ran out of time; the client's call failed."""
 

@@ -23,8 +23,11 @@ state before the request, then touched tail first (the engine's order: a parent 
 recent than its children).
 
 Cost: a lookup or put none of whose hashes is below ``T`` pays one ``min()`` over its hashes; a
-sampled block pays O(log max_entries) Python steps. ``max_rate`` caps ``R`` so that sampled work
-stays within a few percent of a lookup (docs/benchmarks.md).
+sampled block pays O(log max_entries) Python steps. With a CPU budget (``cpu_share``: the
+engine's), the shadow measures its own time every 50 ms of wall time and halves the rate until it
+takes at most ``cpu_share`` of the lookups' time (or 1 % of the wall time, when more): a mostly
+idle engine keeps every block, a saturated one pays a bounded share of its lookup throughput
+(docs/benchmarks.md). The rate never rises again (blocks left out have a missing past).
 
 Miss reasons: the shadow remembers, for its sampled blocks, that the engine evicted them (to
 make room, by a retune, or by a clear); a sampled block a lookup missed is classified by that
@@ -42,7 +45,7 @@ import heapq
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvcache_engine.contract.curve import CURVE_MULTIPLES, HitRateCurve
 
@@ -58,8 +61,8 @@ __all__ = [
 _SPACE = 1 << 64
 DEFAULT_MAX_ENTRIES = 32768
 """Fixed cap on the blocks the shadow remembers, whatever the pool's size."""
-DEFAULT_MAX_RATE = 1 / 64
-"""Largest sampling rate: the share of blocks whose references do the O(log n) work."""
+DEFAULT_MAX_RATE = 1.0
+"""Largest sampling rate: every block, until the entry cap or the CPU budget lowers it."""
 ENTRY_BYTES = 400
 """Upper bound of the shadow's bytes per entry (dict slot + key + time, heap slot, two Fenwick
 slots, histogram share); tests measure it with tracemalloc."""
@@ -75,9 +78,11 @@ DECAY_SAMPLES = float(1 << 17)
 old references keep half their say per period."""
 MIN_RATE = 2.0**-16
 """The CPU budget never lowers the rate below this."""
-_BUDGET_WINDOW_S = 0.5
+IDLE_SHARE = 0.01
+"""The shadow may always take this share of wall time (the CPU budget's floor)."""
+_BUDGET_WINDOW_S = 0.05
 
-_NEVER_SEEN, _CAPACITY = "never_seen", "capacity"
+_NEVER_SEEN, _CAPACITY, _MOVED = "never_seen", "capacity", "moved"
 
 
 def _tag(parent: int | None) -> int:
@@ -155,6 +160,7 @@ class ShadowCurve:
         *,
         cpu_share: float | None = None,
         decay_samples: float | None = DECAY_SAMPLES,
+        route_depth: int = 2,
     ) -> None:
         if max_entries < 0:
             raise ValueError(f"max_entries: expected >= 0, got {max_entries}")
@@ -163,15 +169,18 @@ class ShadowCurve:
         if cpu_share is not None and not 0 < cpu_share < 1:
             raise ValueError(f"cpu_share: expected in (0, 1), got {cpu_share}")
         self.max_entries = max_entries
+        self.route_depth = max(1, route_depth)
         self.cpu_share = cpu_share
         self.decay_samples = decay_samples
         # The CPU budget's window: the engine's lookup seconds and ours since the last check.
         self._host_s_at = 0.0
+        self._wall_at: float | None = None
         self._own_s = 0.0
         self._requested_total = 0.0  # blocks asked by every lookup (the engine's count)
         self._accounted = 0.0  # ... of which ``_expected`` and ``requested`` have their share
         self.threshold = min(_SPACE, int(max_rate * _SPACE)) if max_entries else 0
         self._last: dict[int, int] = {}  # sampled hash -> last access time << 8 | parent tag
+        self._route: dict[int, int] = {}  # sampled hash -> its chain's route key (when known)
         self._heap: list[int] = []  # -hash of every entry (largest hash on top)
         self._marks: dict[int, str] = {}  # sampled hash -> why the engine evicted it
         self._time = 0
@@ -210,8 +219,12 @@ class ShadowCurve:
         *,
         requested_blocks: float | None = None,
         lookup_seconds: float | None = None,
+        moved: bool = False,
     ) -> None:
         """A lookup of ``hashes`` (root first) that found its first ``hit`` blocks cached.
+        ``moved``: the client says the chain's replica changed lately (the replica set did): its
+        blocks this shadow never saw are not the workload's cold misses but the move's, so they
+        are left out of the curve (counted as the miss reason ``moved``).
 
         The engine calls this only for lookups with a sampled hash (``min(hashes) < threshold``,
         its one check per lookup) and passes its totals instead: ``requested_blocks``, the blocks
@@ -225,12 +238,13 @@ class ShadowCurve:
         self._catch_up()
         if hashes and min(hashes) < self.threshold:
             if self.cpu_share is None or lookup_seconds is None:
-                self._sampled_lookup(hashes, hit)
+                self._sampled_lookup(hashes, hit, moved)
             else:
                 t0 = time.perf_counter()
-                self._sampled_lookup(hashes, hit)
-                self._own_s += time.perf_counter() - t0
-                self._keep_budget(lookup_seconds)
+                self._sampled_lookup(hashes, hit, moved)
+                t1 = time.perf_counter()
+                self._own_s += t1 - t0
+                self._keep_budget(lookup_seconds, t1)
 
     def _catch_up(self) -> None:
         """Give the blocks asked since the last call their expected share at the current rate
@@ -266,10 +280,11 @@ class ShadowCurve:
                 else:
                     marks.pop(h, None)
             prev = h
+        key = self._route_key(hashes) if parent is None else None  # a continuation's is unknown
         for h, tag in reversed(new):
             if h < self.threshold:  # a touch may have lowered it
                 marks.pop(h, None)
-                self._touch(h, tag)
+                self._touch(h, tag, key)
 
     def imported(self, blocks: Sequence[tuple[int, int | None]]) -> None:
         """Blocks (hash, parent) restored or received from a peer, coldest first: the sampled
@@ -278,6 +293,26 @@ class ShadowCurve:
         for h, parent in blocks:
             if h < self.threshold and h not in self._last:
                 self._touch(h, _tag(parent))
+
+    def retain(self, owns: Callable[[int], bool]) -> int:
+        """The replica set changed: forget the blocks of chains this replica no longer owns
+        (``owns(route_key)`` False; blocks whose chain is unknown stay). Their entries would sit
+        above this replica's own blocks and inflate every distance until they sank. Returns the
+        entries dropped."""
+        gone = [h for h, key in self._route.items() if not owns(key)]
+        for h in gone:
+            self._forget(h)
+        if gone:
+            self._heap = [-h for h in self._last]
+            heapq.heapify(self._heap)
+        return len(gone)
+
+    def _forget(self, h: int) -> None:
+        v = self._last.pop(h, None)
+        if v is not None:
+            self._fen.add(v >> 8, -1)
+        self._marks.pop(h, None)
+        self._route.pop(h, None)
 
     def evicted(self, h: int, reason: str = _CAPACITY) -> None:
         """The engine dropped ``h`` (``capacity``, ``retune`` or ``cleared``)."""
@@ -337,7 +372,7 @@ class ShadowCurve:
 
     # -- internals
 
-    def _sampled_lookup(self, hashes: Sequence[int], hit: int) -> None:
+    def _sampled_lookup(self, hashes: Sequence[int], hit: int, moved: bool = False) -> None:
         """Distances of the sampled blocks against the state before this request (the
         prefix-chain rule: the largest so far along the chain), then the touches, tail first, of
         the chain up to a block known under another parent (where the engine's put stops)."""
@@ -353,6 +388,14 @@ class ShadowCurve:
             tag = hashes[i - 1] % 255 + 1 if i else 0  # _tag, inlined (the hot loop)
             if v is not None and v & 0xFF != tag:
                 stopped = True  # stored under another parent: the engine's index stops here
+            if moved and (v is None or run == math.inf):
+                run = math.inf  # unknown: the block was cached elsewhere before the move
+                self._expected -= unit
+                if i >= hit:
+                    self._count_miss(_MOVED)
+                if not stopped:
+                    chain.append((h, tag))
+                continue
             self._sampled += unit
             if v is None or stopped or run == math.inf:
                 run = math.inf
@@ -371,11 +414,12 @@ class ShadowCurve:
                 self._count_miss(_NEVER_SEEN if v is None else marks.get(h, _CAPACITY))
             if not stopped:
                 chain.append((h, tag))
+        key = self._route_key(hashes)
         for h, tag in reversed(chain):  # what the put after the lookup touches, tail first
             if h < self.threshold:  # a touch may have lowered it
                 if marks:
                     marks.pop(h, None)
-                self._touch(h, tag)
+                self._touch(h, tag, key)
         if self._expected > self._decay_weight:
             self._reweigh(2.0)
             self.requested *= 0.5
@@ -383,25 +427,31 @@ class ShadowCurve:
     def _count_miss(self, reason: str) -> None:
         self.miss_reasons[reason] = self.miss_reasons.get(reason, 0.0) + 1 / self.rate
 
-    def _keep_budget(self, lookup_seconds: float) -> None:
-        """Once the lookups took ``_BUDGET_WINDOW_S`` since the last check: halve the rate when
-        the shadow's time over that window passed ``cpu_share`` of theirs."""
-        window = lookup_seconds - self._host_s_at
-        if window < _BUDGET_WINDOW_S:
+    def _keep_budget(self, lookup_seconds: float, now: float) -> None:
+        """Every ``_BUDGET_WINDOW_S`` of wall time: the shadow's time over the window may be
+        ``cpu_share`` of the lookups' time, or ``IDLE_SHARE`` of the window when that is more (an
+        engine that is mostly idle can afford a precise curve; a busy one pays a bounded share
+        of its lookup throughput). Over it, the rate is halved as often as it takes."""
+        if self._wall_at is None:
+            self._wall_at, self._host_s_at = now, lookup_seconds
+            return
+        wall = now - self._wall_at
+        if wall < _BUDGET_WINDOW_S:
             return
         assert self.cpu_share is not None
-        if self._own_s > self.cpu_share * window and self.rate > MIN_RATE:
-            self._lower_threshold(self.threshold // 2)
+        allowed = max(self.cpu_share * (lookup_seconds - self._host_s_at), IDLE_SHARE * wall)
+        if self._own_s > allowed:
+            halvings = math.ceil(math.log2(self._own_s / allowed)) if allowed > 0 else 16
+            self._lower_threshold(max(int(MIN_RATE * _SPACE), self.threshold >> min(halvings, 16)))
         self._own_s = 0.0
-        self._host_s_at = lookup_seconds
+        self._wall_at, self._host_s_at = now, lookup_seconds
 
     def _lower_threshold(self, threshold: int) -> None:
         """Sample below ``threshold`` only: the entries at or above it leave."""
         heap = self._heap
         while heap and -heap[0] >= threshold:
             h = -heapq.heappop(heap)
-            self._fen.add(self._last.pop(h) >> 8, -1)
-            self._marks.pop(h, None)
+            self._forget(h)
         old, self.threshold = self.threshold, threshold
         if threshold:
             self._reweigh(old / threshold)
@@ -424,13 +474,19 @@ class ShadowCurve:
         counted at distance 0."""
         return self._expected - self._sampled
 
-    def _touch(self, h: int, tag: int) -> None:
-        """``h`` becomes the most recent entry (added when new; the largest entry leaves past
-        ``max_entries``)."""
+    def _route_key(self, hashes: Sequence[int]) -> int:
+        """The chain's placement key (contract.placement.route_key: its block at route_depth)."""
+        return int(hashes[min(self.route_depth, len(hashes)) - 1])
+
+    def _touch(self, h: int, tag: int, key: int | None = None) -> None:
+        """``h`` becomes the most recent entry (added when new, with its chain's route ``key``;
+        the largest entry leaves past ``max_entries``)."""
         last, fen = self._last, self._fen
         v = last.get(h)
         if v is None:
             heapq.heappush(self._heap, -h)
+            if key is not None:
+                self._route[h] = key
         if self._time >= fen.size:
             self._compact()
             v = last.get(h)
