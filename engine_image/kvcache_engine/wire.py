@@ -115,7 +115,7 @@ def loads_bounded(
     """``json.loads`` for untrusted input: WireError (never RecursionError) naming ``what`` when
     it is not JSON or nests deeper than ``max_depth``. The depth is walked only when the text
     holds more brackets than ``max_depth`` (a bytes count: free for the usual flat bodies)."""
-    text = raw if isinstance(raw, str) else bytes(raw)
+    text = bytes(raw) if isinstance(raw, memoryview) else raw  # json.loads takes bytearray as is
     opens = (
         text.count("[") + text.count("{") if isinstance(text, str) else text.count(b"[") + text.count(b"{")
     )
