@@ -107,6 +107,8 @@ def test_index_entry_keys_by_namespace_and_instance() -> None:
     assert controller.index_entry(unlabelled, "ConfigMap") is None
     listed = {"metadata": obj["metadata"]}  # list items may come without kind
     assert controller.index_entry(listed, "Secret") == {(NS, "c"): {**listed, "kind": "Secret"}}
+    managed = {**obj, "metadata": {**obj["metadata"], "managedFields": [{"manager": "kubectl"}]}}
+    assert controller.index_entry(managed, "ConfigMap") == {(NS, "c"): obj}
 
 
 # --- tuned values: the ConfigMap annotation ---------------------------------------------------------------
