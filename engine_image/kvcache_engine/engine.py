@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvcache_engine.contract import KVCacheConfig
+from kvcache_engine.contract import KVCacheConfig, node_id, rendezvous_owner
 from kvcache_engine.core.gc import BackgroundGC
 from kvcache_engine.core.maintenance import Maintenance
 from kvcache_engine.core.reservations import PutReservation, Reservations
@@ -157,11 +157,26 @@ class KVCacheEngine:
         """Cached leading tokens of ``tokens`` (a multiple of block_tokens). Counts as a request."""
         return self.lookup_hashes(self.block_hashes(tokens)) * self._state.config.block_tokens
 
-    def lookup_hashes(self, hashes: Sequence[BlockHash], *, namespace: str | None = None) -> int:
+    def lookup_hashes(
+        self, hashes: Sequence[BlockHash], *, namespace: str | None = None, moved: bool = False
+    ) -> int:
         """Leading cached blocks of this chain. Counts as a request (hits, misses, tokens).
         ``namespace``: the one the caller hashed the chain under, when it says; its misses count
-        as ``namespace_mismatch`` when that is not this engine's."""
-        return self._store.lookup_hashes(hashes, namespace=namespace)
+        as ``namespace_mismatch`` when that is not this engine's. ``moved``: the caller says the
+        chain's replica changed lately (its unseen blocks are the move's misses, not the
+        workload's: the curve leaves them out)."""
+        return self._store.lookup_hashes(hashes, namespace=namespace, moved=moved)
+
+    def rebalance(self, endpoints: Sequence[str], this: str) -> int:
+        """Clients now place chains over ``endpoints`` (``this``: this engine's URL among them):
+        the curve forgets the chains another replica owns. Returns the entries it dropped.
+        Raises ValueError naming ``self`` when ``this`` is not among ``endpoints``."""
+        members = list(endpoints)
+        me = node_id(this)
+        if me not in {node_id(e) for e in members}:
+            raise ValueError(f"self: {this!r} is not among the endpoints")
+        with self._state.lock:
+            return self._state.curve.retain(lambda key: node_id(rendezvous_owner(key, members)) == me)
 
     def count_client_misses(self, reason: str, blocks: int) -> None:
         """Blocks a client asked for and did not get because its own call failed

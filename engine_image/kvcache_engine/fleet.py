@@ -19,16 +19,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kvcache_engine.contract import EngineStats, rendezvous_owner, route_key
+from kvcache_engine.contract.curve import MOVED_WINDOW_S
 from kvcache_engine.core.curve import DEFAULT_MAX_RATE, ShadowCurve, mix_id
 from kvcache_engine.core.hashing import BlockHash
 from kvcache_engine.core.prefix_index import BlockEntry
 from kvcache_engine.replay import ReplayCache
 
-__all__ = ["MOVED_WINDOW_S", "Fleet", "FleetReplica"]
-
-MOVED_WINDOW_S = 600.0
-"""How long after a change of the replica set a chain whose owner changed is reported as moved
-(the client's rule)."""
+__all__ = ["Fleet", "FleetReplica"]
 
 
 def _owned_by(endpoint: str, members: list[str]) -> Callable[[int], bool]:

@@ -344,3 +344,30 @@ def test_a_restored_cache_is_not_predicted_cold() -> None:
     finally:
         src.close()
         dst.close()
+
+
+# -- a changing replica set
+
+
+def test_moved_chains_stay_out_of_the_curve_and_count_as_moved() -> None:
+    s = exact()
+    s.lookup([1, 2, 3], 0, moved=True)  # cached elsewhere before: not a cold miss of the workload
+    assert s.ceiling() == 0.0 and s.samples == 0
+    assert s.miss_reasons == {"moved": 3.0}
+    s.lookup([1, 2, 3], 0, moved=True)  # now seen here: measured as usual
+    assert s.hit_rate(3) == 1.0 and s.samples == 3
+
+
+def test_retain_forgets_the_chains_another_replica_owns() -> None:
+    s = ShadowCurve(max_entries=1000, max_rate=1.0, decay_samples=None, route_depth=2)
+    mine, theirs = [1, 2, 3], [1, 7, 8]  # keyed by their second block: 2 and 7
+    feed(s, [mine, theirs])
+    assert s.entries == 5
+    assert s.retain(lambda key: key == 2) == 2  # 7 and 8 go; the shared root (keyed 2 first) stays
+    check_invariants(s)
+    kept = ShadowCurve(max_entries=1000, max_rate=1.0, decay_samples=None, route_depth=2)
+    feed(kept, [mine, theirs, mine])  # the same, without the replica set changing
+    feed(s, [mine])
+    # 1, 2, 3 at distances 0, 1, 2 (nothing above them): all hit in 3 blocks, as do the two roots
+    # before; with 7 and 8 still above 2 and 3, only the roots would.
+    assert s.hit_rate(3) == pytest.approx(4 / 9) and kept.hit_rate(3) == pytest.approx(2 / 9)

@@ -48,7 +48,15 @@ from kvcache_engine.client.metrics import (
     M_REQUESTS,
     M_TIMEOUTS,
 )
-from kvcache_engine.contract import KVCacheConfig, TokenSource, node_id, rendezvous_order, route_key
+from kvcache_engine.contract import (
+    KVCacheConfig,
+    TokenSource,
+    node_id,
+    rendezvous_order,
+    rendezvous_owner,
+    route_key,
+)
+from kvcache_engine.contract.curve import MOVED_WINDOW_S
 from kvcache_engine.core.hashing import chain_hashes
 from kvcache_engine.wire import (
     FRAME_CONTENT_TYPE,
@@ -158,6 +166,8 @@ class ClientCore:
         self._endpoints: list[str] = [self._normalise(e) for e in endpoints] if endpoints is not None else []
         self._last_warning: dict[str, float] = {}  # before _resolve(), which may warn
         self._missed: dict[str, int] = {}  # blocks failed lookups/gets missed, not yet reported
+        self._before: list[str] = []  # the endpoints before the last change of the set ...
+        self._changed_at = -1e18  # ... and when it changed (monotonic)
         if service is not None:
             self._resolve()
 
@@ -181,9 +191,10 @@ class ClientCore:
         ips = sorted({str(info[4][0]) for info in infos})
         with self._lock:
             if ips or not self._endpoints:
-                self._endpoints = [
-                    self._normalise(f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}") for ip in ips
-                ]
+                fresh = [self._normalise(f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}") for ip in ips]
+                if self._endpoints and fresh != self._endpoints:
+                    self._before, self._changed_at = self._endpoints, time.monotonic()
+                self._endpoints = fresh
             self._resolved_at = time.monotonic()
 
     def endpoints(self) -> list[str]:
@@ -257,7 +268,8 @@ class ClientCore:
         if not hashes:
             return None
         carried = self._take_missed()
-        body = hashes_body(hashes, namespace=geometry.namespace, client_misses=carried or None)
+        moved = self.moved(route_key(hashes, geometry.route_depth)) or None
+        body = hashes_body(hashes, namespace=geometry.namespace, moved=moved, client_misses=carried or None)
         req = Req("POST", "/v1/lookup", "application/json", [body])
         parse = field_parser("cached_blocks", len(hashes))
         return Call(geometry, hashes, req, self.timeout_s, parse, carried=carried or None)
@@ -288,6 +300,16 @@ class ClientCore:
         return [int(h) for h in chain_hashes(geometry.namespace, tokens_list(tokens), geometry.block_tokens)]
 
     # -- outcomes ----------------------------------------------------------------
+
+    def moved(self, root: int) -> bool:
+        """Whether the chain keyed ``root`` changed owner with the replica set lately (within
+        MOVED_WINDOW_S): its owner then never saw it, and says so to its curve."""
+        with self._lock:
+            before, since = self._before, time.monotonic() - self._changed_at
+        if not before or since >= MOVED_WINDOW_S:
+            return False
+        now = self.endpoints()
+        return bool(now) and node_id(rendezvous_owner(root, before)) != node_id(rendezvous_owner(root, now))
 
     def _take_missed(self) -> dict[str, int]:
         """The client misses not reported yet (the next lookup carries them to its engine)."""

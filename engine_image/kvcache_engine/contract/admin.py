@@ -44,6 +44,7 @@ class P:
     ADMIN_SNAPSHOT = "/admin/snapshot"
     ADMIN_RESTORE = "/admin/restore"
     ADMIN_DRAIN = "/admin/drain"
+    ADMIN_PLACEMENT = "/admin/placement"
     ADMIN_PROFILE = "/admin/profile"
     ADMIN_LOG_LEVEL = "/admin/log-level"
     ADMIN_TRACEMALLOC = "/admin/tracemalloc"
@@ -156,6 +157,14 @@ class AdminClient:
     async def apply(self, changes: LiveConfig, *, timeout_s: float = 30.0) -> dict[str, Any]:
         """``POST /admin/config``: apply live fields without a restart; the new running config."""
         return _config_of(await self.call("POST", P.ADMIN_CONFIG, changes.to_wire(), timeout_s=timeout_s))
+
+    async def placement(
+        self, endpoints: list[str], this: str, *, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """``POST /admin/placement``: the replica set clients now place chains over (``this``: the
+        engine's own URL among them); its curve forgets the chains it no longer owns."""
+        body = {"endpoints": endpoints, "self": this}
+        return await self.call("POST", P.ADMIN_PLACEMENT, body, timeout_s=timeout_s)
 
     async def drain(self, targets: list[str], *, timeout_s: float = 120.0) -> dict[str, Any]:
         """``POST /admin/drain``: push this engine's blocks to the replicas that own their chains."""

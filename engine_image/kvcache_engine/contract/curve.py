@@ -24,6 +24,7 @@ __all__ = [
     "CLIENT_MISS_REASONS",
     "CURVE_MULTIPLES",
     "MISS_REASONS",
+    "MOVED_WINDOW_S",
     "HitRateCurve",
     "merge_curves",
     "multiple_label",
@@ -49,6 +50,10 @@ set changed: the client says so); evicted to make room; dropped by a live retune
 codec change); dropped by an admin clear; asked under another namespace (model key) than the
 engine's; the client's call ran out of time; the client's call failed."""
 
+
+MOVED_WINDOW_S = 600.0
+"""How long after the replica set changed a client says ``moved`` for a chain whose owner changed
+(its new owner never saw it; the curve leaves those blocks out)."""
 
 CLIENT_MISS_REASONS: tuple[str, ...] = ("client_timeout", "client_error")
 """The reasons a client reports itself (on its next lookup: the ``client_misses`` of its body)."""

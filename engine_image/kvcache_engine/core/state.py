@@ -73,7 +73,9 @@ class EngineState:
         self.tiers: list[Tier] = []
         self._build_tiers(cfg)
         # The miss-ratio curve's shadow, within 1 % of the pools' bytes and a share of lookup CPU.
-        self.curve = ShadowCurve(curve_entries_for(self.pool_bytes()), cpu_share=CURVE_CPU_SHARE)
+        self.curve = ShadowCurve(
+            curve_entries_for(self.pool_bytes()), cpu_share=CURVE_CPU_SHARE, route_depth=cfg.route_depth
+        )
         self.exact_miss_reasons: dict[str, int] = {}  # blocks missed for reasons seen exactly
 
     def codec_for(self, name: str) -> Codec:

@@ -263,7 +263,9 @@ class BlockStore:
 
     # -- lookups and gets
 
-    def lookup_hashes(self, hashes: Sequence[BlockHash], namespace: str | None = None) -> int:
+    def lookup_hashes(
+        self, hashes: Sequence[BlockHash], namespace: str | None = None, moved: bool = False
+    ) -> int:
         """Leading cached blocks of this chain. Counts as a request (hits, misses, tokens); a
         caller that hashed it under another ``namespace`` has its misses counted as such."""
         hs = as_hashes(hashes)
@@ -291,7 +293,7 @@ class BlockStore:
                 curve.lookup(
                     hs, len(hs) if mismatch else n,  # a mismatch's misses are counted above
                     requested_blocks=c.cache_hits + c.cache_misses,
-                    lookup_seconds=st.latency.sums["lookup"] / 1000,
+                    lookup_seconds=st.latency.sums["lookup"] / 1000, moved=moved,
                 )  # fmt: skip
             st.latency.record("lookup", (time.perf_counter() - t0) * 1000)
             return n

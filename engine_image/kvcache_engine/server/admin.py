@@ -181,6 +181,21 @@ class AdminRoutes:
         report = await self.server.run(self._drain_to, targets)
         return web.json_response(report)
 
+    async def placement(self, request: web.Request) -> web.Response:
+        """The replica set clients place chains over now (the operator says so when it changes):
+        the curve forgets the chains another replica owns."""
+        doc = await self.server.read_json(request)
+        endpoints, this = doc.get("endpoints"), doc.get("self")
+        if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) for e in endpoints):
+            raise BadRequestError("endpoints: expected a non-empty list of 'http://host:port' strings")
+        if not isinstance(this, str):
+            raise BadRequestError("self: expected this engine's 'http://host:port' among the endpoints")
+        try:
+            dropped = await self.server.run(self.engine.rebalance, endpoints, this)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        return web.json_response({"ok": True, "forgotten_entries": dropped})
+
     def _drain_to(self, targets: list[str]) -> dict[str, Any]:
         """Push every block to the replica owning its chain (:func:`route_key` at the engine's
         ``route_depth``, the client's function). A block at depth d >= route_depth goes to the

@@ -102,6 +102,7 @@ class EngineServer:
         r.add_get(P.ADMIN_SNAPSHOT, self.admin.snapshot)
         r.add_post(P.ADMIN_RESTORE, self.admin.restore)
         r.add_post(P.ADMIN_DRAIN, self.admin.drain)
+        r.add_post(P.ADMIN_PLACEMENT, self.admin.placement)
         from kvcache_engine.debug import register_debug_routes  # profiler, log level, /v1/memory
 
         self.profiler = register_debug_routes(

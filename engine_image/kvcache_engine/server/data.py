@@ -70,24 +70,30 @@ class DataRoutes:
 
     async def lookup(self, request: web.Request) -> web.Response:
         """Optional keys besides the chain: ``namespace`` (the one the client hashed under: its
-        misses count as a namespace mismatch when it is not the engine's) and ``client_misses``
-        (``{"client_timeout"|"client_error": blocks}`` its failed calls missed since it last said)."""
+        misses count as a namespace mismatch when it is not the engine's), ``moved`` (true: the
+        chain's replica changed lately) and ``client_misses`` (``{"client_timeout"|"client_error":
+        blocks}`` its failed calls missed since it last said)."""
         doc = await self.server.read_json(request)
         kind, values = self._chain(doc)
         namespace = doc.get("namespace")
         if namespace is not None and not isinstance(namespace, str):
             raise BadRequestError(f"namespace: expected a string, got {type(namespace).__name__}")
+        moved = doc.get("moved", False)
+        if not isinstance(moved, bool):
+            raise BadRequestError(f"moved: expected true or false, got {moved!r}")
         misses = self._client_misses(doc.get("client_misses"))
         bt = self.engine.config.block_tokens
-        blocks = await self.server.run(self._lookup, kind, values, namespace, misses)
+        blocks = await self.server.run(self._lookup, kind, values, namespace, misses, moved)
         return web.json_response({"cached_blocks": blocks, "cached_tokens": blocks * bt})
 
-    def _lookup(self, kind: str, values: list[int], namespace: str | None, misses: dict[str, int]) -> int:
+    def _lookup(
+        self, kind: str, values: list[int], namespace: str | None, misses: dict[str, int], moved: bool
+    ) -> int:
         """On the executor (the engine's lock is never taken on the event loop)."""
         for reason, count in misses.items():
             self.engine.count_client_misses(reason, count)
         if kind == "hashes":
-            return self.engine.lookup_hashes(values, namespace=namespace)  # type: ignore[arg-type]
+            return self.engine.lookup_hashes(values, namespace=namespace, moved=moved)  # type: ignore[arg-type]
         return self.engine.lookup(values) // self.engine.config.block_tokens
 
     @staticmethod
