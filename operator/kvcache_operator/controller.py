@@ -40,8 +40,8 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
-from kvcache_engine.contract import LiveConfig, warm_ratio_of
-from kvcache_operator import api, k8s, policy, reconcile, resources, rollout, scrape
+from kvcache_engine.contract import LiveConfig
+from kvcache_operator import api, k8s, policy, reconcile, resources, scrape
 from kvcache_operator import status as status_mod
 from kvcache_operator.metrics import OperatorMetrics
 from kvcache_operator.validation import parse_duration as parse_seconds
@@ -652,12 +652,10 @@ async def converge(
     config = resources.engine_config(kvc, overrides)
     paused = reconcile.is_paused(meta)
     touched_sts = False
-    checking = rollout.pods_to_check(sts, observed.pods)  # a rollout held at a partition
-    warm = await _warm_ratios(rt, observed.pods, checking) if checking else {}
-    inputs = (*_plan_inputs(generation, replicas, overrides, observed), _rollout_inputs(observed, warm))
+    inputs = _plan_inputs(generation, replicas, overrides, observed)
     if not paused and inputs != state.clean:
         actions = reconcile.plan(
-            _desired(body, kvc, replicas, overrides, observed, warm=warm), observed.children, meta["uid"]
+            _desired(body, kvc, replicas, overrides, observed), observed.children, meta["uid"]
         )
         for action in actions:
             logger.info(f"{action.verb} {action.kind} {action.name}: {action.reason}")
@@ -696,42 +694,6 @@ async def converge(
     await _write_status(rt, body, state, previous, new_status)
 
 
-def _rollout_inputs(observed: Observed, warm: Mapping[str, float | None]) -> tuple[Any, ...]:
-    """What the rollout gate reads, while a rollout is held at a partition (else nothing)."""
-    if not warm and not rollout.pods_to_check(observed.statefulset, observed.pods):
-        return ()
-    return tuple(
-        sorted(
-            (
-                p["metadata"]["name"],
-                (p["metadata"].get("labels") or {}).get(rollout.REVISION_LABEL),
-                status_mod.pod_ready(p),
-                warm.get(p["metadata"]["name"]),
-            )
-            for p in observed.pods
-        )
-    )
-
-
-async def _warm_ratios(
-    rt: Runtime, pods: Sequence[Mapping[str, Any]], names: Sequence[str]
-) -> dict[str, float | None]:
-    """``/readyz``'s warm ratio of each named ready pod (None: not ready, unreachable, or not said)."""
-    ready = status_mod.ready_endpoints(pods)
-    out: dict[str, float | None] = {}
-    for name in names:
-        url = ready.get(name)
-        out[name] = None
-        if url is None:
-            continue
-        try:
-            async with rt.http.get(url + "/readyz", timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                out[name] = warm_ratio_of(await resp.json()) if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            out[name] = None
-    return out
-
-
 def _plan_inputs(
     generation: int, replicas: int, overrides: LiveConfig, observed: Observed
 ) -> tuple[Any, ...]:
@@ -748,20 +710,12 @@ def _plan_inputs(
 
 
 def _desired(
-    body: Mapping[str, Any],
-    kvc: api.KVCache,
-    replicas: int,
-    overrides: LiveConfig,
-    observed: Observed,
-    *,
-    warm: Mapping[str, float | None] | None = None,
+    body: Mapping[str, Any], kvc: api.KVCache, replicas: int, overrides: LiveConfig, observed: Observed
 ) -> list[Manifest]:
     owner = reconcile.owner_reference(body)
     desired = []
     for built in resources.build_children(kvc, replicas=replicas, live_overrides=overrides):
         child = reconcile.with_owner(built, owner)
-        if child["kind"] == "StatefulSet":  # the cache-aware rollout: partition and template hash
-            child, _ = rollout.gated(child, observed.statefulset, observed.pods, warm or {})
         if child["kind"] == "ConfigMap" and child["metadata"]["name"] == config_map_name(kvc.name):
             child = _with_tuned(child, overrides, observed.configmap)
         desired.append(child)
