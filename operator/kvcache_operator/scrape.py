@@ -176,6 +176,13 @@ async def push_live(
     return changes
 
 
+async def post_placement(
+    session: Any, url: str, endpoints: list[str], *, token: str | None, timeout_s: float = 10.0
+) -> dict[str, Any]:
+    """Tell one engine the replicas clients place chains over now, ``POST /admin/placement``."""
+    return await AdminClient(session, url, token, timeout_s=timeout_s).placement(endpoints, url)
+
+
 async def post_drain(
     session: Any, url: str, targets: list[str], *, token: str | None, timeout_s: float = 120.0
 ) -> dict[str, Any]:
