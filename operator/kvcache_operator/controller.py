@@ -40,8 +40,8 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
-from kvcache_engine.contract import LiveConfig
-from kvcache_operator import api, k8s, policy, reconcile, resources, scrape
+from kvcache_engine.contract import LiveConfig, warm_ratio_of
+from kvcache_operator import api, k8s, policy, reconcile, resources, rollout, scrape
 from kvcache_operator import status as status_mod
 from kvcache_operator.metrics import OperatorMetrics
 from kvcache_operator.validation import parse_duration as parse_seconds
@@ -100,7 +100,6 @@ class CacheState:
     written: dict[tuple[str, str], Written] = field(default_factory=dict)  # (kind, name) -> write
     written_status: Written | None = None
     parsed: tuple[int, api.KVCache] | None = None  # (metadata.generation, the parsed spec)
-    placed: tuple[str, ...] = ()  # the ready engine URLs last announced to the engines (placement)
     clean: tuple[Any, ...] | None = None  # the inputs of the last plan that found nothing to do
 
     def parse(self, body: Mapping[str, Any]) -> api.KVCache:
@@ -441,7 +440,6 @@ async def control_pass(
     current = await scrape.scrape_all(rt.http, endpoints, timeout_s=max(0.5, min(interval, 5.0)), token=token)
     rt.metrics.scrape_seconds.observe(time.perf_counter() - started)
     rt.metrics.scrape_failures.inc(len(current.failed))
-    await _announce_placement(rt, state, endpoints, token=token, logger=logger)
     scraped = status_mod.scraped(state.last_scrape, current)
     observation = scrape.observe(state.last_scrape, current)
     state.last_scrape, state.observation = current, observation
@@ -453,26 +451,6 @@ async def control_pass(
     if not reconcile.is_paused(body["metadata"]):
         tuned = await _decide_and_act(rt, body, kvc, observed, state, token=token, logger=logger)
     await converge(rt, body, indexes, state, logger, scraped=scraped, tuned=tuned)
-
-
-async def _announce_placement(
-    rt: Runtime, state: CacheState, endpoints: Mapping[str, str], *, token: str | None, logger: Logger
-) -> None:
-    """When the ready engines changed (the set clients place chains over), tell each one: its
-    miss-ratio curve forgets the chains it no longer owns, which would otherwise skew the sizing
-    after every scale. Best effort: retried next pass until every engine took it."""
-    urls = tuple(sorted(endpoints.values()))
-    if not urls or urls == state.placed:
-        return
-    results = await asyncio.gather(
-        *(scrape.post_placement(rt.http, url, list(urls), token=token) for url in urls),
-        return_exceptions=True,
-    )
-    failed = [f"{url}: {r}" for url, r in zip(urls, results, strict=True) if isinstance(r, BaseException)]
-    if failed:
-        logger.warning("placement not taken by %d engine(s): %s", len(failed), "; ".join(failed))
-        return
-    state.placed = urls
 
 
 async def _decide_and_act(
@@ -674,10 +652,12 @@ async def converge(
     config = resources.engine_config(kvc, overrides)
     paused = reconcile.is_paused(meta)
     touched_sts = False
-    inputs = _plan_inputs(generation, replicas, overrides, observed)
+    checking = rollout.pods_to_check(sts, observed.pods)  # a rollout held at a partition
+    warm = await _warm_ratios(rt, observed.pods, checking) if checking else {}
+    inputs = (*_plan_inputs(generation, replicas, overrides, observed), _rollout_inputs(observed, warm))
     if not paused and inputs != state.clean:
         actions = reconcile.plan(
-            _desired(body, kvc, replicas, overrides, observed), observed.children, meta["uid"]
+            _desired(body, kvc, replicas, overrides, observed, warm=warm), observed.children, meta["uid"]
         )
         for action in actions:
             logger.info(f"{action.verb} {action.kind} {action.name}: {action.reason}")
@@ -716,6 +696,42 @@ async def converge(
     await _write_status(rt, body, state, previous, new_status)
 
 
+def _rollout_inputs(observed: Observed, warm: Mapping[str, float | None]) -> tuple[Any, ...]:
+    """What the rollout gate reads, while a rollout is held at a partition (else nothing)."""
+    if not warm and not rollout.pods_to_check(observed.statefulset, observed.pods):
+        return ()
+    return tuple(
+        sorted(
+            (
+                p["metadata"]["name"],
+                (p["metadata"].get("labels") or {}).get(rollout.REVISION_LABEL),
+                status_mod.pod_ready(p),
+                warm.get(p["metadata"]["name"]),
+            )
+            for p in observed.pods
+        )
+    )
+
+
+async def _warm_ratios(
+    rt: Runtime, pods: Sequence[Mapping[str, Any]], names: Sequence[str]
+) -> dict[str, float | None]:
+    """``/readyz``'s warm ratio of each named ready pod (None: not ready, unreachable, or not said)."""
+    ready = status_mod.ready_endpoints(pods)
+    out: dict[str, float | None] = {}
+    for name in names:
+        url = ready.get(name)
+        out[name] = None
+        if url is None:
+            continue
+        try:
+            async with rt.http.get(url + "/readyz", timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                out[name] = warm_ratio_of(await resp.json()) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            out[name] = None
+    return out
+
+
 def _plan_inputs(
     generation: int, replicas: int, overrides: LiveConfig, observed: Observed
 ) -> tuple[Any, ...]:
@@ -732,12 +748,20 @@ def _plan_inputs(
 
 
 def _desired(
-    body: Mapping[str, Any], kvc: api.KVCache, replicas: int, overrides: LiveConfig, observed: Observed
+    body: Mapping[str, Any],
+    kvc: api.KVCache,
+    replicas: int,
+    overrides: LiveConfig,
+    observed: Observed,
+    *,
+    warm: Mapping[str, float | None] | None = None,
 ) -> list[Manifest]:
     owner = reconcile.owner_reference(body)
     desired = []
     for built in resources.build_children(kvc, replicas=replicas, live_overrides=overrides):
         child = reconcile.with_owner(built, owner)
+        if child["kind"] == "StatefulSet":  # the cache-aware rollout: partition and template hash
+            child, _ = rollout.gated(child, observed.statefulset, observed.pods, warm or {})
         if child["kind"] == "ConfigMap" and child["metadata"]["name"] == config_map_name(kvc.name):
             child = _with_tuned(child, overrides, observed.configmap)
         desired.append(child)
