@@ -100,6 +100,7 @@ class CacheState:
     written: dict[tuple[str, str], Written] = field(default_factory=dict)  # (kind, name) -> write
     written_status: Written | None = None
     parsed: tuple[int, api.KVCache] | None = None  # (metadata.generation, the parsed spec)
+    placed: tuple[str, ...] = ()  # the ready engine URLs last announced to the engines (placement)
     clean: tuple[Any, ...] | None = None  # the inputs of the last plan that found nothing to do
 
     def parse(self, body: Mapping[str, Any]) -> api.KVCache:
@@ -440,6 +441,7 @@ async def control_pass(
     current = await scrape.scrape_all(rt.http, endpoints, timeout_s=max(0.5, min(interval, 5.0)), token=token)
     rt.metrics.scrape_seconds.observe(time.perf_counter() - started)
     rt.metrics.scrape_failures.inc(len(current.failed))
+    await _announce_placement(rt, state, endpoints, token=token, logger=logger)
     scraped = status_mod.scraped(state.last_scrape, current)
     observation = scrape.observe(state.last_scrape, current)
     state.last_scrape, state.observation = current, observation
@@ -451,6 +453,26 @@ async def control_pass(
     if not reconcile.is_paused(body["metadata"]):
         tuned = await _decide_and_act(rt, body, kvc, observed, state, token=token, logger=logger)
     await converge(rt, body, indexes, state, logger, scraped=scraped, tuned=tuned)
+
+
+async def _announce_placement(
+    rt: Runtime, state: CacheState, endpoints: Mapping[str, str], *, token: str | None, logger: Logger
+) -> None:
+    """When the ready engines changed (the set clients place chains over), tell each one: its
+    miss-ratio curve forgets the chains it no longer owns, which would otherwise skew the sizing
+    after every scale. Best effort: retried next pass until every engine took it."""
+    urls = tuple(sorted(endpoints.values()))
+    if not urls or urls == state.placed:
+        return
+    results = await asyncio.gather(
+        *(scrape.post_placement(rt.http, url, list(urls), token=token) for url in urls),
+        return_exceptions=True,
+    )
+    failed = [f"{url}: {r}" for url, r in zip(urls, results, strict=True) if isinstance(r, BaseException)]
+    if failed:
+        logger.warning("placement not taken by %d engine(s): %s", len(failed), "; ".join(failed))
+        return
+    state.placed = urls
 
 
 async def _decide_and_act(
