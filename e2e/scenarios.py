@@ -631,3 +631,41 @@ def max_tokens_patch_is_live(driver: Driver, name: str) -> None:
     assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in engine_pods(driver, name)} == uids
     assert condition(driver.get("KVCache", name), "RestartPending") in (None, "False")
     delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=False, replicas=1)
+
+
+def rolling_update_waits_for_each_replica(driver: Driver, name: str) -> None:
+    """A restart-requiring change rolls the engines one at a time through the StatefulSet's partition
+    (rollout.py): the highest ordinal first, the next only once the previous one runs the new
+    template and is ready (its cache loaded, warm); never two engines down at once."""
+    create_ready(driver, name, replicas=2, persistence={"enabled": True}, backup={"enabled": False},
+                 autoscaling={"mode": "Off"}, tuning={"mode": "Off"})  # fmt: skip
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in engine_pods(driver, name)}
+    driver.patch("KVCache", name, {"spec": {"terminationGracePeriodSeconds": 150}})
+    partitions: list[int] = []
+    most_down = 0
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        sts = driver.get("StatefulSet", name) or {}
+        strategy = (sts.get("spec") or {}).get("updateStrategy") or {}
+        part = int((strategy.get("rollingUpdate") or {}).get("partition") or 0)
+        if not partitions or partitions[-1] != part:
+            partitions.append(part)
+        pods = engine_pods(driver, name)
+        ready = sum(
+            1
+            for p in pods
+            if any(c.get("type") == "Ready" and c.get("status") == "True"
+                   for c in (p.get("status") or {}).get("conditions") or [])
+        )  # fmt: skip
+        most_down = max(most_down, 2 - ready)
+        uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods}
+        rolled = len(uids) == 2 and all(uids.get(n) != u for n, u in before.items())
+        if rolled and ready == 2 and part == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"rollout of {name} not done: partitions seen {partitions}, pods {uids}")
+    assert 1 in partitions, f"the rollout never held at partition 1: {partitions}"
+    assert most_down <= 1, f"{most_down} engines were down at once"
+    wait_ready(driver, name, 2)
+    delete_cleans_up(driver, name, data_pvcs_kept=False, backup_pvc_kept=False, replicas=2)

@@ -65,3 +65,7 @@ def test_a_ready_idle_cache_settles_to_no_api_writes(driver: LocalDriver) -> Non
         assert [call for call in window if call[0] == "list"] == []
     finally:
         driver.delete("KVCache", "quiet")
+
+
+def test_a_restart_requiring_change_rolls_one_engine_at_a_time(driver: LocalDriver) -> None:
+    scenarios.rolling_update_waits_for_each_replica(driver, "rolling")
