@@ -37,7 +37,14 @@ from typing import Any
 
 import yaml
 
-from kvcache_engine.contract import LIVE_FIELDS, KVCacheConfig, LiveConfig
+from kvcache_engine.contract import (
+    LIVE_FIELDS,
+    KVCacheConfig,
+    LiveConfig,
+    persist_grace_seconds,
+    pool_bytes,
+    tier_bytes,
+)
 from kvcache_operator import api
 from kvcache_operator.api import KVCache, KVCacheSpec
 
@@ -466,11 +473,20 @@ def _restore_volumes(kvc: KVCache) -> list[Manifest]:
     return []
 
 
+def grace_period_seconds(kvc: KVCache, config: KVCacheConfig) -> int:
+    """``terminationGracePeriodSeconds``: the spec's, raised with persistence on to what a final
+    persist of a full cache needs (contract.persist_grace_seconds), so SIGTERM's persist finishes."""
+    grace = kvc.spec.termination_grace_period_seconds
+    if kvc.spec.persistence.enabled:
+        grace = max(grace, persist_grace_seconds(pool_bytes(config) + tier_bytes(config)))
+    return grace
+
+
 def build_pod_template(kvc: KVCache, config: KVCacheConfig) -> Manifest:
     spec: Manifest = {
         "serviceAccountName": "default",
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": kvc.spec.termination_grace_period_seconds,
+        "terminationGracePeriodSeconds": grace_period_seconds(kvc, config),
         "securityContext": pod_security_context(),
         "containers": [build_engine_container(kvc)],
         "volumes": _engine_volumes(kvc) + _restore_volumes(kvc),

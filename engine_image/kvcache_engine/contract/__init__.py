@@ -31,7 +31,7 @@ from kvcache_engine.contract.cache import (
     payload_layout,
 )
 from kvcache_engine.contract.curve import CURVE_MULTIPLES, MISS_REASONS, HitRateCurve, merge_curves
-from kvcache_engine.contract.lifecycle import WARM_RATIO_KEY, warm_ratio_of
+from kvcache_engine.contract.lifecycle import WARM_RATIO_KEY, persist_grace_seconds, warm_ratio_of
 from kvcache_engine.contract.live import LIVE_FIELDS, TUNED_FIELDS, LiveConfig
 from kvcache_engine.contract.metrics import EngineStats, M, parse_engine_stats
 from kvcache_engine.contract.placement import node_id, rendezvous_order, rendezvous_owner, route_key
@@ -86,6 +86,7 @@ __all__ = [
     "node_id",
     "parse_engine_stats",
     "payload_layout",
+    "persist_grace_seconds",
     "pool_blocks",
     "pool_bytes",
     "read_token_file",

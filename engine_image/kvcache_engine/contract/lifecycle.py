@@ -10,9 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["WARM_RATIO_KEY", "warm_ratio_of"]
+__all__ = ["PERSIST_BYTES_PER_S", "WARM_RATIO_KEY", "persist_grace_seconds", "warm_ratio_of"]
 
 WARM_RATIO_KEY = "warm_ratio"
+PERSIST_BYTES_PER_S = 100 * 1024 * 1024
+"""A conservative write rate of the final persist on SIGTERM (network block storage; the engine's
+own segment writes run faster): what the grace period is sized for."""
+PERSIST_MARGIN_S = 30
+
+
+def persist_grace_seconds(cache_bytes: int) -> int:
+    """Seconds a stopping engine needs to drain and write a full cache of ``cache_bytes`` (pool and
+    tier) once: the floor of a KVCache's termination grace period."""
+    return PERSIST_MARGIN_S + -(-max(0, cache_bytes) // PERSIST_BYTES_PER_S)
 
 
 def warm_ratio_of(readyz: Any) -> float | None:
