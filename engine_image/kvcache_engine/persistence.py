@@ -638,8 +638,10 @@ class Persister:
     def load(self) -> int:
         """Load the persisted cache into the engine; returns blocks loaded.
 
-        Corrupt/truncated segments are quarantined and the rest loads; a geometry mismatch
-        raises GeometryMismatchError naming the field (nothing is loaded or moved)."""
+        Corrupt/truncated segments are quarantined and the rest loads; a manifest that cannot be
+        read (bit-rot) is set aside with every segment (quarantine/set-aside-*: nothing loaded,
+        nothing deleted, the reason recorded); a geometry mismatch raises GeometryMismatchError
+        naming the field (nothing is loaded or moved)."""
         if self.path is None or not self.path.is_dir():
             with self._lock:
                 self._synced = self.path is not None
@@ -648,10 +650,13 @@ class Persister:
         with self._lock:
             try:
                 doc = read_manifest(self.path)
+                if doc is not None:
+                    _segments_of(doc)  # every entry readable, before anything is imported
             except SegmentError as exc:
                 self._errors.append(str(exc))
                 self._stats.quarantined_segments += 1
-                self._quarantine(self.path / MANIFEST, str(exc))
+                log.error("persisted cache refused: %s", exc)
+                self.set_aside(str(exc))  # the segments may be intact: kept for recovery, not deleted
                 doc = None
             if doc is None:
                 self._segments, self._on_disk, self._synced = [], {}, True

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kvcache_engine import persistence
 from kvcache_engine.engine import KVCacheEngine
-from kvcache_engine.persistence import FileOps, GeometryMismatchError, Persister, SegmentError, persister_for
+from kvcache_engine.persistence import FileOps, GeometryMismatchError, Persister, persister_for
 from tests.service.conftest import make_config, make_kv, make_tokens
 
 
@@ -190,8 +190,8 @@ def test_bit_rot_in_metadata_never_serves_a_wrong_block(
     try:
         try:
             p.load()
-        except (GeometryMismatchError, SegmentError) as exc:
-            assert str(exc)  # refused loudly, naming the problem
+        except GeometryMismatchError as exc:
+            assert str(exc)  # refused loudly, naming the field
             return
         got = _blocks(engine)
         _same(got, want)
@@ -200,3 +200,25 @@ def test_bit_rot_in_metadata_never_serves_a_wrong_block(
     finally:
         p.stop()
         engine.close()
+
+
+def test_a_rotted_manifest_sets_the_cache_aside_without_deleting_a_segment(tmp_path: Path) -> None:
+    engine = _engine(tmp_path)
+    _fill(engine, range(4))
+    p = persister_for(engine)
+    assert p.persist()
+    p.stop()
+    engine.close()
+    segments = sorted(f.name for f in tmp_path.glob("seg-*"))
+    manifest = tmp_path / persistence.MANIFEST
+    manifest.write_bytes(manifest.read_bytes().replace(b'"blocks"', b'"blockr"', 1))
+    fresh, fp, got = _load(tmp_path)
+    try:
+        assert got == {}
+        assert any("no block list" in e for e in fp.integrity_errors())
+        (aside,) = (tmp_path / "quarantine").glob("set-aside-*")
+        assert sorted(f.name for f in aside.glob("seg-*")) == segments  # kept for recovery
+        assert "no block list" in (aside / "REASON").read_text()
+    finally:
+        fp.stop()
+        fresh.close()
