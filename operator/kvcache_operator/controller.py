@@ -511,7 +511,10 @@ async def _decide_and_act(
         failures: list[str] = []
         blocked = False
         if proposals.scale.applied and proposals.scale.to_replicas is not None:
-            failures = await _drain(rt, kvc, observed.pods, proposals.scale, token=token, logger=logger)
+            handoffs: list[str] = []
+            failures = await _drain(
+                rt, kvc, observed.pods, proposals.scale, token=token, logger=logger, handoffs=handoffs
+            )
             # A failed drain stops the scale-in: the leaving replicas keep their blocks (and, with
             # whenScaled: Delete, their volumes) until a drain succeeds after the cooldown, unless
             # an admin accepts the loss (spec.autoscaling.scaleInOnDrainFailure).
@@ -520,7 +523,7 @@ async def _decide_and_act(
                 post_event(body, "ScaleInBlocked", _blocked_message(proposals.scale, failures), warning=True)
             else:
                 await _scale(rt, kvc, state, sts, proposals.scale)
-        _record(rt, body, state, proposals.scale, drain_failures=failures, blocked=blocked)
+        _record(rt, body, state, proposals.scale, drain_failures=failures, blocked=blocked, handoffs=handoffs)
     if proposals.tune is not None:
         state.last_tune_s = now
         _record(rt, body, state, proposals.tune)
@@ -565,12 +568,15 @@ def _record(
     *,
     drain_failures: Sequence[str] = (),
     blocked: bool = False,
+    handoffs: Sequence[str] = (),
 ) -> None:
     """Status entry + Event + metric for every decision (DryRun included); a scale-in stopped by a
     failed drain is recorded as not applied, with ``blocked`` and its ``drainFailures``."""
     entry: Manifest = dict(decision.to_status(_now()))
     if drain_failures:
         entry["drainFailures"] = list(drain_failures)
+    if handoffs:
+        entry["reason"] = f"{entry['reason']}; {'; '.join(handoffs)}"
     if blocked:
         entry["applied"] = False
         entry["reason"] = (
@@ -598,9 +604,12 @@ async def _drain(
     *,
     token: str | None,
     logger: Logger,
+    handoffs: list[str] | None = None,
 ) -> list[str]:
     """Before a scale-in, push each leaving replica's blocks to the replicas that stay; returns the
-    leaving pods whose drain failed (the caller then keeps the replicas: see _decide_and_act)."""
+    leaving pods whose drain failed (the caller then keeps the replicas: see _decide_and_act).
+    ``handoffs`` gets, per drained pod, the proof: the fraction of its blocks the staying replicas
+    decoded and checksum-verified (the engine's drain report)."""
     if not decision.leaving:
         return []
     endpoints = status_mod.ready_endpoints(pods)
@@ -628,7 +637,20 @@ async def _drain(
             failures.append(f"{pod}: drain incomplete ({'; '.join(errors) or 'see the engine log'})")
         else:
             logger.info(f"drained {pod} into {len(staying)} replicas: {result}")
+            if handoffs is not None:
+                handoffs.append(handoff_summary(pod, result, len(staying)))
     return failures
+
+
+def handoff_summary(pod: str, report: Mapping[str, Any], targets: int) -> str:
+    """``kvc-2: handed off 980/1000 blocks (98%), 1010 verified by 2 replicas`` from a drain report
+    (verified counts a shared ancestor once per replica it went to)."""
+    held = int(report.get("held_blocks") or 0)
+    moved = int(report.get("handed_off_blocks", report.get("drained_blocks")) or 0)
+    verified = report.get("verified_blocks")
+    share = f"{moved / held:.0%}" if held else "nothing held"
+    proof = f", {verified} verified by {targets} replicas" if verified is not None else ""
+    return f"{pod}: handed off {moved}/{held} blocks ({share}){proof}"
 
 
 def _ordinal(pod: str) -> int:

@@ -356,6 +356,8 @@ async def test_scale_in_drains_the_leaving_replica_before_lowering_replicas(
         what="decision in status",
     )
     assert decisions[-1]["action"] == "replicas 2 -> 1" and "draining ordinals 1" in decisions[-1]["reason"]
+    # the hand-off's proof in the reason: all 4 blocks moved, decoded and checksum-verified by ordinal 0
+    assert "quiet-1: handed off 4/4 blocks (100%), 4 verified by 1 replicas" in decisions[-1]["reason"]
 
 
 async def test_pause_annotation_freezes_children_and_hibernation_keeps_the_claims(

@@ -212,7 +212,10 @@ class AdminRoutes:
         sent: dict[str, set[int]] = {t: set() for t in targets}
         pending: dict[str, list[StoredBlock]] = {t: [] for t in targets}
         sizes = dict.fromkeys(targets, 0)
-        result: dict[str, dict[str, Any]] = {t: {"blocks": 0, "ok": True, "error": None} for t in targets}
+        result: dict[str, dict[str, Any]] = {
+            t: {"blocks": 0, "verified": 0, "ok": True, "error": None} for t in targets
+        }
+        held = 0
 
         def add(owner: str, block: StoredBlock) -> None:
             sent[owner].add(int(block.hash))
@@ -223,6 +226,7 @@ class AdminRoutes:
                 pending[owner], sizes[owner] = [], 0
 
         for block in self.engine.export_blocks(None):
+            held += 1
             h = int(block.hash)
             above = shallow.get(int(block.parent), ()) if block.parent is not None else ()
             path = (*above, h) if len(above) < depth else above
@@ -245,7 +249,17 @@ class AdminRoutes:
                 self._push(owner, blocks, result[owner])
         ok = all(r["ok"] for r in result.values())
         drained = sum(int(r["blocks"]) for r in result.values())
-        return {"ok": ok, "targets": result, "drained_blocks": drained}
+        # the proof: distinct blocks each target decoded and checksum-verified (its restore answer)
+        delivered = set().union(*(sent[t] for t in targets if result[t]["ok"]))
+        verified = sum(int(r["verified"]) for r in result.values())
+        return {
+            "ok": ok,
+            "targets": result,
+            "drained_blocks": drained,
+            "held_blocks": held,
+            "handed_off_blocks": len(delivered) if ok else 0,
+            "verified_blocks": verified,
+        }
 
     @staticmethod
     def _drain_with_ancestors(
@@ -276,8 +290,9 @@ class AdminRoutes:
             f"http://{node_id(target)}", self.server.admin_token(), timeout_s=self.settings.drain_timeout_s
         )
         try:
-            peer.call_raw("POST", P.ADMIN_RESTORE, body, content_type=STREAM_CONTENT_TYPE)
+            answer = peer.call_raw("POST", P.ADMIN_RESTORE, body, content_type=STREAM_CONTENT_TYPE)
             result["blocks"] += len(metas)
+            result["verified"] += int(answer.get("offered_blocks") or 0)
         except AdminError as exc:
             result["ok"] = False
             result["error"] = f"{type(exc).__name__}: {exc}"
