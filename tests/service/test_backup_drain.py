@@ -188,3 +188,16 @@ def test_a_stream_cut_mid_backup_is_one_line_and_leaves_no_partial(
     err = capsys.readouterr().err
     assert rc != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not list((tmp_path / "b").iterdir())
+
+
+def test_a_backup_that_cannot_write_its_destination_is_one_line(
+    live_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvcache_engine.cli import main
+
+    src = live_server()
+    (tmp_path / "file").write_text("not a directory")
+    rc = main(["backup", "--url", src.url, "--dest", str(tmp_path / "file" / "b"), "--keep", "1"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "NotADirectoryError" in err, err
