@@ -39,6 +39,7 @@ CHILDREN = (
     ("ConfigMap", "-config"),
     ("ConfigMap", "-connection"),
     ("Secret", "-token"),
+    ("Secret", "-admin-token"),
     ("PodDisruptionBudget", ""),
     ("CronJob", "-backup"),
 )
@@ -489,7 +490,7 @@ def backup_and_restore(driver: Driver, name: str) -> None:
             f"{fresh}-restore",
             restore,
             claim=claim,
-            token_secret=f"{fresh}-token",
+            token_secret=f"{fresh}-admin-token",  # a restore is an admin call
             image=driver.engine_image,
         ),
     )

@@ -73,9 +73,10 @@ def test_kubectl_drives_dev_up_from_apply_to_down(tmp_path: Path) -> None:
 
         assert "kvcache-engine: listening on http://" in kubectl("logs", "demo-0")
 
-        # requests through port-forward: the packaged trace, then a persist of what it stored
+        # requests through port-forward: the packaged trace, then a persist of what it stored (an
+        # admin call: the admin token, which may do everything the data token may)
         token = base64.b64decode(
-            kubectl("get", "secret", "demo-token", "-o", "jsonpath={.data.token}")
+            kubectl("get", "secret", "demo-admin-token", "-o", "jsonpath={.data.token}")
         ).decode()
         with kubectl.port_forward("pod/demo-0", 8080) as url:
             engine = {**env, "KVCACHE_TOKEN": token}
