@@ -294,3 +294,22 @@ def test_malformed_http_is_one_warning_without_the_bytes(
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) <= 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/admin/clear", "//admin/clear", "/admin/clear/", "/admin%2Fclear", "/./admin/clear",
+     "/v1/../admin/clear", "/v1/%2E%2E/admin/clear", "/%61dmin/clear", "/admin/clear?x=1"],
+)  # fmt: skip
+def test_no_spelling_of_an_admin_path_lets_the_data_token_in(roles_server: Any, path: str) -> None:
+    from http.client import HTTPConnection
+
+    assert http("POST", roles_server.url + "/v1/put", _frame([51, 52]))[0] == 200
+    conn = HTTPConnection("127.0.0.1", roles_server.port, timeout=10)
+    try:
+        conn.request("POST", path, body=b"{}", headers={"Authorization": f"Bearer {TOKEN}"})
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    assert status in (403, 404), (path, status)
+    assert roles_server.engine.get_stats()["cached_blocks"] == 2

@@ -128,8 +128,13 @@ class EngineServer:
         return ADMIN if path == "/admin" or path.startswith("/admin/") else DATA
 
     def _refusal(self, request: web.Request) -> int | None:
-        """401 (no or unknown token) or 403 (a data token on an admin path); None: allowed."""
+        """401 (no or unknown token) or 403 (a data token on an admin path); None: allowed. The
+        role is the stricter of the request's path and the route it matched (however spelt)."""
         need = self._needs(request.path)
+        resource = request.match_info.route.resource
+        canonical = resource.canonical if resource is not None else None
+        if canonical is not None and need != ADMIN and self._needs(canonical) == ADMIN:
+            need = ADMIN
         tokens = {DATA: self.token(), ADMIN: self.admin_token()}
         if need is None or (tokens[DATA] is None and tokens[ADMIN] is None):
             return None
