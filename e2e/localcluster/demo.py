@@ -5,7 +5,8 @@
    until it is Ready;
 3. replays the packaged conversation trace through ``KVCacheClient`` while a live dashboard shows
    replicas, hit rate, memory pressure and the operator's decisions;
-4. writes ``demo-report.png`` (replicas, hit rate and memory pressure over time, decisions marked)
+4. writes ``demo-report.png`` (replicas, measured and predicted hit rate and memory pressure over
+   time, decisions marked)
    and prints a summary. Ctrl-C at any point stops everything; no process is left behind.
 """
 
@@ -44,6 +45,8 @@ class Timeline:
     hit_rate: list[float | None] = field(default_factory=list)  # the operator's (status.hitRate)
     client_hit_rate: list[float | None] = field(default_factory=list)  # the load generator's, per second
     pressure: list[float | None] = field(default_factory=list)
+    predicted: list[float | None] = field(default_factory=list)  # the curve's (status.predictedHitRate)
+    ceiling: list[float | None] = field(default_factory=list)  # status.predictedCeiling
     decisions: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -64,6 +67,8 @@ def observe(
     timeline.hit_rate.append(status.get("hitRate"))
     timeline.client_hit_rate.append(d_hit / d_req if d_req else None)
     timeline.pressure.append(status.get("memoryPressure"))
+    timeline.predicted.append(status.get("predictedHitRate"))
+    timeline.ceiling.append(status.get("predictedCeiling"))
     seen = {(d["time"], d["action"]) for _, d in timeline.decisions}
     for decision in status.get("decisions") or []:
         if (decision.get("time"), decision.get("action")) not in seen:
@@ -84,6 +89,9 @@ def dashboard(timeline: Timeline, status: dict[str, Any], load: TraceLoad, total
     for column in (
         "replicas (desired/ready)",
         "hit rate (operator)",
+        "predicted (curve)",
+        "ceiling",
+        "recommended blocks",
         "hit rate (client, 1s)",
         "memory pressure",
         "codec",
@@ -94,6 +102,9 @@ def dashboard(timeline: Timeline, status: dict[str, Any], load: TraceLoad, total
     table.add_row(
         f"{timeline.replicas[-1] if timeline.replicas else 0}/{timeline.ready[-1] if timeline.ready else 0}",
         _fmt(status.get("hitRate")),
+        _fmt(status.get("predictedHitRate")),
+        _fmt(status.get("predictedCeiling")),
+        f"{status['recommendedCapacity']:,}" if status.get("recommendedCapacity") is not None else "-",
         _fmt(timeline.client_hit_rate[-1] if timeline.client_hit_rate else None),
         _fmt(status.get("memoryPressure")),
         str(status.get("codec", "-")),
@@ -124,6 +135,8 @@ def write_report(timeline: Timeline, path: Path) -> None:
     axes[0].yaxis.get_major_locator().set_params(integer=True)
     _series(axes[1], timeline.t, timeline.hit_rate, "status.hitRate (operator)")
     _series(axes[1], timeline.t, timeline.client_hit_rate, "client, per second", alpha=0.4)
+    _series(axes[1], timeline.t, timeline.predicted, "status.predictedHitRate (curve)")
+    _series(axes[1], timeline.t, timeline.ceiling, "status.predictedCeiling", alpha=0.6)
     axes[1].set_ylabel("hit rate")
     _series(axes[2], timeline.t, timeline.pressure, "status.memoryPressure")
     axes[2].set_ylabel("memory pressure")
@@ -163,6 +176,13 @@ def summary(timeline: Timeline, load: TraceLoad, report: Path, console: Console)
             f"  replicas: {timeline.replicas[0]} -> {timeline.replicas[-1]} "
             f"(ready at the end: {timeline.ready[-1]})"
         )
+    predicted = next((p for p in reversed(timeline.predicted) if p is not None), None)
+    measured = next((h for h in reversed(timeline.hit_rate) if h is not None), None)
+    ceiling = next((c for c in reversed(timeline.ceiling) if c is not None), None)
+    console.print(
+        f"  hit rate at the end: measured {_fmt(measured)}, predicted by the engines' curve "
+        f"{_fmt(predicted)} (ceiling {_fmt(ceiling)})"
+    )
     console.print(f"  operator decisions: {len(timeline.decisions)}")
     for t, d in timeline.decisions:
         console.print(f"    {t:5.0f}s {d.get('kind')}: {d.get('action')} — {d.get('reason')}")
