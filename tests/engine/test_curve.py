@@ -124,6 +124,7 @@ def check_invariants(s: ShadowCurve) -> None:
         t = v >> 8
         assert fen.prefix(t) - fen.prefix(t - 1) == 1
     assert sorted(-x for x in s._heap) == sorted(entries)
+    assert set(s._route) <= set(entries)
     c = s.curve(100.0)
     assert c is not None
     assert all(0.0 <= r <= c.ceiling <= 1.0 for r in c.hit_rates)

@@ -12,10 +12,10 @@ hash is below a threshold ``T`` (block hashes are blake2b digests, already unifo
 tools mix their synthetic ids first): every reference to a sampled block is seen, none to the
 others, so stack distances among sampled blocks, divided by the rate ``R = T / 2**64``, estimate
 the full stream's. The shadow holds at most ``max_entries`` blocks: when a new one would exceed
-that, the largest sampled hash leaves and ``T`` drops to it (the histogram is rescaled to the new
-rate), so memory stays fixed however large the working set grows. The sampled count is corrected
-towards its expectation (SHARDS_adj): the difference, mostly one hot block sampled or not, goes
-to distance 0.
+that, the largest sampled hash leaves and ``T`` drops to it (references recorded from then on
+weigh more, in proportion), so memory stays fixed however large the working set grows. The
+sampled count is corrected towards its expectation (SHARDS_adj): the difference, mostly one hot
+block sampled or not, goes to distance 0.
 
 Stack distances come from a Fenwick tree over access times: the distance of a block is the number
 of sampled blocks accessed since its last access. A request's blocks are measured against the
@@ -25,9 +25,15 @@ recent than its children).
 Cost: a lookup or put none of whose hashes is below ``T`` pays one ``min()`` over its hashes; a
 sampled block pays O(log max_entries) Python steps. With a CPU budget (``cpu_share``: the
 engine's), the shadow measures its own time every 50 ms of wall time and halves the rate until it
-takes at most ``cpu_share`` of the lookups' time (or 1 % of the wall time, when more): a mostly
-idle engine keeps every block, a saturated one pays a bounded share of its lookup throughput
+takes at most ``cpu_share`` of the lookups' time (or 1 % of the process's idle time, when more): a
+mostly idle engine keeps every block, a busy one pays a bounded share of its lookup throughput
 (docs/benchmarks.md). The rate never rises again (blocks left out have a missing past).
+
+A changing replica set: the client marks a lookup ``moved`` when the chain's owner changed with
+the replica set lately; blocks the shadow never saw in such a lookup were cached elsewhere, so
+they stay out of the curve (miss reason ``moved``). Each entry keeps its chain's route key, so
+``retain`` can forget the chains another replica owns now (the operator announces the set): they
+would otherwise sit above this replica's own blocks and inflate every distance.
 
 Miss reasons: the shadow remembers, for its sampled blocks, that the engine evicted them (to
 make room, by a retune, or by a clear); a sampled block a lookup missed is classified by that
@@ -35,8 +41,9 @@ mark, or as never seen when the shadow never saw it, and counted at ``1 / R`` (a
 the curve's precision).
 
 Invariants: ``len(entries) <= max_entries``; every entry's hash is below the threshold; the
-Fenwick tree holds exactly one mark per entry, at its last access time; histogram weights and
-``expected`` are in units of sampled references at the current rate.
+Fenwick tree holds exactly one mark per entry, at its last access time; the heap holds exactly
+the entries' hashes; route keys are kept for entries only; histogram weights, ``_sampled`` and
+``_expected`` share one unit (``_unit``: the weight of a reference recorded now).
 """
 
 from __future__ import annotations
@@ -79,7 +86,8 @@ old references keep half their say per period."""
 MIN_RATE = 2.0**-16
 """The CPU budget never lowers the rate below this."""
 IDLE_SHARE = 0.01
-"""The shadow may always take this share of wall time (the CPU budget's floor)."""
+"""The shadow may always take this share of the process's idle time (wall time it spent off the
+CPU; the CPU budget's floor)."""
 _BUDGET_WINDOW_S = 0.05
 
 _NEVER_SEEN, _CAPACITY, _MOVED = "never_seen", "capacity", "moved"
@@ -174,6 +182,7 @@ class ShadowCurve:
         self.decay_samples = decay_samples
         # The CPU budget's window: the engine's lookup seconds and ours since the last check.
         self._host_s_at = 0.0
+        self._busy_at = 0.0
         self._wall_at: float | None = None
         self._own_s = 0.0
         self._requested_total = 0.0  # blocks asked by every lookup (the engine's count)
@@ -429,22 +438,25 @@ class ShadowCurve:
 
     def _keep_budget(self, lookup_seconds: float, now: float) -> None:
         """Every ``_BUDGET_WINDOW_S`` of wall time: the shadow's time over the window may be
-        ``cpu_share`` of the lookups' time, or ``IDLE_SHARE`` of the window when that is more (an
-        engine that is mostly idle can afford a precise curve; a busy one pays a bounded share
-        of its lookup throughput). Over it, the rate is halved as often as it takes."""
+        ``cpu_share`` of the lookups' time, or ``IDLE_SHARE`` of the time the process was idle
+        (the window less the CPU time it used) when that is more: an engine that is mostly idle
+        can afford a precise curve, a busy one pays a bounded share of its lookup throughput.
+        Over it, the rate is halved as often as it takes."""
+        busy_seconds = time.process_time()
         if self._wall_at is None:
-            self._wall_at, self._host_s_at = now, lookup_seconds
+            self._wall_at, self._host_s_at, self._busy_at = now, lookup_seconds, busy_seconds
             return
         wall = now - self._wall_at
         if wall < _BUDGET_WINDOW_S:
             return
         assert self.cpu_share is not None
-        allowed = max(self.cpu_share * (lookup_seconds - self._host_s_at), IDLE_SHARE * wall)
+        idle = max(0.0, wall - (busy_seconds - self._busy_at))
+        allowed = max(self.cpu_share * (lookup_seconds - self._host_s_at), IDLE_SHARE * idle)
         if self._own_s > allowed:
             halvings = math.ceil(math.log2(self._own_s / allowed)) if allowed > 0 else 16
             self._lower_threshold(max(int(MIN_RATE * _SPACE), self.threshold >> min(halvings, 16)))
         self._own_s = 0.0
-        self._wall_at, self._host_s_at = now, lookup_seconds
+        self._wall_at, self._host_s_at, self._busy_at = now, lookup_seconds, busy_seconds
 
     def _lower_threshold(self, threshold: int) -> None:
         """Sample below ``threshold`` only: the entries at or above it leave."""

@@ -39,8 +39,9 @@ __all__ = ["CURVE_CPU_SHARE", "EngineState", "sized_by"]
 log = logging.getLogger("kvcache_engine")
 
 CURVE_CPU_SHARE = 0.04
-"""The curve's sampled work may take this share of the lookups' time (it lowers its sampling
-rate to stay under it): with the unsampled check, within 5 % of lookup throughput."""
+"""The curve's sampled work may take this share of the lookups' time, or 1 % of the process's idle
+time when more (it lowers its sampling rate to stay under it): with the unsampled check, within
+5 % of lookup throughput."""
 
 
 def sized_by(cfg: KVCacheConfig, slots: int) -> str:
