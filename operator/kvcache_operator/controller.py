@@ -509,9 +509,9 @@ async def _decide_and_act(
         # DryRun starts the same cooldown an applied change would: recorded once per window, not per scrape
         state.last_scale_s = now
         failures: list[str] = []
+        handoffs: list[str] = []
         blocked = False
         if proposals.scale.applied and proposals.scale.to_replicas is not None:
-            handoffs: list[str] = []
             failures = await _drain(
                 rt, kvc, observed.pods, proposals.scale, token=token, logger=logger, handoffs=handoffs
             )

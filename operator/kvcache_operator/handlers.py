@@ -34,12 +34,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index(controller.is_child_resource, labels=controller.MANAGED_LABELS)
-def kvcache_children(body: kopf.Body, resource: kopf.Resource, **_: Any) -> Any:
+async def kvcache_children(body: kopf.Body, resource: kopf.Resource, **_: Any) -> Any:
     return controller.index_entry(body, resource.kind)
 
 
 @kopf.index("", "v1", "pods", labels=controller.MANAGED_LABELS)
-def kvcache_pods(body: kopf.Body, **_: Any) -> Any:
+async def kvcache_pods(body: kopf.Body, **_: Any) -> Any:
     return controller.index_entry(body, "Pod")
 
 
