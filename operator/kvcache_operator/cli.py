@@ -81,8 +81,16 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from kvcache_operator.simulate import run_command  # imports the engine package (torch)
-
+    try:
+        from kvcache_operator.simulate import run_command  # imports the engine package (torch)
+    except ImportError as exc:
+        print(
+            f"kvcache-operator simulate: error: it replays the engines offline and needs the engine "
+            f"extra ({exc}); install it beside the operator: pip install 'kvcache-operator[engine]' "
+            "torch==2.13.0",
+            file=sys.stderr,
+        )
+        return 2
     return run_command(args)
 
 
