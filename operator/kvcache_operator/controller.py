@@ -40,7 +40,7 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
-from kvcache_engine.contract import LiveConfig, warm_ratio_of
+from kvcache_engine.contract import AdminError, LiveConfig, warm_ratio_of
 from kvcache_operator import api, k8s, policy, reconcile, resources, rollout, scrape
 from kvcache_operator import status as status_mod
 from kvcache_operator.metrics import OperatorMetrics
@@ -622,7 +622,7 @@ async def _drain(
             continue
         try:
             result = await scrape.post_drain(rt.http, url, staying, token=token)
-        except scrape.EngineError as exc:
+        except AdminError as exc:
             logger.warning(f"drain of {pod} failed: {exc}")
             failures.append(f"{pod}: {exc}")
             continue
@@ -870,7 +870,7 @@ async def _push_live_config(
             sent = await scrape.push_live(rt.http, url, desired, token=token)
             if sent:
                 logger.info(f"live config applied to {pod}: {sorted(sent.to_wire())}")
-        except scrape.EngineError as exc:
+        except AdminError as exc:
             logger.warning(f"live config not applied to {pod}: {exc}")
 
     await asyncio.gather(*(push(pod, url) for pod, url in endpoints.items()))

@@ -144,14 +144,12 @@ def rolling_out(statefulset: Mapping[str, Any] | None) -> bool:
     return int(status.get("updatedReplicas", replicas) or 0) < replicas
 
 
-def live_overrides(spec: api.KVCacheSpec, tuned: LiveConfig | Mapping[str, Any] | None) -> LiveConfig:
-    """Tuned live values to keep applying: the tuned fields (``TUNED_FIELDS``) of ``tuned`` (a LiveConfig
-    or a camelCase/snake_case mapping, e.g. the tuner's record) that differ from spec.cache, only while
-    tuning is Auto (Off/DryRun: spec.cache is the truth). Other keys are ignored."""
+def live_overrides(spec: api.KVCacheSpec, tuned: LiveConfig) -> LiveConfig:
+    """Tuned live values to keep applying: the tuned fields (``TUNED_FIELDS``) of ``tuned`` (the
+    tuner's record) that differ from spec.cache, only while tuning is Auto (Off/DryRun: spec.cache is
+    the truth). Other live fields in the record are ignored."""
     if spec.tuning.mode != api.Mode.AUTO or not tuned:
         return LiveConfig()
-    if not isinstance(tuned, LiveConfig):
-        tuned = LiveConfig.parse({k: v for k, v in tuned.items() if LiveConfig.is_live(str(k))}, "tuned")
     values = tuned.given()
     keep = {name: values[name] for name in TUNED_FIELDS if name in values}
     return LiveConfig.model_validate(keep).diff(LiveConfig.of(spec.cache))

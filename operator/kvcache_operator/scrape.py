@@ -160,10 +160,6 @@ def _bucket_delta(
 # --- admin calls (the operator's only writes to engines) ----------------------------------------------
 
 
-EngineError = AdminError
-"""An engine admin call failed (refused, timed out, or answered an error)."""
-
-
 async def push_live(
     session: Any, url: str, desired: LiveConfig, *, token: str | None, timeout_s: float = 30.0
 ) -> LiveConfig:

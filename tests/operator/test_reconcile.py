@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from kvcache_engine.contract import LiveConfig
 from kvcache_operator import api, k8s, rbac, reconcile, resources
 from kvcache_operator import status as status_mod
 
@@ -94,12 +95,12 @@ def test_first_difference_and_replicas_and_rollout() -> None:
 
 
 def test_live_overrides_only_while_tuning_is_auto() -> None:
-    tuned = {"maxTokens": 4096, "useCompression": True, "compressionRatio": 0.5}
+    tuned = LiveConfig.parse({"maxTokens": 4096, "useCompression": True, "compressionRatio": 0.5})
     auto = api.parse_spec({"tuning": {"mode": "Auto"}, "cache": {"maxTokens": 2048}})
     assert reconcile.live_overrides(auto, tuned).given() == {"max_tokens": 4096, "use_compression": True}
     assert not reconcile.live_overrides(api.parse_spec({"cache": {"maxTokens": 2048}}), tuned)
-    # keys that are not tuned (or not live at all) in the record are ignored, not applied
-    noisy = {**tuned, "prefetchSize": 64, "numLayers": 2}
+    # live fields the tuner does not own are ignored, not applied
+    noisy = LiveConfig(prefetch_size=64, enable_prefetch=True).over(tuned)
     assert reconcile.live_overrides(auto, noisy).given() == {"max_tokens": 4096, "use_compression": True}
 
 

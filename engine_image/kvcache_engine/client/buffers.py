@@ -8,6 +8,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from kvcache_engine.contract.cache import DTYPE_BYTES
+
 if TYPE_CHECKING:
     import torch
 
@@ -15,13 +17,13 @@ __all__ = ["RecvPool", "byte_view", "reusable", "torch_dtype"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a config dtype name (``float16``, ``bfloat16``, ``float32``)."""
-    import torch
+    """The torch dtype of a KV dtype name (the contract's ``DTYPE_BYTES``: ``float16``, ``bfloat16``,
+    ``float32``); the name -> dtype map itself is the core's."""
+    from kvcache_engine.core.compression import torch_dtype as any_torch_dtype
 
-    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-    if name not in dtypes:
-        raise ValueError(f"dtype {name!r}: supported: {', '.join(dtypes)}")
-    return dtypes[name]
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"dtype {name!r}: supported: {', '.join(DTYPE_BYTES)}")
+    return any_torch_dtype(name)
 
 
 class RecvPool:
