@@ -403,12 +403,21 @@ class PodWorker:
 
     # -- status
     def status(self) -> dict[str, Any]:
-        ready = self.phase == "Running" and all(r.ready for r in self.runners)
+        """The status the kubelet publishes. Readiness gates (``spec.readinessGates``): the pod is
+        Ready only when its containers are and every gate's condition, written by someone else
+        into the stored status, is True; those conditions are carried over as stored."""
+        containers_ready = self.phase == "Running" and all(r.ready for r in self.runners)
+        gates = [g.get("conditionType") for g in self.pod.get("spec", {}).get("readinessGates") or []]
+        stored = {c.get("type"): c for c in (self.pod.get("status") or {}).get("conditions") or []}
+        gate_conditions = [stored[g] for g in gates if g in stored]
+        gates_true = all((stored.get(g) or {}).get("status") == "True" for g in gates)
+        ready = containers_ready and gates_true
         conditions = [
             {"type": "PodScheduled", "status": "True"},
             {"type": "Initialized", "status": str(all(r.done for r in self.init_runners)).capitalize()},
-            {"type": "ContainersReady", "status": str(ready).capitalize()},
+            {"type": "ContainersReady", "status": str(containers_ready).capitalize()},
             {"type": "Ready", "status": str(ready).capitalize()},
+            *gate_conditions,
         ]
         status: dict[str, Any] = {
             "phase": self.phase,
@@ -786,6 +795,12 @@ class Kubelet:
         await self._publish(key, worker)
 
     async def _publish(self, key: tuple[str, str, str], worker: PodWorker) -> None:
+        if worker.pod.get("spec", {}).get("readinessGates"):
+            # the gates' conditions are written by others (the operator): read them fresh, so
+            # this status write neither drops one nor misses it turning True
+            fresh = await self.api.get("Pod", key[0], key[1])
+            if fresh is not None and (fresh.get("metadata") or {}).get("uid") == key[2]:
+                worker.pod = fresh
         status = worker.status()
         encoded = json.dumps(status, sort_keys=True)
         if self._published.get(key) != encoded and (

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kvcache_engine.contract import STAGING_MB_DEFAULT, AdminError, ConfigError
+from kvcache_engine.contract.lifecycle import SHUTDOWN_HANDOFF_S
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -56,6 +57,13 @@ def _add_serve(sub: Sub) -> None:
         "--drain-peer",
         action="append",
         help="CIDR or IP a drain may push to (repeatable; default: private and loopback IPs)",
+    )
+    p.add_argument(
+        "--shutdown-handoff-s",
+        type=float,
+        default=float(SHUTDOWN_HANDOFF_S),
+        help="on SIGTERM, copy chains to the peers of the last placement for at most this long "
+        f"before the final persist (default {SHUTDOWN_HANDOFF_S}; 0: off)",
     )
     p.add_argument("--max-body-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
     p.add_argument("--max-blocks", type=int, default=4096, help="most blocks per request (default 4096)")

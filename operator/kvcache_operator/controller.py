@@ -40,7 +40,7 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
-from kvcache_engine.contract import AdminError, LiveConfig, warm_ratio_of
+from kvcache_engine.contract import WARM_GATE, AdminError, LiveConfig, ShardMap, node_id, warm_ratio_of
 from kvcache_operator import api, k8s, policy, reconcile, resources, rollout, scrape
 from kvcache_operator import status as status_mod
 from kvcache_operator.metrics import OperatorMetrics
@@ -74,6 +74,10 @@ class Runtime:
     metrics: OperatorMetrics
     caches: dict[str, CacheState] = field(default_factory=dict)
     metrics_server: Any = None
+    diffbase: MemoryDiffBase | None = None  # Kopf's, to forget deleted KVCaches
+    # (namespace, name) -> set by an engine pod's watch event: the cache's loop runs a join pass
+    # now (a pod waiting for its warm join, a pod whose readiness changed) instead of waiting
+    kicks: dict[IndexKey, asyncio.Event] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,42 @@ def config_map_name(name: str) -> str:
 # --- startup and cleanup ----------------------------------------------------------------------------------
 
 
+class MemoryDiffBase(kopf.DiffBaseStorage):
+    """Kopf's last-handled spec (the base of the ``diff`` an update handler gets) kept in this
+    process, not in an annotation on the KVCache: storing it there cost one PATCH and one watch
+    event per created or updated KVCache (and showed GitOps tools a field they did not write).
+
+    After a restart the memory is empty and Kopf sees every KVCache as created: the same converge
+    pass as a resume (level-based, idempotent). A spec edited while no operator ran is converged
+    all the same; what is lost is only that edit's ``diff``, so a tuned value of a field the user
+    set meanwhile stays until the tuner or the user moves it again. The annotation that older
+    versions wrote is still read (a KVCache handled before the upgrade resumes with its diff) and
+    removed the first time the KVCache is handled again."""
+
+    LEGACY_KEY = "last-handled-configuration"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.legacy = kopf.AnnotationsDiffBaseStorage(prefix="kvcache.dev", key=self.LEGACY_KEY)
+        self.essences: dict[str, kopf.BodyEssence] = {}  # metadata.uid -> last-handled essence
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        return self.legacy.build(body=body, extra_fields=extra_fields)  # without the old annotation
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        essence = self.essences.get(str(body.metadata.uid))
+        return essence if essence is not None else self.legacy.fetch(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        self.essences[str(body.metadata.uid)] = essence
+        for key in self.legacy.make_keys(self.LEGACY_KEY, body=body):
+            if key in body.metadata.annotations:
+                patch.metadata.annotations[key] = None  # written by an older version: drop it once
+
+    def forget(self, uid: str) -> None:
+        self.essences.pop(uid, None)
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """Kopf settings: our own annotation names, watch timeouts (a dead stream is replaced, never
     waited on forever), bounded API request time. Only warnings reach Events from logs: Kopf's
@@ -161,9 +201,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     status transitions post their own Events (``post_event``)."""
     settings.persistence.finalizer = "kvcache.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvcache.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kvcache.dev", key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = MemoryDiffBase()
     settings.watching.server_timeout = int(os.environ.get("KVCACHE_OPERATOR_WATCH_TIMEOUT_S", "300"))
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.watching.connect_timeout = 30
@@ -184,6 +222,9 @@ async def start(settings: kopf.OperatorSettings, memo: Any, logger: Logger) -> N
         http=aiohttp.ClientSession(),
         metrics=metrics,
         metrics_server=metrics.serve(int(port)) if port else None,
+        diffbase=settings.persistence.diffbase_storage
+        if isinstance(settings.persistence.diffbase_storage, MemoryDiffBase)
+        else None,
     )
     peering = memo.get("peering")
     if peering is not None:
@@ -371,6 +412,8 @@ def forget(rt: Runtime, body: Mapping[str, Any]) -> None:
     """Children go by garbage collection (owner references); only our memory needs clearing."""
     rt.caches.pop(body["metadata"]["uid"], None)
     rt.metrics.caches.set(len(rt.caches))
+    if rt.diffbase is not None:
+        rt.diffbase.forget(body["metadata"]["uid"])
 
 
 async def reconcile_cache(
@@ -392,7 +435,9 @@ async def reconcile_cache(
             raise kopf.TemporaryError(f"API error: {exc}", delay=5) from exc
     rt.metrics.reconciles.labels("ok").inc()
     rt.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-    if reason in ("create", "update"):
+    # a restart sees every KVCache as created (MemoryDiffBase): warn once per generation, not per start
+    handled = (body.get("status") or {}).get("observedGeneration") == body["metadata"].get("generation")
+    if reason in ("create", "update") and not handled:
         for warning in api.spec_warnings(state.parse(body).spec):
             post_event(body, "SpecWarning", warning, warning=True)
 
@@ -400,7 +445,46 @@ async def reconcile_cache(
 async def control_loop(
     rt: Runtime, stopped: kopf.DaemonStopped, body: Mapping[str, Any], indexes: Indexes, logger: Logger
 ) -> None:
-    """Scrape, decide, act, converge; every scrapeInterval with jitter, until the KVCache goes."""
+    """Scrape, decide, act, converge; every scrapeInterval with jitter, until the KVCache goes.
+    Between passes, an engine pod's watch event (``pod_seen``) runs a membership pass at once."""
+    meta = body["metadata"]
+    key: IndexKey = (str(meta["namespace"]), str(meta["name"]))
+    kick = rt.kicks.setdefault(key, asyncio.Event())
+    try:
+        await _control_loop(rt, stopped, body, indexes, logger, kick=kick)
+    finally:
+        if rt.kicks.get(key) is kick:
+            del rt.kicks[key]
+
+
+def pod_seen(rt: Runtime | None, pod: Mapping[str, Any]) -> None:
+    """An engine pod changed (the pods index's watch): its cache's loop runs a membership pass."""
+    meta = pod.get("metadata") or {}
+    instance = (meta.get("labels") or {}).get(INSTANCE_LABEL)
+    kick = rt.kicks.get((str(meta.get("namespace")), str(instance))) if rt is not None and instance else None
+    if kick is not None:
+        kick.set()
+
+
+async def _woken(stopped: kopf.DaemonStopped, kick: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``timeout`` passes, the daemon stops, or ``kick`` is set; whether it was kicked."""
+    waits = {asyncio.ensure_future(stopped.wait(timeout)), asyncio.ensure_future(kick.wait())}
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return kick.is_set() and not stopped
+
+
+async def _control_loop(
+    rt: Runtime,
+    stopped: kopf.DaemonStopped,
+    body: Mapping[str, Any],
+    indexes: Indexes,
+    logger: Logger,
+    *,
+    kick: asyncio.Event,
+) -> None:
+    due = 0.0  # when the next full pass is due (monotonic; 0: one interval from the start)
     while not stopped:
         try:
             interval = parse_duration(
@@ -408,13 +492,21 @@ async def control_loop(
             )
         except ValueError:
             interval = 30.0
-        await stopped.wait(interval * random.uniform(0.9, 1.1))
+        if not due:
+            due = time.monotonic() + interval * random.uniform(0.9, 1.1)
+        kicked = await _woken(stopped, kick, max(0.0, due - time.monotonic()))
         if stopped:
             break
+        kick.clear()
+        full = time.monotonic() >= due
         state = cache_state(rt, body)
         try:
             async with state.lock:
-                await control_pass(rt, dict(body), indexes, state, logger)
+                if full or not kicked:
+                    due = 0.0
+                    await control_pass(rt, dict(body), indexes, state, logger)
+                else:
+                    await membership_pass(rt, dict(body), indexes, state, logger)
         except api.SpecError:
             continue  # reported as Degraded by the reconcile handler
         except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as exc:
@@ -438,6 +530,9 @@ async def control_pass(
     token = await _token(rt, kvc, observed) if endpoints else None
     interval = parse_duration(kvc.spec.metrics.scrape_interval)
     started = time.perf_counter()
+    if not reconcile.is_paused(body["metadata"]) and any(map(status_mod.awaiting_warm_join, observed.pods)):
+        token = token if endpoints else await _token(rt, kvc, observed)
+        await warm_join(rt, body, observed, token=token, logger=logger)
     current = await scrape.scrape_all(rt.http, endpoints, timeout_s=max(0.5, min(interval, 5.0)), token=token)
     rt.metrics.scrape_seconds.observe(time.perf_counter() - started)
     rt.metrics.scrape_failures.inc(len(current.failed))
@@ -453,6 +548,24 @@ async def control_pass(
     if not reconcile.is_paused(body["metadata"]):
         tuned = await _decide_and_act(rt, body, kvc, observed, state, token=token, logger=logger)
     await converge(rt, body, indexes, state, logger, scraped=scraped, tuned=tuned)
+
+
+async def membership_pass(
+    rt: Runtime, body: Manifest, indexes: Indexes, state: CacheState, logger: Logger
+) -> None:
+    """What an engine pod's change needs at once, without a scrape or a policy decision: the warm
+    join of a pod behind the gate, the placement the engines forget by, and the shard map and
+    status (converge, which writes only what changed)."""
+    if reconcile.is_paused(body["metadata"]):
+        return
+    kvc = state.parse(body)
+    observed = observe(indexes, state, kvc.namespace, kvc.name)
+    endpoints = status_mod.ready_endpoints(observed.pods)
+    token = await _token(rt, kvc, observed)
+    if any(map(status_mod.awaiting_warm_join, observed.pods)):
+        await warm_join(rt, body, observed, token=token, logger=logger)
+    await _announce_placement(rt, state, endpoints, token=token, logger=logger)
+    await converge(rt, body, indexes, state, logger)
 
 
 async def _announce_placement(
@@ -788,7 +901,8 @@ def _plan_inputs(
             for o in objs
         )
     )
-    return (generation, replicas, json.dumps(overrides.to_wire(), sort_keys=True), children)
+    members = tuple(sorted(status_mod.ready_endpoints(observed.pods).values()))  # the shard map's input
+    return (generation, replicas, json.dumps(overrides.to_wire(), sort_keys=True), children, members)
 
 
 def _desired(
@@ -802,7 +916,10 @@ def _desired(
 ) -> list[Manifest]:
     owner = reconcile.owner_reference(body)
     desired = []
-    for built in resources.build_children(kvc, replicas=replicas, live_overrides=overrides):
+    shard_map = shard_map_of(observed, kvc.name)
+    for built in resources.build_children(
+        kvc, replicas=replicas, live_overrides=overrides, shard_map=shard_map
+    ):
         child = reconcile.with_owner(built, owner)
         if child["kind"] == "StatefulSet":  # the cache-aware rollout: partition and template hash
             child, _ = rollout.gated(child, observed.statefulset, observed.pods, warm or {})
@@ -810,6 +927,101 @@ def _desired(
             child = _with_tuned(child, overrides, observed.configmap)
         desired.append(child)
     return desired
+
+
+def shard_map_of(observed: Observed, name: str) -> ShardMap | None:
+    """The shard map to publish in ``<name>-connection``: the ready engines (Ready includes the
+    warm gate, so only replicas holding their share), with the published epoch kept while they
+    are the same and raised by one when they change. With no ready engine the last map stays
+    (clients keep placing over it; their breakers skip what is down)."""
+    published = observed.child("ConfigMap", f"{name}-connection")
+    try:
+        previous = ShardMap.from_connection((published or {}).get("data") or {})
+    except ValueError:
+        previous = None  # hand-edited: published again from scratch, at a higher epoch than any
+    members = list(status_mod.ready_endpoints(observed.pods).values())
+    if not members:
+        return previous
+    current = ShardMap.of(0, members)
+    if previous is None:
+        return ShardMap.of(1, members)
+    if previous.members == current.members:
+        return previous
+    return ShardMap.of(previous.epoch + 1, members)
+
+
+async def warm_join(
+    rt: Runtime, body: Manifest, observed: Observed, *, token: str | None, logger: Logger
+) -> list[str]:
+    """Let in every pod waiting behind the warm gate: each ready peer copies it the chains it owns
+    among the ready replicas plus itself (``POST /admin/drain`` with ``only``: copied, not moved,
+    so clients still on the older shard map keep hitting), then the gate's condition turns True
+    (the kubelet then marks the pod Ready, the Service and the next shard map include it).
+    A peer that fails is retried on the next pass; after JOIN_ATTEMPTS the pod is let in with what
+    it got (a cache that serves cold beats one that never serves) and a Warning Event says so.
+    Returns one line per pod let in."""
+    meta = body["metadata"]
+    namespace = meta["namespace"]
+    ready = status_mod.ready_endpoints(observed.pods)
+    joined: list[str] = []
+    for pod in observed.pods:
+        if not status_mod.awaiting_warm_join(pod):
+            continue
+        name, uid = pod["metadata"]["name"], pod["metadata"].get("uid") or ""
+        url = status_mod.pod_url(pod)
+        peers = [u for n, u in ready.items() if n != name and node_id(u) != node_id(url)]
+        members = sorted({*peers, url})
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(scrape.post_drain(rt.http, peer, members, only=[url], token=token) for peer in peers),
+            return_exceptions=True,
+        )
+        pulled = verified = 0
+        failed: list[str] = []
+        for peer, result in zip(peers, results, strict=True):
+            if isinstance(result, BaseException):
+                failed.append(f"{node_id(peer)}: {result}")
+            elif result.get("ok") is False:
+                failed.append(f"{node_id(peer)}: copy incomplete")
+            else:
+                pulled += int(result.get("handed_off_blocks") or 0)
+                verified += int(result.get("verified_blocks") or 0)
+        attempts = _JOIN_ATTEMPTS.get(uid, 0) + 1
+        if failed and attempts < JOIN_ATTEMPTS:
+            _JOIN_ATTEMPTS[uid] = attempts
+            logger.warning(f"warm join of {name}: attempt {attempts} failed ({'; '.join(failed)}); retrying")
+            continue
+        _JOIN_ATTEMPTS.pop(uid, None)
+        took = time.monotonic() - started
+        message = (
+            f"copied {pulled} blocks ({verified} verified) from {len(peers) - len(failed)}/{len(peers)} "
+            f"peers in {took:.1f} s"
+            if peers
+            else "no ready peer to copy from (the first replica)"
+        )
+        if failed:
+            message += f"; let in after {attempts} attempts without: {'; '.join(failed)}"
+        condition = {
+            "type": WARM_GATE,
+            "status": "True",
+            "reason": "JoinIncomplete" if failed else "Joined",
+            "message": message,
+            "lastTransitionTime": _now(),
+        }
+        patched = await rt.kube.patch_strategic(
+            k8s.PODS, namespace, name, {"status": {"conditions": [condition]}}, subresource="status"
+        )
+        if patched is None:
+            continue  # the pod went away meanwhile
+        logger.info(f"warm join of {name}: {message}")
+        if peers:
+            post_event(body, "ReplicaJoined", f"{name}: {message}", warning=bool(failed))
+        joined.append(f"{name}: {message}")
+    return joined
+
+
+JOIN_ATTEMPTS = 3
+_JOIN_ATTEMPTS: dict[str, int] = {}  # pod uid -> failed warm-join attempts so far
 
 
 async def _apply(

@@ -6,7 +6,8 @@ in a few lines (the control pass, converge, the tuned values and the indexes' sh
   (every child kind and the backup Jobs) and the engine pods; the control pass reads them instead
   of listing;
 * create/update/resume: one converge pass; delete: forget the per-cache state;
-* a daemon per KVCache: the scrape timer and control loop;
+* a daemon per KVCache: the scrape timer and control loop (an engine pod's watch event wakes it
+  for a membership pass: the warm join, the shard map);
 * the validating admission webhook (``admission.review``; served as ``webhook.configure`` says).
 """
 
@@ -39,7 +40,8 @@ async def kvcache_children(body: kopf.Body, resource: kopf.Resource, **_: Any) -
 
 
 @kopf.index("", "v1", "pods", labels=controller.MANAGED_LABELS)
-async def kvcache_pods(body: kopf.Body, **_: Any) -> Any:
+async def kvcache_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> Any:
+    controller.pod_seen(memo.get("runtime"), body)
     return controller.index_entry(body, "Pod")
 
 

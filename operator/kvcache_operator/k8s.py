@@ -88,6 +88,7 @@ API_CALLS: frozenset[tuple[str, str, str]] = frozenset(
     | {
         (KVCACHES.group, KVCACHES.plural, "get"),
         (KVCACHES.group, f"{KVCACHES.plural}/status", "patch"),
+        (PODS.group, f"{PODS.plural}/status", "patch"),  # the warm join's readiness gate
     }
 )
 """Every (apiGroup, resource, verb) this module may call. Kopf itself additionally lists and
@@ -213,6 +214,22 @@ class KubeClient:
             subresource=subresource,
             json=patch,
             content_type="application/merge-patch+json",
+        )
+        return None if status == 404 else dict(body)
+
+    async def patch_strategic(
+        self, kind: Kind, namespace: str, name: str, patch: Manifest, *, subresource: str | None = None
+    ) -> Manifest | None:
+        """Strategic merge patch (built-in kinds only: lists merge by their key, e.g. a pod's
+        ``status.conditions`` by ``type``, so the kubelet's own conditions stay); None when gone."""
+        status, body = await self._call(
+            kind,
+            "patch",
+            "PATCH",
+            kind.url(namespace, name, subresource),
+            subresource=subresource,
+            json=patch,
+            content_type="application/strategic-merge-patch+json",
         )
         return None if status == 404 else dict(body)
 

@@ -98,6 +98,7 @@ RULES: tuple[Rule, ...] = (
     Rule("networking.k8s.io", "networkpolicies", _MANAGE, why="optional NetworkPolicy per cache"),
     # --- observation --------------------------------------------------------------------------------
     Rule("", "pods", _READ, why="watched (index): the ready engine pods to scrape, their restarts"),
+    Rule("", "pods/status", ("patch",), why="the warm join: a new pod's readiness gate kvcache.dev/warm"),
     Rule("", "events", ("create", "patch"), why="Kopf and the operator post Events"),
     Rule("events.k8s.io", "events", ("create", "patch"), why="events.k8s.io Events"),
     # --- Kopf framework ---------------------------------------------------------------------------

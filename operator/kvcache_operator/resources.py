@@ -39,8 +39,10 @@ import yaml
 
 from kvcache_engine.contract import (
     LIVE_FIELDS,
+    WARM_GATE,
     KVCacheConfig,
     LiveConfig,
+    ShardMap,
     persist_grace_seconds,
     pool_bytes,
     tier_bytes,
@@ -486,6 +488,8 @@ def build_pod_template(kvc: KVCache, config: KVCacheConfig) -> Manifest:
     spec: Manifest = {
         "serviceAccountName": "default",
         "automountServiceAccountToken": False,
+        # Ready (routed to) only once the operator had the peers copy it its share (warm join)
+        "readinessGates": [{"conditionType": WARM_GATE}],
         "terminationGracePeriodSeconds": grace_period_seconds(kvc, config),
         "securityContext": pod_security_context(),
         "containers": [build_engine_container(kvc)],
@@ -813,13 +817,14 @@ def build_network_policy(kvc: KVCache) -> Manifest | None:
 # --- the connection contract (issue 9) ---------------------------------------------------------------
 
 
-def connection_info(kvc: KVCache, config: KVCacheConfig) -> dict[str, Any]:
+def connection_info(kvc: KVCache, config: KVCacheConfig, shard_map: ShardMap | None = None) -> dict[str, Any]:
     """What an inference client needs to connect (``connection.json`` in ``<name>-connection``).
 
     Keys (format version 1): formatVersion, name, namespace, url (client Service), service,
     headlessService, port, tokenSecretName, tokenSecretKey, numLayers, numKvHeads, headDim,
     blockTokens, dtype, codec, cacheNamespace (the model/namespace key mixed into block hashes),
-    routeDepth (placement: chains are sharded by their block at this depth; engines drain by it too).
+    routeDepth (placement: chains are sharded by their block at this depth; engines drain by it too);
+    once a replica is warm, the shard map: shardMapEpoch and members (contract.ShardMap).
     """
     ns = kvc.namespace
     return {
@@ -840,14 +845,20 @@ def connection_info(kvc: KVCache, config: KVCacheConfig) -> dict[str, Any]:
         "codec": config.codec,
         "cacheNamespace": config.namespace,
         "routeDepth": config.route_depth,
+        **(shard_map.to_connection() if shard_map is not None else {}),
     }
 
 
-def build_connection_configmap(kvc: KVCache, config: KVCacheConfig) -> Manifest:
-    """``<name>-connection``: ``connection.json`` plus each key as its own file (for env/envFrom)."""
-    info = connection_info(kvc, config)
+def build_connection_configmap(
+    kvc: KVCache, config: KVCacheConfig, shard_map: ShardMap | None = None
+) -> Manifest:
+    """``<name>-connection``: ``connection.json`` plus each key as its own file (for env/envFrom;
+    a list joined with commas)."""
+    info = connection_info(kvc, config, shard_map)
     data = {"connection.json": json.dumps(info, indent=2, sort_keys=True) + "\n"}
-    data.update({key: str(value) for key, value in info.items()})
+    data.update(
+        {key: ",".join(value) if isinstance(value, list) else str(value) for key, value in info.items()}
+    )
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -866,8 +877,10 @@ def build_children(
     token: str | None = None,
     admin_token: str | None = None,
     live_overrides: LiveConfig | Mapping[str, Any] | None = None,
+    shard_map: ShardMap | None = None,
 ) -> list[Manifest]:
-    """Every child manifest of one KVCache, in apply order (see the module docstring)."""
+    """Every child manifest of one KVCache, in apply order (see the module docstring);
+    ``shard_map``: the warm replicas clients place over, published in ``<name>-connection``."""
     kvc = api.parse_kvcache(kvcache)
     count = kvc.spec.replicas if replicas is None else replicas
     if count < 0:
@@ -877,7 +890,7 @@ def build_children(
         build_configmap(kvc, config),
         build_token_secret(kvc, token),
         build_admin_token_secret(kvc, admin_token),
-        build_connection_configmap(kvc, config),
+        build_connection_configmap(kvc, config, shard_map),
         build_headless_service(kvc),
         build_client_service(kvc),
         build_statefulset(kvc, config, count),

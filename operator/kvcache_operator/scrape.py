@@ -180,7 +180,14 @@ async def post_placement(
 
 
 async def post_drain(
-    session: Any, url: str, targets: list[str], *, token: str | None, timeout_s: float = 120.0
+    session: Any,
+    url: str,
+    targets: list[str],
+    *,
+    token: str | None,
+    only: list[str] | None = None,
+    timeout_s: float = 120.0,
 ) -> dict[str, Any]:
-    """Push a leaving replica's blocks to the replicas that own their chains, ``POST /admin/drain``."""
-    return await AdminClient(session, url, token).drain(targets, timeout_s=timeout_s)
+    """Push a leaving replica's blocks to the replicas that own their chains, ``POST /admin/drain``;
+    with ``only``: copy just the chains a joining replica owns among ``targets`` (the warm join)."""
+    return await AdminClient(session, url, token).drain(targets, only=only, timeout_s=timeout_s)

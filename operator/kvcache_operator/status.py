@@ -49,7 +49,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvcache_engine.contract import EngineStats
+from kvcache_engine.contract import WARM_GATE, EngineStats
 from kvcache_operator import api, policy, resources
 
 if TYPE_CHECKING:
@@ -97,6 +97,19 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
     if pod["metadata"].get("deletionTimestamp") or not status.get("podIP"):
         return False
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def awaiting_warm_join(pod: Mapping[str, Any]) -> bool:
+    """A pod whose engine is up (containers ready: loaded) but not yet let in by the operator:
+    it carries the readiness gate ``WARM_GATE`` and that condition is not True."""
+    status = pod.get("status") or {}
+    if pod["metadata"].get("deletionTimestamp") or not status.get("podIP"):
+        return False
+    gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
+    if WARM_GATE not in gates:
+        return False
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    return conditions.get("ContainersReady") == "True" and conditions.get(WARM_GATE) != "True"
 
 
 def pod_url(pod: Mapping[str, Any]) -> str:

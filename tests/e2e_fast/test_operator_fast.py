@@ -7,9 +7,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import torch
 from e2e import scenarios
 from e2e.localcluster.cluster import LocalCluster
 from e2e.localcluster.driver import LocalDriver
+
+from kvcache_engine.client import KVCacheClient
+from kvcache_engine.contract import WARM_GATE, ShardMap, node_id, rendezvous_owner, route_key
+from kvcache_engine.loadgen import request_tokens
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -69,3 +74,76 @@ def test_a_ready_idle_cache_settles_to_no_api_writes(driver: LocalDriver) -> Non
 
 def test_a_restart_requiring_change_rolls_one_engine_at_a_time(driver: LocalDriver) -> None:
     scenarios.rolling_update_waits_for_each_replica(driver, "rolling")
+
+
+def _shard_map(driver: LocalDriver, name: str) -> ShardMap | None:
+    connection = driver.get("ConfigMap", f"{name}-connection")
+    return ShardMap.from_connection((connection or {}).get("data") or {})
+
+
+def test_scale_out_joins_warm_behind_the_readiness_gate_and_publishes_a_new_shard_map(
+    driver: LocalDriver,
+) -> None:
+    """2 -> 3 replicas under a client following the shard map: the new pod is Ready only after its
+    peers copied it the chains it owns; the connection contract then names it at a higher epoch;
+    a client switching to that map finds every chain (those the new replica owns included), and
+    a client still on the old map finds them too (a join copies, it does not move)."""
+    name = "warmjoin"
+    manifest = scenarios.create_ready(
+        driver, name, replicas=2, autoscaling={"mode": "Off"}, tuning={"mode": "Off"}
+    )
+    config = scenarios.engine_config(manifest)
+    token = scenarios.token(driver, name)
+    before = driver.wait_for(
+        lambda: (m := _shard_map(driver, name)) is not None and len(m.members) == 2 and m,
+        30,
+        "a 2-member shard map",
+    )
+    with (
+        KVCacheClient(endpoints=before.urls(), token=token, config=config, strict=True) as old,
+        KVCacheClient(endpoints=before.urls(), token=token, config=config, strict=True) as new,
+    ):
+        assert new.use_shard_map(before.epoch, before.members) and not new.use_shard_map(
+            before.epoch, before.members
+        )
+        block = config.block_tokens
+        chains = [request_tokens(ids, block) for ids in scenarios.working_set(600)]
+        chains = [tokens[: len(tokens) // block * block] for tokens in chains if len(tokens) >= block]
+        for tokens in chains:
+            kv = torch.randn(2, config.num_layers, len(tokens), config.num_kv_heads, config.head_dim)
+            assert new.put(tokens, kv.to(getattr(torch, config.dtype)), wait=True) > 0 or new.lookup(tokens)
+        assert all(new.lookup(tokens) == len(tokens) for tokens in chains)
+
+        driver.patch("KVCache", name, {"spec": {"replicas": 3}})
+        after = driver.wait_for(
+            lambda: (m := _shard_map(driver, name)) is not None and len(m.members) == 3 and m,
+            90,
+            "a 3-member shard map",
+        )
+        assert after.epoch > before.epoch
+        joined = next(p for p in scenarios.engine_pods(driver, name) if p["metadata"]["name"] == f"{name}-2")
+        gate = next(c for c in joined["status"]["conditions"] if c["type"] == WARM_GATE)
+        assert gate["status"] == "True" and gate["reason"] == "Joined", gate
+        assert new.use_shard_map(after.epoch, after.members)
+        newcomer = next(m for m in after.members if m not in before.members)
+        owned = [
+            t
+            for t in chains
+            if node_id(
+                rendezvous_owner(
+                    route_key(new._core.hashes(new._core._geometry, t), config.route_depth), after.urls()
+                )
+            )
+            == newcomer
+        ]  # type: ignore[arg-type]
+        assert owned, "no chain moved to the new replica: the test proves nothing"
+        assert f"copied {0}" not in gate["message"], gate["message"]
+        found_new = sum(new.lookup(tokens) == len(tokens) for tokens in chains)
+        found_old = sum(old.lookup(tokens) == len(tokens) for tokens in chains)
+        assert (found_new, found_old) == (len(chains), len(chains)), (
+            f"after the join, {found_new}/{len(chains)} chains hit on the new map, {found_old} on the old; "
+            f"{len(owned)} moved to {newcomer}"
+        )
+        stats = scenarios.http_json(f"http://{newcomer}/v1/stats", token)
+        assert stats["used_blocks"] > 0
+    driver.delete("KVCache", name)

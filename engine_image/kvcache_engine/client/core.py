@@ -29,7 +29,7 @@ from kvcache_engine.client.codec import (
     split_endpoint,
     tokens_list,
 )
-from kvcache_engine.client.connection import DEFAULT_PORT, ClientGeometry, connection_kwargs
+from kvcache_engine.client.connection import DEFAULT_PORT, ClientGeometry, connection_kwargs, read_connection
 from kvcache_engine.client.errors import (
     Attempt,
     CacheProtocolError,
@@ -50,6 +50,7 @@ from kvcache_engine.client.metrics import (
 )
 from kvcache_engine.contract import (
     KVCacheConfig,
+    ShardMap,
     TokenSource,
     node_id,
     rendezvous_order,
@@ -168,6 +169,9 @@ class ClientCore:
         self._missed: dict[str, int] = {}  # blocks failed lookups/gets missed, not yet reported
         self._before: list[str] = []  # the endpoints before the last change of the set ...
         self._changed_at = -1e18  # ... and when it changed (monotonic)
+        self._epoch = -1  # the shard map in use (-1: none; endpoints from the list or DNS)
+        self._connection: str | None = None  # a mounted contract re-read for newer shard maps
+        self._connection_read_at = 0.0
         if service is not None:
             self._resolve()
 
@@ -198,10 +202,54 @@ class ClientCore:
             self._resolved_at = time.monotonic()
 
     def endpoints(self) -> list[str]:
-        """Current endpoints (re-resolving a service name every ``dns_refresh_s``)."""
-        if self._service is not None and time.monotonic() - self._resolved_at > self._dns_refresh_s:
+        """Current endpoints: the shard map's members once one is in use (a followed connection
+        contract is re-read every ``dns_refresh_s``), else the service's addresses (re-resolved
+        every ``dns_refresh_s``) or the given list."""
+        now = time.monotonic()
+        if self._connection is not None and now - self._connection_read_at > self._dns_refresh_s:
+            self._read_shard_map()
+        if self._epoch < 0 and self._service is not None and now - self._resolved_at > self._dns_refresh_s:
             self._resolve()
         return list(self._endpoints)
+
+    def use_shard_map(self, epoch: int, members: Sequence[str]) -> bool:
+        """Place chains over ``members`` from now on, if ``epoch`` is newer than the map in use
+        (an older or equal epoch is ignored: maps may arrive out of order). Returns whether the
+        client switched. Members must be non-empty (ValueError otherwise)."""
+        shard_map = ShardMap.of(epoch, members)
+        if not shard_map.members:
+            raise ValueError("use_shard_map: members must not be empty")
+        fresh = [self._normalise(m) for m in shard_map.members]
+        with self._lock:
+            if shard_map.epoch <= self._epoch:
+                return False
+            if self._endpoints and fresh != self._endpoints:
+                self._before, self._changed_at = self._endpoints, time.monotonic()
+            self._endpoints, self._epoch = fresh, shard_map.epoch
+        log.info("kvcache client: shard map epoch %d: %s", shard_map.epoch, ", ".join(shard_map.members))
+        return True
+
+    @property
+    def shard_map_epoch(self) -> int | None:
+        """The epoch of the shard map in use (None: none yet)."""
+        return None if self._epoch < 0 else self._epoch
+
+    def follow_connection(self, path: str | os.PathLike[str]) -> None:
+        """Re-read the mounted connection contract at ``path`` (kubelet updates it in place) and
+        switch to each newer shard map it publishes."""
+        self._connection = os.fspath(path)
+        self._read_shard_map()
+
+    def _read_shard_map(self) -> None:
+        assert self._connection is not None
+        self._connection_read_at = time.monotonic()
+        try:
+            shard_map = ShardMap.from_connection(read_connection(self._connection), self._connection)
+        except ValueError as exc:  # a half-written update: keep the map in use, say so (rate-limited)
+            self._warn("shard-map", str(exc))
+            return
+        if shard_map is not None and shard_map.members:
+            self.use_shard_map(shard_map.epoch, shard_map.members)
 
     def token(self) -> str | None:
         """The bearer token; a token file is re-read (at most once a second) so that rotated
@@ -435,7 +483,17 @@ class ClientBase(Generic[_ConnT]):
         ``/v1/config`` round trip), and the token file (:func:`connection_token_file`).
         ``overrides`` are constructor arguments (``timeout_s=...``, ``endpoints=[...]``, ...).
         ValueError when the contract is unreadable or of an unknown ``formatVersion``."""
-        return cls(**connection_kwargs(path, overrides))
+        client = cls(**connection_kwargs(path, overrides))
+        if "endpoints" not in overrides:
+            client._core.follow_connection(path)
+        return client
+
+    def use_shard_map(self, epoch: int, members: Sequence[str]) -> bool:
+        """Place chains over ``members`` (``host:port`` or URLs) once ``epoch`` is newer than the
+        shard map in use; returns whether the client switched. A client made by
+        :meth:`from_connection` does this itself from the mounted contract's ``shardMapEpoch``
+        and ``members``; a client that learns maps another way (a watch, a sidecar) calls it."""
+        return self._core.use_shard_map(epoch, members)
 
     @property
     def strict(self) -> bool:

@@ -8,7 +8,7 @@
 * ``metrics``   — metric names (``M``) and the typed ``EngineStats`` parsed from Prometheus text.
 * ``admin``     — endpoint paths (``P``) and the one admin client (``AdminClient``, ``SyncAdminClient``).
 * ``tokens``    — the one token resolver (``resolve_token``, ``TokenSource``).
-* ``placement`` — route key and rendezvous order (which replica holds a chain).
+* ``placement`` — route key and rendezvous order (which replica holds a chain), the shard map.
 * ``curve``     — the hit-rate curve an engine predicts (``HitRateCurve``), its wire form, the
                   merge across replicas, and the miss reasons (``MISS_REASONS``).
 """
@@ -31,10 +31,16 @@ from kvcache_engine.contract.cache import (
     payload_layout,
 )
 from kvcache_engine.contract.curve import CURVE_MULTIPLES, MISS_REASONS, HitRateCurve, merge_curves
-from kvcache_engine.contract.lifecycle import WARM_RATIO_KEY, persist_grace_seconds, warm_ratio_of
+from kvcache_engine.contract.lifecycle import (
+    SHUTDOWN_HANDOFF_S,
+    WARM_GATE,
+    WARM_RATIO_KEY,
+    persist_grace_seconds,
+    warm_ratio_of,
+)
 from kvcache_engine.contract.live import LIVE_FIELDS, TUNED_FIELDS, LiveConfig
 from kvcache_engine.contract.metrics import EngineStats, M, parse_engine_stats
-from kvcache_engine.contract.placement import node_id, rendezvous_order, rendezvous_owner, route_key
+from kvcache_engine.contract.placement import ShardMap, node_id, rendezvous_order, rendezvous_owner, route_key
 from kvcache_engine.contract.sizing import (
     STAGING_MB_DEFAULT,
     achieved_compression_ratio,
@@ -56,10 +62,12 @@ __all__ = [
     "LIVE_FIELDS",
     "MAX_JSON_BYTES",
     "MISS_REASONS",
+    "SHUTDOWN_HANDOFF_S",
     "SLOT_ALIGN_BYTES",
     "SLOT_OVERHEAD_BYTES",
     "STAGING_MB_DEFAULT",
     "TUNED_FIELDS",
+    "WARM_GATE",
     "WARM_RATIO_KEY",
     "AdminClient",
     "AdminError",
@@ -74,6 +82,7 @@ __all__ = [
     "P",
     "PayloadField",
     "PayloadLayout",
+    "ShardMap",
     "SyncAdminClient",
     "TokenError",
     "TokenSource",

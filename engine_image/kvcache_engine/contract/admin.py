@@ -166,9 +166,15 @@ class AdminClient:
         body = {"endpoints": endpoints, "self": this}
         return await self.call("POST", P.ADMIN_PLACEMENT, body, timeout_s=timeout_s)
 
-    async def drain(self, targets: list[str], *, timeout_s: float = 120.0) -> dict[str, Any]:
-        """``POST /admin/drain``: push this engine's blocks to the replicas that own their chains."""
-        return await self.call("POST", P.ADMIN_DRAIN, {"targets": targets}, timeout_s=timeout_s)
+    async def drain(
+        self, targets: list[str], *, only: list[str] | None = None, timeout_s: float = 120.0
+    ) -> dict[str, Any]:
+        """``POST /admin/drain``: push this engine's blocks to the replicas that own their chains
+        among ``targets``; with ``only``, copy just the chains those targets own (a warm join)."""
+        body: dict[str, Any] = {"targets": targets}
+        if only is not None:
+            body["only"] = only
+        return await self.call("POST", P.ADMIN_DRAIN, body, timeout_s=timeout_s)
 
     async def persist(self, *, timeout_s: float = 300.0) -> dict[str, Any]:
         return await self.call("POST", P.ADMIN_PERSIST, timeout_s=timeout_s)

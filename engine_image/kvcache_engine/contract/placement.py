@@ -2,16 +2,19 @@
 
 The client, the server's drain and the operator must agree on it byte for byte, so it is defined
 once, here. A chain is placed by its block at depth ``route_depth`` (``route_key``); replicas are
-ranked for that key by rendezvous hashing (``rendezvous_order``).
+ranked for that key by rendezvous hashing (``rendezvous_order``). ``ShardMap``: the replica set
+clients place chains over, with an epoch, as the operator publishes it in ``<name>-connection``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["node_id", "rendezvous_order", "rendezvous_owner", "route_key"]
+__all__ = ["ShardMap", "node_id", "rendezvous_order", "rendezvous_owner", "route_key"]
 
 
 def node_id(endpoint: str) -> str:
@@ -74,3 +77,58 @@ def rendezvous_owner(root: int, endpoints: Sequence[str]) -> str:
     if not endpoints:
         raise ValueError("rendezvous_owner: no endpoints")
     return rendezvous_order(root, endpoints)[0]
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    """The replicas clients place chains over (``members``: node ids, sorted) and its ``epoch``
+    (raised by the operator at every change). A member is published only once it holds its share
+    (the warm join), so a client that switches to a newer map finds the chains where it looks;
+    one still on the older map finds them too, because a join copies and never moves.
+
+    In ``<name>-connection``: ``connection.json`` holds ``shardMapEpoch`` (int) and ``members``
+    (a list); the per-key files hold ``shardMapEpoch`` and ``members`` comma-separated."""
+
+    epoch: int
+    members: tuple[str, ...]
+
+    EPOCH_KEY = "shardMapEpoch"
+    MEMBERS_KEY = "members"
+
+    @classmethod
+    def of(cls, epoch: int, endpoints: Sequence[str]) -> ShardMap:
+        return cls(int(epoch), tuple(sorted({node_id(e) for e in endpoints})))
+
+    @classmethod
+    def from_connection(cls, info: Mapping[str, Any], source: str = "connection") -> ShardMap | None:
+        """The map in a connection contract (None when it has none: a contract published before
+        shard maps, or before any replica was warm). ValueError naming the key when malformed."""
+        if cls.EPOCH_KEY not in info and cls.MEMBERS_KEY not in info:
+            return None
+        raw_epoch, raw_members = info.get(cls.EPOCH_KEY), info.get(cls.MEMBERS_KEY)
+        try:
+            epoch = int(str(raw_epoch).strip())
+        except ValueError:
+            raise ValueError(f"{source}: {cls.EPOCH_KEY} must be an integer, got {raw_epoch!r}") from None
+        if isinstance(raw_members, str):
+            items = [m for m in (part.strip() for part in raw_members.split(",")) if m]
+        elif isinstance(raw_members, list) and all(isinstance(m, str) for m in raw_members):
+            items = list(raw_members)
+        else:
+            raise ValueError(
+                f"{source}: {cls.MEMBERS_KEY} must be a list of 'host:port' (or a comma-separated string), "
+                f"got {raw_members!r}"
+            )
+        if epoch < 0:
+            raise ValueError(f"{source}: {cls.EPOCH_KEY} must be >= 0, got {epoch}")
+        try:
+            return cls.of(epoch, items)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {cls.MEMBERS_KEY}: {exc}") from None
+
+    def to_connection(self) -> dict[str, Any]:
+        """The keys of ``connection.json`` (the per-key files join ``members`` with commas)."""
+        return {self.EPOCH_KEY: self.epoch, self.MEMBERS_KEY: list(self.members)}
+
+    def urls(self) -> list[str]:
+        return [f"http://{m}" for m in self.members]

@@ -172,13 +172,28 @@ class AdminRoutes:
         )
 
     async def drain(self, request: web.Request) -> web.Response:
+        """``{"targets": [...]}``: push every block to the target owning its chain (a scale-in).
+        ``{"targets": [...], "only": [...]}``: copy only the chains that the ``only`` targets own
+        among ``targets`` and keep everything (a warm join: the joining replica's share)."""
         doc = await self.server.read_json(request)
         targets = doc.get("targets")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise BadRequestError("targets: expected a non-empty list of 'http://host:port' strings")
+        only = doc.get("only")
+        if only is not None and (
+            not isinstance(only, list) or not only or not all(isinstance(t, str) for t in only)
+        ):
+            raise BadRequestError(
+                "only: expected a non-empty list of 'http://host:port' strings among targets"
+            )
         for t in targets:
             check_peer(t, self.settings.drain_peers)  # 400/403 naming a malformed or foreign target
-        report = await self.server.run(self._drain_to, targets)
+        nodes = {node_id(t) for t in targets}
+        if only is not None and not {node_id(t) for t in only} <= nodes:
+            raise BadRequestError(f"only: {only!r} must be among targets")
+        report = await self.server.run(self.drain_to, targets, only)
+        if only is None and report["ok"]:
+            self.server.handed_off = True  # SIGTERM then has nothing left to hand off
         return web.json_response(report)
 
     async def placement(self, request: web.Request) -> web.Response:
@@ -194,9 +209,12 @@ class AdminRoutes:
             dropped = await self.server.run(self.engine.rebalance, endpoints, this)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
+        self.server.placement = (tuple(endpoints), this)  # the peers a shutdown hands off to
         return web.json_response({"ok": True, "forgotten_entries": dropped})
 
-    def _drain_to(self, targets: list[str]) -> dict[str, Any]:
+    def drain_to(
+        self, targets: list[str], only: list[str] | None = None, *, deadline: float | None = None
+    ) -> dict[str, Any]:
         """Push every block to the replica owning its chain (:func:`route_key` at the engine's
         ``route_depth``, the client's function). A block at depth d >= route_depth goes to the
         owner of its ancestor at depth route_depth, preceded by the shallow ancestors (depth <
@@ -204,7 +222,16 @@ class AdminRoutes:
         shared system-prompt block goes to each target owning a chain through it, and nowhere
         else. A shallow block without children ended a short chain and goes to its own key's
         owner (after its ancestors). Export order is parents first, so one pass plus the
-        short-chain tail suffices; only the shallow blocks are held in memory."""
+        short-chain tail suffices; only the shallow blocks are held in memory.
+
+        ``only``: push only the chains these targets own (a warm join's share); nothing else is
+        sent and nothing is removed here either way. ``deadline`` (monotonic): stop queueing
+        blocks once it passes (a shutdown's bounded hand-off); ``complete`` says whether it did."""
+        if only is not None:
+            wanted = {node_id(t) for t in only}
+            targets_sent = [t for t in targets if node_id(t) in wanted]
+        else:
+            targets_sent = list(targets)
         depth = self.engine.config.route_depth
         shallow: dict[int, tuple[int, ...]] = {}  # block -> its chain's first min(d, depth) hashes
         shallow_blocks: dict[int, StoredBlock] = {}  # blocks at depth < route_depth (ancestors to carry)
@@ -216,8 +243,12 @@ class AdminRoutes:
             t: {"blocks": 0, "verified": 0, "ok": True, "error": None} for t in targets
         }
         held = 0
+        complete = True
+        keep = set(targets_sent)
 
         def add(owner: str, block: StoredBlock) -> None:
+            if owner not in keep:
+                return  # another target's chain (a join copies only the joiner's share)
             sent[owner].add(int(block.hash))
             pending[owner].append(block)
             sizes[owner] += sum(t.numel() * t.element_size() for t in block.payload.values())
@@ -226,6 +257,9 @@ class AdminRoutes:
                 pending[owner], sizes[owner] = [], 0
 
         for block in self.engine.export_blocks(None):
+            if deadline is not None and time.monotonic() > deadline:
+                complete = False
+                break
             held += 1
             h = int(block.hash)
             above = shallow.get(int(block.parent), ()) if block.parent is not None else ()
@@ -240,21 +274,23 @@ class AdminRoutes:
                 block, path, shallow_blocks=shallow_blocks, sent=sent, targets=targets, add=add
             )
         for h, block in shallow_blocks.items():
-            if h not in has_child:
+            if h not in has_child and complete:
                 self._drain_with_ancestors(
                     block, shallow[h], shallow_blocks=shallow_blocks, sent=sent, targets=targets, add=add
                 )
         for owner, blocks in pending.items():
             if blocks:
                 self._push(owner, blocks, result[owner])
-        ok = all(r["ok"] for r in result.values())
-        drained = sum(int(r["blocks"]) for r in result.values())
+        reported = {t: result[t] for t in targets_sent}
+        ok = all(r["ok"] for r in reported.values())
+        drained = sum(int(r["blocks"]) for r in reported.values())
         # the proof: distinct blocks each target decoded and checksum-verified (its restore answer)
-        delivered = set().union(*(sent[t] for t in targets if result[t]["ok"]))
-        verified = sum(int(r["verified"]) for r in result.values())
+        delivered = set().union(*(sent[t] for t in targets_sent if result[t]["ok"]))
+        verified = sum(int(r["verified"]) for r in reported.values())
         return {
             "ok": ok,
-            "targets": result,
+            "complete": complete,
+            "targets": reported,
             "drained_blocks": drained,
             "held_blocks": held,
             "handed_off_blocks": len(delivered) if ok else 0,

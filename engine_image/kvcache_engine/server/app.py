@@ -12,9 +12,11 @@ gets a 4xx JSON error naming what was wrong, never a 500 and never a crash.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from kvcache_engine.contract.admin import P
 from kvcache_engine.contract.lifecycle import WARM_RATIO_KEY
+from kvcache_engine.contract.placement import node_id
 from kvcache_engine.contract.tokens import ADMIN, DATA, TokenSource, role_of
 from kvcache_engine.persistence import GeometryMismatchError, Persister, persister_for
 from kvcache_engine.server.admin import AdminRoutes
@@ -58,6 +61,10 @@ class EngineServer:
         self.persister = persister or persister_for(engine)
         self.ready = threading.Event()
         self.load_error: str | None = None
+        # (endpoints, this URL) from the operator's last /admin/placement: the peers a shutdown
+        # hands this replica's chains to; ``handed_off``: a full drain already moved them all.
+        self.placement: tuple[tuple[str, ...], str] | None = None
+        self.handed_off = False
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, engine.config.num_workers), thread_name_prefix="kvcache-io"
         )
@@ -250,6 +257,31 @@ class EngineServer:
         thread = threading.Thread(target=run, name="kvcache-load", daemon=True)
         thread.start()
         return thread
+
+    async def hand_off(self) -> dict[str, Any] | None:
+        """On SIGTERM, while still serving: copy every chain to the peer that takes it while this
+        replica is away (its next owner by rendezvous over the other replicas of the last
+        placement), so a restart or an upgrade leaves no share of the chains cold; the replica's
+        own volume still gets the final persist. Bounded by ``shutdown_handoff_s``; None when
+        there is nothing to do (no placement, no peer, not loaded, or already drained)."""
+        budget = self.settings.shutdown_handoff_s
+        if self.placement is None or self.handed_off or not self.ready.is_set() or budget <= 0:
+            return None
+        endpoints, this = self.placement
+        me = node_id(this)
+        peers = [e for e in endpoints if node_id(e) != me]
+        if not peers:
+            return None
+        started = time.monotonic()
+        report = await self.run(
+            functools.partial(self.admin.drain_to, peers, None, deadline=started + budget)
+        )
+        log.info(
+            "hand-off on shutdown to %d peer(s): %s of %s blocks in %.1f s%s",
+            len(peers), report["handed_off_blocks"], report["held_blocks"], time.monotonic() - started,
+            "" if report["complete"] else " (time budget spent: the rest is only on this volume)",
+        )  # fmt: skip
+        return report
 
     async def shutdown(self) -> None:
         """Stop periodic persists, persist once (the preStop contract), close the engine."""

@@ -70,7 +70,11 @@ async def _serve_forever(server: EngineServer) -> None:
     # pass over all of it took 65-86 ms (docs/benchmarks.md, "Put pass 2").
     server.load_in_background(then=gc.freeze)
     await stop.wait()
-    log.info("shutting down: draining requests, then persisting")
+    log.info("shutting down: handing chains to peers, draining requests, then persisting")
+    try:
+        await server.hand_off()  # still serving: clients keep hitting here until it is done
+    except Exception:  # a failed hand-off must not skip the final persist
+        log.exception("hand-off on shutdown failed; the chains stay on this replica's volume")
     await runner.cleanup()
     await server.shutdown()
 
