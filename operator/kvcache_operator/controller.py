@@ -104,7 +104,7 @@ class CacheState:
     written: dict[tuple[str, str], Written] = field(default_factory=dict)  # (kind, name) -> write
     written_status: Written | None = None
     parsed: tuple[int, api.KVCache] | None = None  # (metadata.generation, the parsed spec)
-    placed: tuple[str, ...] = ()  # the ready engine URLs last announced to the engines (placement)
+    placed: tuple[str, ...] = ()  # the ready engines (URL, pod uid, restarts) last told the placement
     clean: tuple[Any, ...] | None = None  # the inputs of the last plan that found nothing to do
 
     def parse(self, body: Mapping[str, Any]) -> api.KVCache:
@@ -536,7 +536,7 @@ async def control_pass(
     current = await scrape.scrape_all(rt.http, endpoints, timeout_s=max(0.5, min(interval, 5.0)), token=token)
     rt.metrics.scrape_seconds.observe(time.perf_counter() - started)
     rt.metrics.scrape_failures.inc(len(current.failed))
-    await _announce_placement(rt, state, endpoints, token=token, logger=logger)
+    await _announce_placement(rt, state, observed.pods, token=token, logger=logger)
     scraped = status_mod.scraped(state.last_scrape, current)
     observation = scrape.observe(state.last_scrape, current)
     state.last_scrape, state.observation = current, observation
@@ -560,22 +560,27 @@ async def membership_pass(
         return
     kvc = state.parse(body)
     observed = observe(indexes, state, kvc.namespace, kvc.name)
-    endpoints = status_mod.ready_endpoints(observed.pods)
     token = await _token(rt, kvc, observed)
     if any(map(status_mod.awaiting_warm_join, observed.pods)):
         await warm_join(rt, body, observed, token=token, logger=logger)
-    await _announce_placement(rt, state, endpoints, token=token, logger=logger)
+    await _announce_placement(rt, state, observed.pods, token=token, logger=logger)
     await converge(rt, body, indexes, state, logger)
 
 
 async def _announce_placement(
-    rt: Runtime, state: CacheState, endpoints: Mapping[str, str], *, token: str | None, logger: Logger
+    rt: Runtime, state: CacheState, pods: Sequence[Manifest], *, token: str | None, logger: Logger
 ) -> None:
     """When the ready engines changed (the set clients place chains over), tell each one: its
     miss-ratio curve forgets the chains it no longer owns, which would otherwise skew the sizing
-    after every scale. Best effort: retried next pass until every engine took it."""
+    after every scale, and it knows the peers to hand its chains to on SIGTERM. A restarted engine
+    (a new pod uid or container restart at the same URL) is told again: it forgot. Best effort:
+    retried next pass until every engine took it."""
+    endpoints = status_mod.ready_endpoints(pods)
     urls = tuple(sorted(endpoints.values()))
-    if not urls or urls == state.placed:
+    restarts = {p["metadata"]["name"]: status_mod.engine_health(p).restarts for p in pods}
+    uids = {p["metadata"]["name"]: p["metadata"].get("uid") or "" for p in pods}
+    placed = tuple(sorted(f"{url}|{uids.get(pod)}|{restarts.get(pod)}" for pod, url in endpoints.items()))
+    if not urls or placed == state.placed:
         return
     results = await asyncio.gather(
         *(scrape.post_placement(rt.http, url, list(urls), token=token) for url in urls),
@@ -585,7 +590,7 @@ async def _announce_placement(
     if failed:
         logger.warning("placement not taken by %d engine(s): %s", len(failed), "; ".join(failed))
         return
-    state.placed = urls
+    state.placed = placed
 
 
 async def _decide_and_act(

@@ -83,6 +83,8 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
     def stop(self, persist: bool = False) -> None:
+        if self.loop.is_closed():
+            return  # stopped by the test already
         self._call(self.runner.cleanup())
         if persist:
             self._call(self.server.shutdown())
