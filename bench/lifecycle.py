@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import contextlib
 import json
 import logging
 import os
@@ -191,6 +192,16 @@ def handed_off(reasons: Sequence[str], pod: str) -> int | None:
     pattern = re.compile(rf"(?<![\w-]){re.escape(pod)}: handed off (\d+)/(\d+) blocks")
     found = [int(m.group(1)) for reason in reasons for m in pattern.finditer(reason)]
     return found[-1] if found else None
+
+
+HANDOFF_LINE = re.compile(r"hand-off on shutdown to (\d+) peer\(s\): (\d+) of (\d+) blocks")
+
+
+def shutdown_handoff(log_text: str) -> tuple[int, int] | None:
+    """``(handed_off, held)`` from an engine's last ``hand-off on shutdown`` log line (what it copied
+    to its peers on SIGTERM), None when it logged none."""
+    found = HANDOFF_LINE.findall(log_text)
+    return (int(found[-1][1]), int(found[-1][2])) if found else None
 
 
 def shard_map(connection: Mapping[str, Any] | None) -> tuple[int, list[str]] | None:
@@ -420,6 +431,12 @@ class Bench:
             if scenarios.pod_ready(p)
         }
 
+    def pod_log(self, pod: str, uid: str) -> str:
+        """Everything one incarnation (``uid``) of ``pod`` logged, also once it is gone."""
+        root = self.cluster.state_dir / "logs" / "pods"
+        paths = sorted(root.glob(f"{self.cluster.namespace}_{pod}_{uid}/*/*.log"))
+        return "".join(p.read_text(errors="replace") for p in paths)
+
     def read_view(self, name: str) -> View:
         from e2e import scenarios
 
@@ -512,6 +529,7 @@ class Bench:
     def scale_in(self) -> tuple[float, dict[str, Any]]:
         leaving = f"{NAME}-2"
         before = self.held(NAME)
+        uid = next(p["metadata"]["uid"] for p in self.pods(NAME) if p["metadata"]["name"] == leaving)
         reasons_before = {d.get("reason", "") for d in self.decisions(NAME)}
         t0 = time.monotonic()
         self.driver.patch("KVCache", NAME, {"spec": {"replicas": 2}})
@@ -522,13 +540,16 @@ class Bench:
         fresh = [
             d.get("reason", "") for d in self.decisions(NAME) if d.get("reason", "") not in reasons_before
         ]
-        moved = handed_off(fresh, leaving)
+        moved, source = handed_off(fresh, leaving), "operator decision"
+        if moved is None:
+            on_sigterm = shutdown_handoff(self.pod_log(leaving, uid))
+            moved, source = (on_sigterm[0], "engine log (SIGTERM)") if on_sigterm else (None, "none")
         held = before.get(leaving, 0)
         return t0, {
             "blocks_lost": held - min(held, moved or 0),
             "leaving_replica_blocks": held,
             "handed_off_blocks": moved,
-            "handoff_reported": moved is not None,
+            "handoff_reported_by": source,
             "removed_s": gone_s,
             "held_before": before,
         }
@@ -542,35 +563,60 @@ class Bench:
 
         from kvcache_operator.rollout import current_partition
 
-        before = self.held(NAME)
         uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in self.pods(NAME)}
+        last_held = self.held(NAME)  # each old engine's blocks, the last time it answered
+        before = dict(last_held)
+        tok = self.token(NAME)
+        partitions: list[int] = []
+        order: list[str] = []  # "lc-1 down", "lc-1 ready", ...: the rollout as it went
+        loaded: dict[str, dict[str, int]] = {}
+        most_down = 0
+        done = threading.Event()
+
+        def watch() -> None:  # every 0.1 s: a partition step lasts seconds, a poll of the wait longer
+            nonlocal most_down
+            while not done.is_set():
+                part = current_partition(self.cluster.get("StatefulSet", NAME))
+                if not partitions or partitions[-1] != part:
+                    partitions.append(part)
+                pods = self.pods(NAME)
+                most_down = max(most_down, len(uids) - sum(1 for p in pods if scenarios.pod_ready(p)))
+                for p in pods:
+                    name, uid = p["metadata"]["name"], p["metadata"]["uid"]
+                    old, ready = uid == uids.get(name), scenarios.pod_ready(p)
+                    if old and ready:
+                        with contextlib.suppress(Exception):  # stopping: keep the last answer
+                            last_held[name] = int(self.stats(p, tok)["cached_blocks"])
+                    elif old and f"{name} down" not in order:
+                        order.append(f"{name} down")
+                    elif not old and ready and name not in loaded:
+                        persisted = self.stats(p, tok)["persistence"]
+                        loaded[name] = {k: int(persisted[k]) for k in ("blocks_loaded", "blocks_expected")}
+                        order.append(f"{name} ready")
+                done.wait(0.1)
+
         t0 = time.monotonic()
         self.driver.patch("KVCache", NAME, {"spec": {"image": UPGRADE_IMAGE}})
-        partitions: list[int] = []
-        most_down = 0
-        loaded: dict[str, int] = {}
-        tok = self.token(NAME)
-
-        def rolled() -> bool:
-            nonlocal most_down
-            part = current_partition(self.cluster.get("StatefulSet", NAME))
-            if not partitions or partitions[-1] != part:
-                partitions.append(part)
-            pods = self.pods(NAME)
-            ready = [p for p in pods if scenarios.pod_ready(p)]
-            most_down = max(most_down, len(uids) - len(ready))
-            for p in ready:
-                name = p["metadata"]["name"]
-                if p["metadata"]["uid"] != uids.get(name) and name not in loaded:
-                    loaded[name] = int(self.stats(p, tok)["persistence"]["blocks_loaded"])
-            return len(loaded) == len(uids) and len(ready) == len(uids) and part == 0
-
-        self.wait("every engine rolled (partition 0, all ready)", rolled)
+        watcher = threading.Thread(target=watch, name="lifecycle-rollout-watch", daemon=True)
+        watcher.start()
+        try:
+            self.wait(
+                "every engine rolled (partition 0, all ready)",
+                lambda: len(loaded) == len(uids) and partitions[-1:] == [0],
+            )
+        finally:
+            done.set()
+            watcher.join(timeout=10)
+        handoffs = {n: shutdown_handoff(self.pod_log(n, uid)) for n, uid in uids.items()}
         return t0, {
-            "blocks_lost": sum(before.values()) - sum(loaded.values()),
-            "blocks_loaded": loaded,
+            "blocks_lost": sum(last_held[n] - loaded[n]["blocks_loaded"] for n in uids),
+            "held_at_stop": last_held,
             "held_before": before,
+            "blocks_loaded": {n: v["blocks_loaded"] for n, v in loaded.items()},
+            "blocks_not_loaded": sum(v["blocks_expected"] - v["blocks_loaded"] for v in loaded.values()),
+            "handed_off_on_sigterm": {n: (None if h is None else h[0]) for n, h in handoffs.items()},
             "partitions_seen": partitions,
+            "rollout_order": order,
             "most_engines_down": most_down,
             "rolled_s": round(time.monotonic() - t0, 1),
         }

@@ -106,6 +106,16 @@ def test_handed_off_reads_the_operators_proof() -> None:
     assert lc.handed_off([], "lc-2") is None
 
 
+def test_shutdown_handoff_reads_the_engines_last_line() -> None:
+    log = (
+        "INFO hand-off on shutdown to 2 peer(s): 10 of 12 blocks in 0.4 s (time budget spent: ...)\n"
+        "INFO final persist on shutdown: ok\n"
+        "INFO hand-off on shutdown to 1 peer(s): 1656 of 1656 blocks in 1.2 s\n"
+    )
+    assert lc.shutdown_handoff(log) == (1656, 1656)
+    assert lc.shutdown_handoff("INFO final persist on shutdown: ok\n") is None
+
+
 def test_shard_map_from_the_connection_configmap() -> None:
     info = {"name": "lc", "shardMapEpoch": 7, "members": ["127.0.0.5:8080", "127.0.0.6:8080"]}
     cm = {"data": {"connection.json": json.dumps(info), "shardMapEpoch": "7"}}
