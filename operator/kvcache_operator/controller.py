@@ -158,6 +158,17 @@ def config_map_name(name: str) -> str:
 # --- startup and cleanup ----------------------------------------------------------------------------------
 
 
+class ProgressAnnotations(kopf.AnnotationsProgressStorage):
+    """Kopf's retry/progress annotations (``kvcache.dev/<handler>``, written only while a handler
+    retries), without the ``kvcache.dev/kopf-managed: yes`` marker Kopf adds beside them: on a
+    handler that succeeds at once the marker was the only field of a PATCH, one write and one watch
+    event per new KVCache. The marker tells other Kopf operators to leave ``kvcache.dev/`` out of
+    their diffs; ours already does (``clear``)."""
+
+    def _store_marker(self, prefix: str, patch: kopf.Patch, body: kopf.Body) -> None:
+        return None
+
+
 class MemoryDiffBase(kopf.DiffBaseStorage):
     """Kopf's last-handled spec (the base of the ``diff`` an update handler gets) kept in this
     process, not in an annotation on the KVCache: storing it there cost one PATCH and one watch
@@ -200,7 +211,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     "handler succeeded" lines would cost two Event writes per cache per restart; decisions and
     status transitions post their own Events (``post_event``)."""
     settings.persistence.finalizer = "kvcache.dev/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvcache.dev")
+    settings.persistence.progress_storage = ProgressAnnotations(prefix="kvcache.dev")
     settings.persistence.diffbase_storage = MemoryDiffBase()
     settings.watching.server_timeout = int(os.environ.get("KVCACHE_OPERATOR_WATCH_TIMEOUT_S", "300"))
     settings.watching.client_timeout = settings.watching.server_timeout + 30
@@ -530,7 +541,7 @@ async def control_pass(
     token = await _token(rt, kvc, observed) if endpoints else None
     interval = parse_duration(kvc.spec.metrics.scrape_interval)
     started = time.perf_counter()
-    if not reconcile.is_paused(body["metadata"]) and any(map(status_mod.awaiting_warm_join, observed.pods)):
+    if any(map(status_mod.awaiting_warm_join, observed.pods)):  # paused too: see membership_pass
         token = token if endpoints else await _token(rt, kvc, observed)
         await warm_join(rt, body, observed, token=token, logger=logger)
     current = await scrape.scrape_all(rt.http, endpoints, timeout_s=max(0.5, min(interval, 5.0)), token=token)
@@ -555,9 +566,8 @@ async def membership_pass(
 ) -> None:
     """What an engine pod's change needs at once, without a scrape or a policy decision: the warm
     join of a pod behind the gate, the placement the engines forget by, and the shard map and
-    status (converge, which writes only what changed)."""
-    if reconcile.is_paused(body["metadata"]):
-        return
+    status (converge, which writes only what changed). A paused cache still lets pods in (its
+    children stay frozen): a replaced pod must not stay out of service until the pause ends."""
     kvc = state.parse(body)
     observed = observe(indexes, state, kvc.namespace, kvc.name)
     token = await _token(rt, kvc, observed)
