@@ -675,6 +675,42 @@ async def _scale(
     }
 
 
+async def _hand_off_spec_scale_in(
+    rt: Runtime,
+    body: Manifest,
+    kvc: api.KVCache,
+    observed: Observed,
+    state: CacheState,
+    *,
+    replicas: int,
+    logger: Logger,
+) -> None:
+    """A scale-in the user asked for (``spec.replicas`` lowered, autoscaling not Auto): drain the
+    leaving replicas into the staying ones before the StatefulSet drops them (the policy's own
+    scale-ins drain in ``_decide_and_act``). The proof goes to ``status.lastScale`` and a
+    ``ScaledIn`` Event. A failed drain does not hold what the user asked for (each leaving engine
+    still hands its chains off on SIGTERM): a ``DrainFailed`` Warning says what was not verified.
+    Hibernation (to 0) has nowhere to drain to: the volumes keep the data."""
+    current = int(((observed.statefulset or {}).get("spec") or {}).get("replicas") or 0)
+    if kvc.spec.autoscaling.mode == api.Mode.AUTO or not 0 < replicas < current:
+        return
+    decision = policy.Decision(
+        kind="Scale",
+        mode=kvc.spec.autoscaling.mode,
+        action=f"replicas {current} -> {replicas}",
+        reason="spec.replicas lowered",
+        numbers={},
+        from_replicas=current,
+        to_replicas=replicas,
+    )
+    token = await _token(rt, kvc, observed)
+    handoffs: list[str] = []
+    failures = await _drain(rt, kvc, observed.pods, decision, token=token, logger=logger, handoffs=handoffs)
+    reason = "; ".join([f"spec.replicas {current} -> {replicas}", *handoffs, *failures])
+    state.last_scale = {"time": _now(), "fromReplicas": current, "toReplicas": replicas, "reason": reason}
+    post_event(body, "DrainFailed" if failures else "ScaledIn", reason, warning=bool(failures))
+
+
 def _blocked_message(decision: policy.Decision, failures: Sequence[str]) -> str:
     return (
         f"scale-in {decision.action} stopped: {'; '.join(failures)}; the leaving replicas keep their "
@@ -828,6 +864,8 @@ async def converge(
     warm = await _warm_ratios(rt, observed.pods, checking) if checking else {}
     inputs = (*_plan_inputs(generation, replicas, overrides, observed), _rollout_inputs(observed, warm))
     if not paused and inputs != state.clean:
+        if sts is not None:
+            await _hand_off_spec_scale_in(rt, body, kvc, observed, state, replicas=replicas, logger=logger)
         actions = reconcile.plan(
             _desired(body, kvc, replicas, overrides, observed, warm=warm), observed.children, meta["uid"]
         )

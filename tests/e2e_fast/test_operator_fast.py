@@ -81,7 +81,7 @@ def _shard_map(driver: LocalDriver, name: str) -> ShardMap | None:
     return ShardMap.from_connection((connection or {}).get("data") or {})
 
 
-def test_scale_out_joins_warm_behind_the_readiness_gate_and_publishes_a_new_shard_map(
+def test_scale_out_joins_warm_and_scale_in_hands_off_with_proof_under_a_shard_map(
     driver: LocalDriver,
 ) -> None:
     """2 -> 3 replicas under a client following the shard map: the new pod is Ready only after its
@@ -146,4 +146,17 @@ def test_scale_out_joins_warm_behind_the_readiness_gate_and_publishes_a_new_shar
         )
         stats = scenarios.http_json(f"http://{newcomer}/v1/stats", token)
         assert stats["used_blocks"] > 0
+
+        # 3 -> 2 by the user (autoscaling Off): drained and verified before the pod goes
+        driver.patch("KVCache", name, {"spec": {"replicas": 2}})
+        shrunk = driver.wait_for(
+            lambda: (m := _shard_map(driver, name)) is not None and len(m.members) == 2 and m,
+            90,
+            "a 2-member shard map",
+        )
+        assert shrunk.epoch > after.epoch and newcomer not in shrunk.members
+        last = ((driver.get("KVCache", name) or {}).get("status") or {}).get("lastScale") or {}
+        assert "spec.replicas 3 -> 2" in last.get("reason", "") and "(100%)" in last["reason"], last
+        assert new.use_shard_map(shrunk.epoch, shrunk.members)
+        assert all(new.lookup(tokens) == len(tokens) for tokens in chains)
     driver.delete("KVCache", name)
