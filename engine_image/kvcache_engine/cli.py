@@ -65,6 +65,12 @@ def _add_serve(sub: Sub) -> None:
         help="on SIGTERM, copy chains to the peers of the last placement for at most this long "
         f"before the final persist (default {SHUTDOWN_HANDOFF_S}; 0: off)",
     )
+    p.add_argument(
+        "--handoff-mib-s",
+        type=float,
+        default=256.0,
+        help="MiB/s cap of each drain, warm-join copy and shutdown hand-off (default 256; 0: none)",
+    )
     p.add_argument("--max-body-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
     p.add_argument("--max-blocks", type=int, default=4096, help="most blocks per request (default 4096)")
     p.add_argument("--body-timeout-s", type=float, default=60.0, help="body receive timeout (s)")

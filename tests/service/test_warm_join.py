@@ -130,3 +130,20 @@ def test_a_client_from_a_mounted_contract_follows_its_shard_map(tmp_path: Path) 
         (mount / "connection.json").write_text("{half written")  # kept: the map in use stays
         time.sleep(0.1)
         assert client._core.endpoints() == ["http://127.0.0.1:2"]
+
+
+def test_the_hand_off_bandwidth_is_bounded(live_server) -> None:
+    """A drain of ~256 KiB at 0.2 MiB/s takes over a second; unbounded it takes a fraction."""
+    slow, fast = live_server(handoff_mib_s=0.2), live_server(handoff_mib_s=0.0)
+    target = live_server()
+    for source in (slow, fast):
+        _fill(source.url, source.engine.config, range(40, 56), n_tokens=64)
+    timings, moved = {}, {}
+    for label, source in (("slow", slow), ("fast", fast)):
+        started = time.monotonic()
+        status, report = http_json("POST", source.url + "/admin/drain", {"targets": [target.url]})
+        timings[label] = time.monotonic() - started
+        assert status == 200 and report["ok"]
+        moved[label] = report["drained_blocks"] * slow.engine.config.block_bytes_stored()
+    at_the_cap = moved["slow"] / (0.2 * 1024 * 1024)  # payload only: the floor of the capped time
+    assert at_the_cap > 0.5 and timings["slow"] >= at_the_cap > timings["fast"], (timings, at_the_cap)

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from kvcache_engine.core.block_pool import StoredBlock
     from kvcache_engine.server.app import EngineServer
 
-__all__ = ["SNAPSHOT_SEGMENT_BYTES", "AdminRoutes", "check_peer", "live_changes"]
+__all__ = ["SNAPSHOT_SEGMENT_BYTES", "AdminRoutes", "Throttle", "check_peer", "live_changes"]
 
 log = logging.getLogger("kvcache_engine.server")
 
@@ -245,6 +245,7 @@ class AdminRoutes:
         held = 0
         complete = True
         keep = set(targets_sent)
+        throttle = Throttle(self.settings.handoff_mib_s * 1024 * 1024)
 
         def add(owner: str, block: StoredBlock) -> None:
             if owner not in keep:
@@ -253,7 +254,7 @@ class AdminRoutes:
             pending[owner].append(block)
             sizes[owner] += sum(t.numel() * t.element_size() for t in block.payload.values())
             if sizes[owner] >= SNAPSHOT_SEGMENT_BYTES:
-                self._push(owner, pending[owner], result[owner])
+                self._push(owner, pending[owner], result[owner], throttle)
                 pending[owner], sizes[owner] = [], 0
 
         for block in self.engine.export_blocks(None):
@@ -280,7 +281,7 @@ class AdminRoutes:
                 )
         for owner, blocks in pending.items():
             if blocks:
-                self._push(owner, blocks, result[owner])
+                self._push(owner, blocks, result[owner], throttle)
         reported = {t: result[t] for t in targets_sent}
         ok = all(r["ok"] for r in reported.values())
         drained = sum(int(r["blocks"]) for r in reported.values())
@@ -314,7 +315,9 @@ class AdminRoutes:
                 add(owner, shallow_blocks[ancestor])
         add(owner, block)
 
-    def _push(self, target: str, blocks: list[StoredBlock], result: dict[str, Any]) -> None:
+    def _push(
+        self, target: str, blocks: list[StoredBlock], result: dict[str, Any], throttle: Throttle
+    ) -> None:
         if not result["ok"]:
             return  # the target failed earlier; do not hammer it
         data, metas = next(iter_segments(blocks, max_bytes=1 << 62))
@@ -333,6 +336,32 @@ class AdminRoutes:
             result["ok"] = False
             result["error"] = f"{type(exc).__name__}: {exc}"
             log.error("drain to %s failed: %s", target, exc)
+        throttle.spend(len(body))
+        throttle.wait()  # on average at most handoff_mib_s per drain: a hand-off never starves serving
+
+
+class Throttle:
+    """Bytes per second over one drain: ``wait()`` sleeps until what was spent fits the rate
+    (0: unbounded). Each push (a segment of up to SNAPSHOT_SEGMENT_BYTES) goes out at once and is
+    paid for after, so the rate holds on average, in bursts of at most one segment."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self.rate = bytes_per_s
+        self.started = time.monotonic()
+        self.spent = 0
+
+    def spend(self, nbytes: int) -> None:
+        self.spent += nbytes
+
+    def wait(self) -> float:
+        """Sleep as needed; returns the seconds slept."""
+        if self.rate <= 0:
+            return 0.0
+        ahead = self.spent / self.rate - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)
+            return ahead
+        return 0.0
 
 
 def check_peer(target: str, allowed: tuple[str, ...] = ()) -> str:
