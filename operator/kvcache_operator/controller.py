@@ -427,11 +427,18 @@ def forget(rt: Runtime, body: Mapping[str, Any]) -> None:
         rt.diffbase.forget(body["metadata"]["uid"])
 
 
+_LIVE_FIELD = {f.alias or name: name for name, f in LiveConfig.model_fields.items()}
+
+
 async def reconcile_cache(
     rt: Runtime, body: Mapping[str, Any], indexes: Indexes, logger: Logger, *, diff: Any, reason: str
 ) -> None:
     """The create/update/resume handler's work: one converge pass, errors mapped to Kopf's."""
-    changed = {path[2] for _, path, _, _ in diff or () if len(path) > 2 and path[:2] == ("spec", "cache")}
+    changed = {
+        _LIVE_FIELD.get(path[2], path[2])  # the spec's camelCase -> LiveConfig's field names (``reset``)
+        for _, path, _, _ in diff or ()
+        if len(path) > 2 and path[:2] == ("spec", "cache")
+    }
     state = cache_state(rt, body)
     started = time.perf_counter()
     async with state.lock:

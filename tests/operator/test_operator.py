@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -710,3 +711,77 @@ async def test_a_failed_drain_stops_the_scale_in_with_an_event_until_overridden(
         timeout=30,
         what="the overridden scale-in",
     )
+
+
+def _kopf_writes(emu: Any, name: str) -> list[str]:
+    """Writes to the KVCache itself (not its status): Kopf's finalizer and annotations."""
+    return [v for v, p, _, n, s in emu.calls if p == "kvcaches" and n == name and not s and v in WRITE_VERBS]
+
+
+def _observed_generation(emu: Any, name: str) -> Any:
+    return (emu.get(KVCACHES, name, NS).get("status") or {}).get("observedGeneration")
+
+
+async def test_a_new_kvcache_costs_its_children_the_finalizer_and_one_status_write(
+    cluster: Cluster, operator: kopf.Memo
+) -> None:
+    """Kopf keeps the last-handled spec in memory (``controller.MemoryDiffBase``) and writes no
+    ``kopf-managed`` marker, so creating a KVCache writes 8 children, Kopf's finalizer and one
+    status; an edit still reaches the update handler with its diff (the user's maxTokens replaces
+    the tuned one) and costs no Kopf write; a deleted KVCache's spec is forgotten."""
+    emu = cluster.emu
+    tuning = {"mode": "Auto", "maxTokensMin": 128, "maxTokensMax": 4096, "intervalSeconds": 30}
+    emu.create(KVCACHES, make_kvcache("lean", metrics={"scrapeInterval": "1h"}, tuning=tuning))
+    await wait_for(lambda: _observed_generation(emu, "lean") == 1, what="the first status")
+    await asyncio.sleep(1.0)  # anything Kopf would write after the handler lands
+    writes = Counter((v, p, s or "") for v, p, _, _, s in emu.calls if v in WRITE_VERBS and p != "events")
+    assert writes == {
+        **{("create", plural, ""): 2 for plural in ("configmaps", "secrets", "services")},
+        ("create", "statefulsets", ""): 1,
+        ("create", "poddisruptionbudgets", ""): 1,
+        ("patch", "kvcaches", ""): 1,  # the finalizer, and nothing else of Kopf's
+        ("patch", "kvcaches", "status"): 1,
+    }
+    meta = emu.get(KVCACHES, "lean", NS)["metadata"]
+    assert meta["finalizers"] == ["kvcache.dev/finalizer"]
+    assert not any(key.startswith("kvcache.dev/") for key in meta.get("annotations") or {})
+
+    def rendered(tokens: int) -> bool:
+        return f"maxTokens: {tokens}\n" in emu.get("v1/configmaps", "lean-config", NS)["data"]["config.yaml"]
+
+    tuned = {"metadata": {"annotations": {TUNED_ANNOTATION: json.dumps({"maxTokens": 1024})}}}
+    emu.patch("v1/configmaps", "lean-config", tuned, NS)  # what the tuner stores
+    emu.patch(KVCACHES, "lean", {"metadata": {"labels": {"touch": "1"}}}, NS)  # an update, no spec diff
+    await wait_for(lambda: rendered(1024), what="the tuned maxTokens rendered")
+    kopf_writes = _kopf_writes(emu, "lean")
+    emu.patch(KVCACHES, "lean", {"spec": {"cache": {"maxTokens": 512}}}, NS)
+    await wait_for(lambda: _observed_generation(emu, "lean") == 2, what="the edit handled")
+    await wait_for(lambda: rendered(512), what="the user's maxTokens replacing the tuned one")
+    await asyncio.sleep(0.5)
+    assert _kopf_writes(emu, "lean") == kopf_writes  # no annotation PATCH after the update either
+
+    uid = meta["uid"]
+    assert uid in operator.runtime.diffbase.essences
+    emu.delete(KVCACHES, "lean", NS)
+    await wait_for(lambda: not emu.list(KVCACHES, NS), what="the KVCache gone")
+    assert uid not in operator.runtime.diffbase.essences
+
+
+async def test_the_last_handled_annotation_of_an_older_version_is_read_once_and_removed(
+    cluster: Cluster, operator: kopf.Memo
+) -> None:
+    """A KVCache handled by an older version carries Kopf's last-handled-configuration annotation:
+    its diff is honoured (here: maxTokens changed since, an update) and the annotation dropped."""
+    emu = cluster.emu
+    body = make_kvcache("legacy", metrics={"scrapeInterval": "1h"})
+    old_spec = json.loads(json.dumps(body["spec"]))
+    old_spec["cache"]["maxTokens"] = 128
+    key = "kvcache.dev/last-handled-configuration"
+    body["metadata"]["annotations"] = {key: json.dumps({"spec": old_spec})}
+    emu.create(KVCACHES, body)
+    await wait_for(lambda: _observed_generation(emu, "legacy") == 1, what="the status")
+    await wait_for(
+        lambda: key not in (emu.get(KVCACHES, "legacy", NS)["metadata"].get("annotations") or {}),
+        what="the old annotation removed",
+    )
+    assert "patch" in _kopf_writes(emu, "legacy")
