@@ -175,6 +175,10 @@ def event_record(
         "hit_rate_before": None if before is None else round(before, 4),
         "hit_rate_after": None if after is None else round(after, 4),
         "requests_after": len(samples.between(t0, t0 + window_s)),
+        "hit_rate_1s_after": [
+            None if (r := hit_rate(samples.between(t0 + k, t0 + k + 1))) is None else round(r, 2)
+            for k in range(int(window_s))
+        ],
         **extra,
     }
 
@@ -394,7 +398,15 @@ class Load:
 class Bench:
     """The cluster, the object store, the KVCache and the events; ``run()`` returns the results."""
 
-    def __init__(self, window_s: float, rate_rps: float, working_set: int | None, progress: Any) -> None:
+    def __init__(
+        self,
+        window_s: float,
+        rate_rps: float,
+        working_set: int | None,
+        progress: Any,
+        keep_state: bool = False,
+    ) -> None:
+        self.keep_state = keep_state
         self.window_s = window_s
         self.rate_rps = rate_rps
         self.working_set = working_set
@@ -533,8 +545,10 @@ class Bench:
         reasons_before = {d.get("reason", "") for d in self.decisions(NAME)}
         t0 = time.monotonic()
         self.driver.patch("KVCache", NAME, {"spec": {"replicas": 2}})
+        staying = {f"{NAME}-0", f"{NAME}-1"}
         self.wait(
-            f"{leaving} gone, 2 engines ready", lambda: set(self.held(NAME)) == {f"{NAME}-0", f"{NAME}-1"}
+            f"{leaving} gone (its log complete), 2 engines ready",
+            lambda: {p["metadata"]["name"] for p in self.pods(NAME)} == set(self.held(NAME)) == staying,
         )
         gone_s = round(time.monotonic() - t0, 1)
         fresh = [
@@ -706,6 +720,9 @@ class Bench:
             **extra,
         )
         record["event_longer_than_window"] = time.monotonic() - t0 > self.window_s + 1.0
+        record["client_switches"] = [
+            f"+{t - t0:.1f}s {what}" for t, what in load.switches if t0 - 1.0 <= t < t0 + self.window_s
+        ]
         self.progress(
             f"{name}: dip {record['dip_points']} points, recovery {record['recovery_s']} s, "
             f"errors {record['client_errors']}, failed calls {record['client_failed_calls']}, "
@@ -720,7 +737,10 @@ class Bench:
 
         results: dict[str, Any] = {}
         meta: dict[str, Any] = {"window_s": self.window_s, "rate_rps": self.rate_rps}
-        with s3_server() as endpoint, LocalCluster(shutdown_grace_s=5.0) as cluster:
+        with (
+            s3_server() as endpoint,
+            LocalCluster(shutdown_grace_s=5.0, keep_state=self.keep_state) as cluster,
+        ):
             self.s3_endpoint, self.cluster, self.driver = endpoint, cluster, LocalDriver(cluster)
             self.progress(f"local cluster up (state {cluster.state_dir}); S3 at {endpoint}")
             create_bucket(endpoint)
@@ -877,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--events", type=lambda s: list(events_arg(s)), default=list(EVENTS), help="comma-separated subset"
     )
+    parser.add_argument(
+        "--keep-state", action="store_true", help="keep the cluster's state directory (logs, volumes)"
+    )
     args = parser.parse_args(argv)
     if args.window < 2:
         parser.error(f"--window must be >= 2 seconds, got {args.window}")
@@ -890,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"[{time.monotonic() - started:6.0f}s] {message}")
 
     try:
-        result = Bench(args.window, args.rate, args.working_set, progress).run(args.events)
+        result = Bench(args.window, args.rate, args.working_set, progress, args.keep_state).run(args.events)
     except KeyboardInterrupt:
         console.print("interrupted: the load, the operator, every engine and the S3 server were stopped")
         return 130

@@ -83,6 +83,7 @@ def test_event_record_from_samples() -> None:
     assert record["recovery_s"] == 2.0
     assert record["hit_rate_before"] == 1.0 and record["hit_rate_after"] == 0.8
     assert record["requests_after"] == 40
+    assert record["hit_rate_1s_after"] == [0.0, 0.0] + [1.0] * 8
     assert (record["client_errors"], record["client_failed_calls"], record["blocks_lost"]) == (0, 3, 7)
     assert record["held_before"] == 100
 
