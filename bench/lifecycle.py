@@ -33,10 +33,12 @@ full-block tokens; a failed or impossible lookup is a miss):
   leaving replica's blocks not handed off, from the operator's decision; restore: the source's
   blocks minus the restored cache's).
 
-The load loops over the first trace requests that hold ``--working-set`` distinct blocks (default
-about half of two replicas' capacity: it fits in 2 or 3 replicas, so the steady hit rate is close to
-1 and every block an event loses shows); ``--working-set 0`` replays the whole trace (hit rate ~0.3
-with this capacity, far noisier). ``--json`` prints one object keyed by event; otherwise a table.
+The load loops over the first trace requests that hold ``--working-set`` distinct blocks (default:
+half of one replica's capacity, so the steady hit rate is close to 1, every block an event loses
+shows, and one replica can hold its peer's share while that one restarts, which is what a cache
+sized for rolling restarts provides; with one replica's capacity the survivor of a restart is
+overfull and its LRU thrashes on the loop); ``--working-set 0`` replays the whole trace (hit rate
+~0.3 with this capacity, far noisier). ``--json`` prints one object keyed by event; otherwise a table.
 Progress goes to stderr.
 """
 
@@ -508,7 +510,7 @@ class Bench:
 
         if self.working_set == 0:
             return [list(ids) for ids in load_trace()]
-        return scenarios.working_set(self.working_set or capacity_blocks)
+        return scenarios.working_set(self.working_set or capacity_blocks // 2)
 
     # -- the events: each returns (t0, its extra figures incl. blocks_lost)
     def scale_out(self) -> tuple[float, dict[str, Any]]:
@@ -892,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
         "--working-set",
         type=int,
         default=None,
-        help="distinct blocks of the looped trace prefix (default: one replica's capacity; 0: all)",
+        help="distinct blocks of the looped trace prefix (default: half one replica's capacity; 0: all)",
     )
     parser.add_argument(
         "--events", type=lambda s: list(events_arg(s)), default=list(EVENTS), help="comma-separated subset"
