@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -72,6 +73,21 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+GC_THRESHOLDS = (50_000, 50, 100)
+"""Python's cyclic GC thresholds for the operator process (default (700, 10, 10)). The operator's
+heap grows with the caches (the indexes hold every child); with the defaults a young collection
+runs every 700 allocations and an older one traverses that heap often, so a burst of new caches
+cost more CPU per cache the more caches there were. bench.operator_bench, 100 -> 500 caches in
+bursts of 200: operator CPU per burst 2.1/3.0/3.0 s with the defaults, 1.9/2.1/1.8 s with these."""
+
+
+def tune_gc() -> tuple[int, ...]:
+    """Set ``GC_THRESHOLDS`` (``KVCACHE_OPERATOR_GC=0`` keeps Python's); returns those in force."""
+    if os.environ.get("KVCACHE_OPERATOR_GC", "1") != "0":
+        gc.set_threshold(*GC_THRESHOLDS)
+    return gc.get_threshold()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.namespace and not args.all_namespaces:
         raise ValueError("run: pass --namespace NS (repeatable) or --all-namespaces")
@@ -83,6 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kvcache_operator.controller import Peering
 
     del handlers
+    tune_gc()
     peering = None
     if not args.standalone:
         peering = Peering(args.peering, tuple(args.namespace), clusterwide=args.all_namespaces)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
-from kvcache_operator.run import default_priority
+from kvcache_operator.run import GC_THRESHOLDS, default_priority, tune_gc
 
 
 def test_default_priority_differs_between_replicas_and_is_stable() -> None:
@@ -18,3 +20,15 @@ def test_default_priority_differs_between_replicas_and_is_stable() -> None:
 def test_default_priority_reads_pod_id(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POD_ID", "op-0")
     assert default_priority() == default_priority("op-0")
+
+
+def test_the_operator_raises_the_gc_thresholds_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        monkeypatch.setenv("KVCACHE_OPERATOR_GC", "0")
+        assert tune_gc() == (700, 10, 10)
+        monkeypatch.delenv("KVCACHE_OPERATOR_GC")
+        assert tune_gc() == GC_THRESHOLDS != (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
