@@ -544,7 +544,7 @@ class Bench:
         leaving = f"{NAME}-2"
         before = self.held(NAME)
         uid = next(p["metadata"]["uid"] for p in self.pods(NAME) if p["metadata"]["name"] == leaving)
-        reasons_before = {d.get("reason", "") for d in self.decisions(NAME)}
+        said_before = set(self.scale_reports(NAME))
         t0 = time.monotonic()
         self.driver.patch("KVCache", NAME, {"spec": {"replicas": 2}})
         staying = {f"{NAME}-0", f"{NAME}-1"}
@@ -553,10 +553,15 @@ class Bench:
             lambda: {p["metadata"]["name"] for p in self.pods(NAME)} == set(self.held(NAME)) == staying,
         )
         gone_s = round(time.monotonic() - t0, 1)
-        fresh = [
-            d.get("reason", "") for d in self.decisions(NAME) if d.get("reason", "") not in reasons_before
-        ]
-        moved, source = handed_off(fresh, leaving), "operator decision"
+        # The proof: the operator's (status.lastScale, a decision or a ScaledIn Event; Events are
+        # posted in the background: give them a few seconds), else the engine's own SIGTERM hand-off.
+        deadline = time.monotonic() + 10.0
+        moved, source = None, "none"
+        while moved is None and time.monotonic() < deadline:
+            fresh = [text for text in self.scale_reports(NAME) if text not in said_before]
+            moved, source = handed_off(fresh, leaving), "operator"
+            if moved is None:
+                time.sleep(0.5)
         if moved is None:
             on_sigterm = shutdown_handoff(self.pod_log(leaving, uid))
             moved, source = (on_sigterm[0], "engine log (SIGTERM)") if on_sigterm else (None, "none")
@@ -570,9 +575,16 @@ class Bench:
             "held_before": before,
         }
 
-    def decisions(self, name: str) -> list[dict[str, Any]]:
-        kvc = self.cluster.get("KVCache", name) or {}
-        return list((kvc.get("status") or {}).get("decisions") or [])
+    def scale_reports(self, name: str) -> list[str]:
+        """What the operator said about scaling ``name``: decision reasons, status.lastScale.reason,
+        and the messages of its Events."""
+        from e2e import scenarios
+
+        status = (self.cluster.get("KVCache", name) or {}).get("status") or {}
+        texts = [str(d.get("reason", "")) for d in status.get("decisions") or []]
+        texts.append(str((status.get("lastScale") or {}).get("reason", "")))
+        texts += [str(e.get("message", "")) for e in scenarios.kvcache_events(self.driver, name)]
+        return [t for t in texts if t]
 
     def rolling_restart(self) -> tuple[float, dict[str, Any]]:
         from e2e import scenarios
