@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from bench import lifecycle as lc
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_samples(rates: list[float | None], *, start: float = 100.0, per_s: int = 4) -> lc.Samples:
+def make_samples(rates: Sequence[float | None], *, start: float = 100.0, per_s: int = 4) -> lc.Samples:
     """``per_s`` requests of 100 tokens in each second from ``start``; second k hits ``rates[k]``
     (None: no request that second)."""
     samples = lc.Samples()
@@ -64,7 +65,8 @@ def test_recovery_zero_when_nothing_dips_and_none_when_still_low() -> None:
 
 
 def test_a_second_without_requests_counts_as_not_recovered() -> None:
-    samples = make_samples([0.9] * 10 + [0.9, 0.9, None, 0.9, 0.9])
+    rates: list[float | None] = [0.9] * 10
+    samples = make_samples([*rates, 0.9, 0.9, None, 0.9, 0.9])
     assert lc.recovery_s(samples, 110.0, 5.0, 0.9) == 3.0
 
 
