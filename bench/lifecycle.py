@@ -211,21 +211,20 @@ def shutdown_handoff(log_text: str) -> tuple[int, int] | None:
 
 
 def shard_map(connection: Mapping[str, Any] | None) -> tuple[int, list[str]] | None:
-    """``(shardMapEpoch, members)`` of a ``<name>-connection`` ConfigMap's data (``connection.json``
-    first, else the per-key entries); None while it publishes none."""
+    """``(shardMapEpoch, members)`` of a ``<name>-connection`` ConfigMap's data, read by the
+    contract's ``ShardMap`` (``connection.json`` first, else the per-key entries); None while it
+    publishes none (or a half-written one)."""
+    from kvcache_engine.contract import ShardMap
+
     data = (connection or {}).get("data") or {}
-    info: Mapping[str, Any] = {}
     try:
         info = json.loads(data.get("connection.json") or "{}")
+        found = ShardMap.from_connection(info) or ShardMap.from_connection(data)
     except ValueError:
-        info = {}
-    epoch = info.get("shardMapEpoch", data.get("shardMapEpoch"))
-    members = info.get("members", data.get("members"))
-    if epoch is None or not members:
         return None
-    if isinstance(members, str):
-        members = [m.strip() for m in members.split(",") if m.strip()]
-    return int(epoch), [str(m) for m in members]
+    if found is None or not found.members:
+        return None
+    return found.epoch, list(found.members)
 
 
 # ------------------------------------------------------------------------------ the load

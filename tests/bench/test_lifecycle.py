@@ -127,6 +127,8 @@ def test_shard_map_from_the_connection_configmap() -> None:
     assert lc.shard_map(per_key) == (3, ["127.0.0.5:8080", "127.0.0.6:8080"])
     assert lc.shard_map({"data": {"connection.json": json.dumps({"name": "lc"})}}) is None
     assert lc.shard_map(None) is None
+    half_written = {"data": {"connection.json": json.dumps({"shardMapEpoch": "x", "members": []})}}
+    assert lc.shard_map(half_written) is None  # the map in use stays
 
 
 def test_table_renders_every_outcome() -> None:
