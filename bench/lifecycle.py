@@ -310,8 +310,6 @@ class Load:
                 self.switches.append((time.monotonic(), f"epoch {view.epoch}: {','.join(view.endpoints)}"))
             self._client_view = view
             return self._client
-        if same_cache and have is not None and have.endpoints == view.endpoints and have.epoch == view.epoch:
-            return self._client
         if self._client is not None:
             self._client.close()
         self._client = None
