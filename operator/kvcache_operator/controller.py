@@ -876,12 +876,14 @@ async def converge(
         actions = reconcile.plan(
             _desired(body, kvc, replicas, overrides, observed, warm=warm), observed.children, meta["uid"]
         )
-        for action in actions:
-            logger.info(f"{action.verb} {action.kind} {action.name}: {action.reason}")
-            result = await _apply(rt, namespace, state, observed, action)
-            rt.metrics.actions.labels(action.verb, action.kind).inc()
-            if action.kind == "StatefulSet" and action.verb != "delete":
-                sts, touched_sts = result or sts, True
+        if actions:
+            logger.info("; ".join(f"{a.verb} {a.kind} {a.name}: {a.reason}" for a in actions))
+        for wave in _waves(actions):
+            results = await asyncio.gather(*(_apply(rt, namespace, state, observed, a) for a in wave))
+            for action, result in zip(wave, results, strict=True):
+                rt.metrics.actions.labels(action.verb, action.kind).inc()
+                if action.kind == "StatefulSet" and action.verb != "delete":
+                    sts, touched_sts = result or sts, True
         state.clean = None if actions else inputs
     if not paused:
         endpoints = status_mod.ready_endpoints(observed.pods)
@@ -911,6 +913,20 @@ async def converge(
         if restored:
             new_status["restored"] = restored
     await _write_status(rt, body, state, previous, new_status)
+
+
+_MOUNTED_KINDS = frozenset({"ConfigMap", "Secret", "PersistentVolumeClaim"})
+
+
+def _waves(actions: Sequence[reconcile.Action]) -> list[list[reconcile.Action]]:
+    """The plan's writes in waves sent concurrently: first what the pods mount (ConfigMaps,
+    Secrets, claims), then the other creates and patches (the StatefulSet finds its volumes'
+    sources there), then each delete on its own, in plan order. A new cache waits two round trips
+    instead of one per child."""
+    mounted = [a for a in actions if a.verb != "delete" and a.kind in _MOUNTED_KINDS]
+    others = [a for a in actions if a.verb != "delete" and a.kind not in _MOUNTED_KINDS]
+    deletes = [[a] for a in actions if a.verb == "delete"]
+    return [wave for wave in (mounted, others) if wave] + deletes
 
 
 def _rollout_inputs(observed: Observed, warm: Mapping[str, float | None]) -> tuple[Any, ...]:
