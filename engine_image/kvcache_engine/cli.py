@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kvcache_engine.contract import STAGING_MB_DEFAULT, AdminError, ConfigError
-from kvcache_engine.contract.lifecycle import SHUTDOWN_HANDOFF_S
+from kvcache_engine.contract.lifecycle import HANDOFF_MIB_S, SHUTDOWN_HANDOFF_S
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -68,8 +68,11 @@ def _add_serve(sub: Sub) -> None:
     p.add_argument(
         "--handoff-mib-s",
         type=float,
-        default=256.0,
-        help="MiB/s cap of each drain, warm-join copy and shutdown hand-off (default 256; 0: none)",
+        default=HANDOFF_MIB_S,
+        help=(
+            "MiB/s cap of each drain, warm-join copy and shutdown hand-off "
+            f"(default {HANDOFF_MIB_S:g}; 0: none)"
+        ),
     )
     p.add_argument("--max-body-mb", type=int, default=1024, help="largest request body in MiB (default 1024)")
     p.add_argument("--max-blocks", type=int, default=4096, help="most blocks per request (default 4096)")

@@ -40,7 +40,17 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
-from kvcache_engine.contract import WARM_GATE, AdminError, LiveConfig, ShardMap, node_id, warm_ratio_of
+from kvcache_engine.contract import (
+    WARM_GATE,
+    AdminError,
+    LiveConfig,
+    ShardMap,
+    handoff_timeout_s,
+    node_id,
+    pool_bytes,
+    tier_bytes,
+    warm_ratio_of,
+)
 from kvcache_operator import api, k8s, policy, reconcile, resources, rollout, scrape
 from kvcache_operator import status as status_mod
 from kvcache_operator.metrics import OperatorMetrics
@@ -550,7 +560,7 @@ async def control_pass(
     started = time.perf_counter()
     if any(map(status_mod.awaiting_warm_join, observed.pods)):  # paused too: see membership_pass
         token = token if endpoints else await _token(rt, kvc, observed)
-        await warm_join(rt, body, observed, token=token, logger=logger)
+        await warm_join(rt, body, observed, token=token, logger=logger, timeout_s=_handoff_timeout(kvc))
     current = await scrape.scrape_all(rt.http, endpoints, timeout_s=max(0.5, min(interval, 5.0)), token=token)
     rt.metrics.scrape_seconds.observe(time.perf_counter() - started)
     rt.metrics.scrape_failures.inc(len(current.failed))
@@ -579,7 +589,7 @@ async def membership_pass(
     observed = observe(indexes, state, kvc.namespace, kvc.name)
     token = await _token(rt, kvc, observed)
     if any(map(status_mod.awaiting_warm_join, observed.pods)):
-        await warm_join(rt, body, observed, token=token, logger=logger)
+        await warm_join(rt, body, observed, token=token, logger=logger, timeout_s=_handoff_timeout(kvc))
     await _announce_placement(rt, state, observed.pods, token=token, logger=logger)
     await converge(rt, body, indexes, state, logger)
 
@@ -792,7 +802,9 @@ async def _drain(
         if url is None or not staying:
             continue
         try:
-            result = await scrape.post_drain(rt.http, url, staying, token=token)
+            result = await scrape.post_drain(
+                rt.http, url, staying, token=token, timeout_s=_handoff_timeout(kvc)
+            )
         except AdminError as exc:
             logger.warning(f"drain of {pod} failed: {exc}")
             failures.append(f"{pod}: {exc}")
@@ -1026,8 +1038,20 @@ def shard_map_of(observed: Observed, name: str) -> ShardMap | None:
     return ShardMap.of(previous.epoch + 1, members)
 
 
+def _handoff_timeout(kvc: api.KVCache) -> float:
+    """How long a drain or a warm-join copy of one replica's cache may take (contract)."""
+    config = resources.engine_config(kvc)
+    return handoff_timeout_s(pool_bytes(config) + tier_bytes(config))
+
+
 async def warm_join(
-    rt: Runtime, body: Manifest, observed: Observed, *, token: str | None, logger: Logger
+    rt: Runtime,
+    body: Manifest,
+    observed: Observed,
+    *,
+    token: str | None,
+    logger: Logger,
+    timeout_s: float = 120.0,
 ) -> list[str]:
     """Let in every pod waiting behind the warm gate: each ready peer copies it the chains it owns
     among the ready replicas plus itself (``POST /admin/drain`` with ``only``: copied, not moved,
@@ -1049,7 +1073,10 @@ async def warm_join(
         members = sorted({*peers, url})
         started = time.monotonic()
         results = await asyncio.gather(
-            *(scrape.post_drain(rt.http, peer, members, only=[url], token=token) for peer in peers),
+            *(
+                scrape.post_drain(rt.http, peer, members, only=[url], token=token, timeout_s=timeout_s)
+                for peer in peers
+            ),
             return_exceptions=True,
         )
         pulled = verified = 0

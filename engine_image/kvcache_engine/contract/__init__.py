@@ -32,9 +32,11 @@ from kvcache_engine.contract.cache import (
 )
 from kvcache_engine.contract.curve import CURVE_MULTIPLES, MISS_REASONS, HitRateCurve, merge_curves
 from kvcache_engine.contract.lifecycle import (
+    HANDOFF_MIB_S,
     SHUTDOWN_HANDOFF_S,
     WARM_GATE,
     WARM_RATIO_KEY,
+    handoff_timeout_s,
     persist_grace_seconds,
     warm_ratio_of,
 )
@@ -59,6 +61,7 @@ __all__ = [
     "CODEC_GROUP_SIZE",
     "CURVE_MULTIPLES",
     "DTYPE_BYTES",
+    "HANDOFF_MIB_S",
     "LIVE_FIELDS",
     "MAX_JSON_BYTES",
     "MISS_REASONS",
@@ -89,6 +92,7 @@ __all__ = [
     "achieved_compression_ratio",
     "bytes_per_token",
     "format_validation_error",
+    "handoff_timeout_s",
     "load_config",
     "memory_request_bytes",
     "merge_curves",

@@ -17,10 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "HANDOFF_MIB_S",
     "PERSIST_BYTES_PER_S",
     "SHUTDOWN_HANDOFF_S",
     "WARM_GATE",
     "WARM_RATIO_KEY",
+    "handoff_timeout_s",
     "persist_grace_seconds",
     "warm_ratio_of",
 ]
@@ -30,6 +32,8 @@ WARM_GATE = "kvcache.dev/warm"
 """The pod readiness gate (condition type) the operator sets True once a pod holds its share."""
 SHUTDOWN_HANDOFF_S = 10
 """The engine's default time budget for copying its chains to peers on SIGTERM."""
+HANDOFF_MIB_S = 256.0
+"""The engine's default bandwidth cap of a drain, a warm-join copy or a shutdown hand-off."""
 PERSIST_BYTES_PER_S = 100 * 1024 * 1024
 """A conservative write rate of the final persist on SIGTERM (network block storage; the engine's
 own segment writes run faster): what the grace period is sized for."""
@@ -50,3 +54,9 @@ def warm_ratio_of(readyz: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return min(1.0, max(0.0, float(value)))
+
+
+def handoff_timeout_s(cache_bytes: int) -> float:
+    """How long the operator waits for a drain or a warm-join copy of up to ``cache_bytes``: twice
+    the time at the engines' default bandwidth cap, plus two minutes (never less than two minutes)."""
+    return 120.0 + 2.0 * max(0, cache_bytes) / (HANDOFF_MIB_S * 1024 * 1024)

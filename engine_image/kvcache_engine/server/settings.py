@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvcache_engine.contract.lifecycle import SHUTDOWN_HANDOFF_S
+from kvcache_engine.contract.lifecycle import HANDOFF_MIB_S, SHUTDOWN_HANDOFF_S
 from kvcache_engine.contract.tokens import ADMIN, resolve_token
 
 __all__ = ["ServerSettings", "settings_from_args"]
@@ -36,7 +36,9 @@ class ServerSettings:
     max_blocks_per_request: int = 4096
     body_timeout_s: float = 60.0
     drain_timeout_s: float = 60.0
-    handoff_mib_s: float = 256.0  # drains, joins, shutdown hand-offs: at most this rate (0: unbounded)
+    handoff_mib_s: float = (
+        HANDOFF_MIB_S  # drains, joins, shutdown hand-offs: at most this rate (0: unbounded)
+    )
     shutdown_handoff_s: float = (
         SHUTDOWN_HANDOFF_S  # SIGTERM: at most this long copying chains to peers (0: off)
     )
@@ -66,6 +68,6 @@ def settings_from_args(args: Any, environ: dict[str, str] | None = None) -> Serv
         max_blocks_per_request=args.max_blocks,
         body_timeout_s=args.body_timeout_s,
         shutdown_handoff_s=getattr(args, "shutdown_handoff_s", SHUTDOWN_HANDOFF_S),
-        handoff_mib_s=getattr(args, "handoff_mib_s", 256.0),
+        handoff_mib_s=getattr(args, "handoff_mib_s", HANDOFF_MIB_S),
         staging_bytes=args.staging_mb * 1024 * 1024,
     )
