@@ -28,7 +28,7 @@ async def test_placement_is_announced_once_per_change_of_the_ready_engines() -> 
                 srv.engine.lookup_hashes([i, 1000 + i])  # thirty chains seen by both
         state = controller.CacheState()
         pods = [_pod(f"c-{i}", srv.port) for i, srv in enumerate(servers)]
-        urls = [srv.url for srv in servers]
+        urls = sorted(srv.url for srv in servers)  # the operator announces them sorted
         async with aiohttp.ClientSession() as http:
             rt: Any = SimpleNamespace(http=http)
             log = logging.getLogger("test")
