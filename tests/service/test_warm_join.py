@@ -12,7 +12,7 @@ import pytest
 
 from kvcache_engine.client import KVCacheClient
 from kvcache_engine.contract import ShardMap, node_id, rendezvous_owner, route_key
-from tests.service.conftest import TOKEN, http_json
+from tests.service.conftest import TOKEN, http_json, make_config
 from tests.service.test_backup_drain import _fill
 
 
@@ -147,3 +147,17 @@ def test_the_hand_off_bandwidth_is_bounded(live_server) -> None:
         moved[label] = report["drained_blocks"] * slow.engine.config.block_bytes_stored()
     at_the_cap = moved["slow"] / (0.2 * 1024 * 1024)  # payload only: the floor of the capped time
     assert at_the_cap > 0.5 and timings["slow"] >= at_the_cap > timings["fast"], (timings, at_the_cap)
+
+
+def test_a_shutdown_hand_off_sends_a_peer_only_what_its_free_slots_hold(live_server) -> None:
+    """A full peer must not evict its own chains for a visitor's: the hand-off stops at its room."""
+    leaving = live_server()
+    peer = live_server(make_config(max_tokens=64))  # 16 slots of 4 tokens
+    own = _fill(peer.url, peer.engine.config, range(100, 102))  # 2 chains x 4 blocks: 8 slots used
+    _fill(leaving.url, leaving.engine.config, range(20))  # 80 blocks
+    members = [leaving.url, peer.url]
+    http_json("POST", leaving.url + "/admin/placement", {"endpoints": members, "self": leaving.url})
+    report = leaving._call(leaving.server.hand_off())
+    assert report is not None and report["ok"]
+    assert report["handed_off_blocks"] == 8 and report["left_for_room"] == 80 - 8, report
+    assert all(peer.engine.lookup(tokens) == 16 for tokens in own.values())  # nothing of its own evicted

@@ -14,7 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -213,7 +213,12 @@ class AdminRoutes:
         return web.json_response({"ok": True, "forgotten_entries": dropped})
 
     def drain_to(
-        self, targets: list[str], only: list[str] | None = None, *, deadline: float | None = None
+        self,
+        targets: list[str],
+        only: list[str] | None = None,
+        *,
+        deadline: float | None = None,
+        room: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """Push every block to the replica owning its chain (:func:`route_key` at the engine's
         ``route_depth``, the client's function). A block at depth d >= route_depth goes to the
@@ -226,7 +231,10 @@ class AdminRoutes:
 
         ``only``: push only the chains these targets own (a warm join's share); nothing else is
         sent and nothing is removed here either way. ``deadline`` (monotonic): stop queueing
-        blocks once it passes (a shutdown's bounded hand-off); ``complete`` says whether it did."""
+        blocks once it passes (a shutdown's bounded hand-off); ``complete`` says whether it did.
+        ``room``: at most this many blocks to a target (a shutdown hand-off sends a peer only what
+        its free slots hold, so the peer's own chains are never evicted for a visitor's);
+        ``left_for_room`` counts the blocks that stayed home for that."""
         if only is not None:
             wanted = {node_id(t) for t in only}
             targets_sent = [t for t in targets if node_id(t) in wanted]
@@ -247,9 +255,14 @@ class AdminRoutes:
         keep = set(targets_sent)
         throttle = Throttle(self.settings.handoff_mib_s * 1024 * 1024)
 
+        left: set[int] = set()  # blocks a full target did not get
+
         def add(owner: str, block: StoredBlock) -> None:
             if owner not in keep:
                 return  # another target's chain (a join copies only the joiner's share)
+            if room is not None and len(sent[owner]) >= room.get(owner, 0):
+                left.add(int(block.hash))  # the target is full: nothing more to it (no orphan children)
+                return
             sent[owner].add(int(block.hash))
             pending[owner].append(block)
             sizes[owner] += sum(t.numel() * t.element_size() for t in block.payload.values())
@@ -296,6 +309,7 @@ class AdminRoutes:
             "held_blocks": held,
             "handed_off_blocks": len(delivered) if ok else 0,
             "verified_blocks": verified,
+            "left_for_room": len(left - set().union(*sent.values())),
         }
 
     @staticmethod

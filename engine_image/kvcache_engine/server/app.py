@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from kvcache_engine.contract.admin import P
+from kvcache_engine.contract.admin import AdminError, P, SyncAdminClient
 from kvcache_engine.contract.lifecycle import WARM_RATIO_KEY
 from kvcache_engine.contract.placement import node_id
 from kvcache_engine.contract.tokens import ADMIN, DATA, TokenSource, role_of
@@ -273,15 +273,30 @@ class EngineServer:
         if not peers:
             return None
         started = time.monotonic()
-        report = await self.run(
-            functools.partial(self.admin.drain_to, peers, None, deadline=started + budget)
-        )
+        room = await self.run(self._free_slots, peers)
+        drain = functools.partial(self.admin.drain_to, peers, None, deadline=started + budget, room=room)
+        report = await self.run(drain)
+        left = report["left_for_room"]
         log.info(
-            "hand-off on shutdown to %d peer(s): %s of %s blocks in %.1f s%s",
+            "hand-off on shutdown to %d peer(s): %s of %s blocks in %.1f s%s%s",
             len(peers), report["handed_off_blocks"], report["held_blocks"], time.monotonic() - started,
             "" if report["complete"] else " (time budget spent: the rest is only on this volume)",
+            f" ({left} left home: the peers had no free room for them)" if left else "",
         )  # fmt: skip
         return report
+
+    def _free_slots(self, peers: list[str]) -> dict[str, int]:
+        """Free block slots of each peer's primary tier (0 when it cannot say: nothing sent)."""
+        room: dict[str, int] = {}
+        for peer in peers:
+            client = SyncAdminClient(f"http://{node_id(peer)}", self.admin_token(), timeout_s=2.0)
+            try:
+                stats = client.stats()
+                room[peer] = max(0, int(stats.capacity_blocks - stats.used_blocks))
+            except AdminError as exc:
+                log.warning("hand-off: %s did not say its free room (%s); nothing sent to it", peer, exc)
+                room[peer] = 0
+        return room
 
     async def shutdown(self) -> None:
         """Stop periodic persists, persist once (the preStop contract), close the engine."""
