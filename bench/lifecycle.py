@@ -50,16 +50,11 @@ import bisect
 import contextlib
 import json
 import logging
-import os
 import random
 import re
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -789,46 +784,14 @@ class Bench:
 # ------------------------------------------------------------------------------ the object store
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def s3_server() -> contextlib.AbstractContextManager[str]:
+    """moto's standalone S3 server (the tests' ``moto_server``) on a loopback address pods reach.
 
+    Not 127.0.0.1: inside a pod that is the pod itself (the local kubelet maps it to the pod's IP).
+    127.254.X.1 is outside the local cluster's pod ranges (127.10-250.*.*)."""
+    from tests.service.s3_server import moto_server
 
-class s3_server:  # noqa: N801 - used as a context manager, like open()
-    """moto's standalone S3 server on loopback (``python -m moto.server``), for the bench's lifetime."""
-
-    def __enter__(self) -> str:
-        # Not 127.0.0.1: inside a pod that is the pod itself (the local kubelet maps it to the pod's
-        # IP). 127.254.X.1 is outside the local cluster's pod ranges (127.10-250.*.*).
-        host = f"127.254.{random.randint(0, 255)}.1"
-        port = _free_port(host)
-        env = dict(os.environ, S3_UPLOAD_PART_MIN_SIZE="1024", MOTO_ALLOW_NONEXISTENT_REGION="true")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://{host}:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-                return url
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise RuntimeError(f"the S3 server (moto) did not start on {url}") from None
-                time.sleep(0.1)
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    return moto_server(f"127.254.{random.randint(0, 255)}.1", start_timeout_s=60)
 
 
 def create_bucket(endpoint: str) -> None:

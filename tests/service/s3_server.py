@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,45 +22,53 @@ PART_MIN = 1024
 LOOPBACK = "127.0.0.1"
 
 
-def _free_port() -> int:
+def _free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def moto_server(
+    host: str = LOOPBACK, *, tls: tuple[Path, Path] | None = None, start_timeout_s: float = 30.0
+) -> Iterator[str]:
+    """moto's standalone S3 server in a child process on ``host`` (plain HTTP, or HTTPS with
+    ``tls`` = (certificate, key)), S3's minimum part lowered to PART_MIN; yields its URL once it
+    accepts connections, stops it after. RuntimeError (with its last output) if it does not start."""
+    port = _free_port(host)
+    env = dict(os.environ, S3_UPLOAD_PART_MIN_SIZE=str(PART_MIN), MOTO_ALLOW_NONEXISTENT_REGION="true")
+    args = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+    if tls is not None:
+        args += ["-c", str(tls[0]), "-k", str(tls[1])]
+    url = f"{'https' if tls else 'http'}://{host}:{port}"
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: moto logs every request
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                try:
+                    with socket.create_connection((host, port), timeout=1):
+                        break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        err = log.read().decode("utf-8", "replace")
+                        raise RuntimeError(f"moto server did not start on {url}: {err[-2000:]}") from None
+                    time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    port = _free_port()
-    env = dict(os.environ, S3_UPLOAD_PART_MIN_SIZE=str(PART_MIN), MOTO_ALLOW_NONEXISTENT_REGION="true")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"moto server did not start on {url}: {err[-2000:]}") from None
-            time.sleep(0.1)
-    try:
+    with moto_server() as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
@@ -105,41 +114,5 @@ def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
 def s3_tls_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """moto's S3 server over HTTPS with a certificate from a private CA: (https URL, ca.crt)."""
     ca, cert, key = _tls_files(tmp_path_factory.mktemp("s3-tls"))
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-c",
-            str(cert),
-            "-k",
-            str(key),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"https://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto TLS server did not start on {url}") from None
-            time.sleep(0.1)
-    try:
+    with moto_server(tls=(cert, key)) as url:
         yield url, ca
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
