@@ -402,16 +402,24 @@ class PodWorker:
         return min(spec_value, float(requested)) if requested else spec_value
 
     # -- status
+    def _gates(self) -> list[str]:
+        return [str(g.get("conditionType")) for g in self.pod.get("spec", {}).get("readinessGates") or []]
+
+    def gates_true(self) -> bool:
+        """Whether every readiness gate's condition is True in the pod as last read (no gate: True)."""
+        conditions = {
+            c.get("type"): c.get("status") for c in (self.pod.get("status") or {}).get("conditions") or []
+        }
+        return all(conditions.get(g) == "True" for g in self._gates())
+
     def status(self) -> dict[str, Any]:
         """The status the kubelet publishes. Readiness gates (``spec.readinessGates``): the pod is
         Ready only when its containers are and every gate's condition, written by someone else
         into the stored status, is True; those conditions are carried over as stored."""
         containers_ready = self.phase == "Running" and all(r.ready for r in self.runners)
-        gates = [g.get("conditionType") for g in self.pod.get("spec", {}).get("readinessGates") or []]
         stored = {c.get("type"): c for c in (self.pod.get("status") or {}).get("conditions") or []}
-        gate_conditions = [stored[g] for g in gates if g in stored]
-        gates_true = all((stored.get(g) or {}).get("status") == "True" for g in gates)
-        ready = containers_ready and gates_true
+        gate_conditions = [stored[g] for g in self._gates() if g in stored]
+        ready = containers_ready and self.gates_true()
         conditions = [
             {"type": "PodScheduled", "status": "True"},
             {"type": "Initialized", "status": str(all(r.done for r in self.init_runners)).capitalize()},
@@ -795,9 +803,9 @@ class Kubelet:
         await self._publish(key, worker)
 
     async def _publish(self, key: tuple[str, str, str], worker: PodWorker) -> None:
-        if worker.pod.get("spec", {}).get("readinessGates"):
-            # the gates' conditions are written by others (the operator): read them fresh, so
-            # this status write neither drops one nor misses it turning True
+        if not worker.gates_true():
+            # a gate's condition is written by someone else (the operator): read it fresh, so this
+            # status write neither drops it nor misses it turning True (once True it stays True)
             fresh = await self.api.get("Pod", key[0], key[1])
             if fresh is not None and (fresh.get("metadata") or {}).get("uid") == key[2]:
                 worker.pod = fresh

@@ -1111,8 +1111,13 @@ async def warm_join(
             "message": message,
             "lastTransitionTime": _now(),
         }
-        patched = await rt.kube.patch_strategic(
-            k8s.PODS, namespace, name, {"status": {"conditions": [condition]}}, subresource="status"
+        patched = await rt.kube.patch(
+            k8s.PODS,
+            namespace,
+            name,
+            {"status": {"conditions": [condition]}},
+            subresource="status",
+            strategic=True,
         )
         if patched is None:
             continue  # the pod went away meanwhile

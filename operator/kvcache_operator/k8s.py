@@ -203,9 +203,18 @@ class KubeClient:
         return None if status == 404 else dict(body)
 
     async def patch(
-        self, kind: Kind, namespace: str, name: str, patch: Manifest, *, subresource: str | None = None
+        self,
+        kind: Kind,
+        namespace: str,
+        name: str,
+        patch: Manifest,
+        *,
+        subresource: str | None = None,
+        strategic: bool = False,
     ) -> Manifest | None:
-        """JSON merge patch; None when the object is gone."""
+        """JSON merge patch, or with ``strategic`` a strategic merge patch (built-in kinds only:
+        lists merge by their key, e.g. a pod's ``status.conditions`` by ``type``, so the kubelet's
+        own conditions stay); None when the object is gone."""
         status, body = await self._call(
             kind,
             "patch",
@@ -213,23 +222,7 @@ class KubeClient:
             kind.url(namespace, name, subresource),
             subresource=subresource,
             json=patch,
-            content_type="application/merge-patch+json",
-        )
-        return None if status == 404 else dict(body)
-
-    async def patch_strategic(
-        self, kind: Kind, namespace: str, name: str, patch: Manifest, *, subresource: str | None = None
-    ) -> Manifest | None:
-        """Strategic merge patch (built-in kinds only: lists merge by their key, e.g. a pod's
-        ``status.conditions`` by ``type``, so the kubelet's own conditions stay); None when gone."""
-        status, body = await self._call(
-            kind,
-            "patch",
-            "PATCH",
-            kind.url(namespace, name, subresource),
-            subresource=subresource,
-            json=patch,
-            content_type="application/strategic-merge-patch+json",
+            content_type=f"application/{'strategic-merge' if strategic else 'merge'}-patch+json",
         )
         return None if status == 404 else dict(body)
 
