@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime
 import json
 import logging
@@ -88,6 +89,8 @@ class Runtime:
     # (namespace, name) -> set by an engine pod's watch event: the cache's loop runs a join pass
     # now (a pod waiting for its warm join, a pod whose readiness changed) instead of waiting
     kicks: dict[IndexKey, asyncio.Event] = field(default_factory=dict)
+    # metadata.uid -> set when that KVCache is deleted: its control loop ends (``forget``)
+    stops: dict[str, asyncio.Event] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class CacheState:
     written_status: Written | None = None
     parsed: tuple[int, api.KVCache] | None = None  # (metadata.generation, the parsed spec)
     placed: tuple[str, ...] = ()  # the ready engines (URL, pod uid, restarts) last told the placement
+    had_statefulset: bool = False  # the index has shown its StatefulSet (see ``_still_exists``)
     clean: tuple[Any, ...] | None = None  # the inputs of the last plan that found nothing to do
 
     def parse(self, body: Mapping[str, Any]) -> api.KVCache:
@@ -178,6 +182,16 @@ class ProgressAnnotations(kopf.AnnotationsProgressStorage):
     def _store_marker(self, prefix: str, patch: kopf.Patch, body: kopf.Body) -> None:
         return None
 
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        """Kopf's, minus its deep copy when no annotation of ours is there to strip (every event
+        of every KVCache but a retrying handler's): twice per event, it was a tenth of a create's
+        handling. The essence is Kopf's own fresh copy (``MemoryDiffBase.build``) or the stored one,
+        which nothing mutates."""
+        annotations = (essence.get("metadata") or {}).get("annotations") or {}
+        if not any(key.startswith(f"{self.prefix}/") for key in annotations):
+            return essence
+        return super().clear(essence=essence)
+
 
 class MemoryDiffBase(kopf.DiffBaseStorage):
     """Kopf's last-handled spec (the base of the ``diff`` an update handler gets) kept in this
@@ -199,9 +213,26 @@ class MemoryDiffBase(kopf.DiffBaseStorage):
         self.essences: dict[str, kopf.BodyEssence] = {}  # metadata.uid -> last-handled essence
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
-        return self.legacy.build(body=body, extra_fields=extra_fields)  # without the old annotation
+        """Kopf's essence (spec, labels, annotations but Kopf's own and kubectl's last-applied),
+        without the old annotation, for a KVCache; empty for the kinds only the indexes watch.
+
+        Kopf builds an essence for every watch event of every kind before it looks for a handler
+        (and deep-copies the whole body for it, status and managed fields included): for a child
+        or a pod, which have index handlers only, no handler ever reads it, and copying each
+        StatefulSet's pod template was a fifth of the operator's CPU while it created caches."""
+        if body.get("kind") != api.KIND:
+            return cast(kopf.BodyEssence, {})
+        extra = list(extra_fields or ())
+        if not extra:  # an extra field may be anywhere (a status field): then the whole body
+            meta = body.get("metadata") or {}
+            kept = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+            kept["metadata"] = {k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta}
+            body = kopf.Body(cast(kopf.RawBody, kept))  # Kopf's key convention reads kind, owners
+        return self.legacy.build(body=body, extra_fields=extra)
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        if body.get("kind") != api.KIND:
+            return None  # see build
         essence = self.essences.get(str(body.metadata.uid))
         return essence if essence is not None else self.legacy.fetch(body=body)
 
@@ -408,6 +439,24 @@ def _with_tuned(child: Manifest, tuned: LiveConfig, observed: Manifest | None) -
     return {**child, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), **annotation}}}
 
 
+def without_finalizer(fn: Any) -> None:
+    """Kopf puts a finalizer on every object a daemon runs for, so that the object waits for the
+    daemon to stop before it goes. Ours has nothing to clean up (children go by owner references,
+    the loop ends on the DELETED event: ``controller.forget``; a deletion lost in a watch gap:
+    ``controller._still_exists``), and the finalizer cost every new KVCache a PATCH, a watch event
+    and a round trip before its first converge, and left KVCaches stuck in Terminating whenever
+    no operator ran (uninstalled first, scaled to 0, crash-looping). Kopf has no public switch
+    (its maintainers keep the finalizer as the default on purpose): the registered handler is
+    replaced by a copy that does not require one. Kopf removes the finalizer older versions
+    added the next time it handles each KVCache."""
+    spawning = kopf.get_default_registry()._spawning
+    spawning._handlers = [
+        dataclasses.replace(h, requires_finalizer=False) if h.fn is fn else h for h in spawning._handlers
+    ]
+    if any(h.fn is fn and h.requires_finalizer for h in spawning._handlers):
+        raise RuntimeError("the control loop's daemon still requires a finalizer")
+
+
 # --- entry points ---------------------------------------------------------------------------------------
 
 
@@ -430,11 +479,21 @@ def cache_state(rt: Runtime, body: Mapping[str, Any]) -> CacheState:
 
 
 def forget(rt: Runtime, body: Mapping[str, Any]) -> None:
-    """Children go by garbage collection (owner references); only our memory needs clearing."""
-    rt.caches.pop(body["metadata"]["uid"], None)
+    """A KVCache is gone (its DELETED watch event): end its control loop and clear our memory of
+    it. Children go by garbage collection (owner references): nothing to clean up in the cluster,
+    so the KVCache carries no finalizer (``handlers``) and never waits on this operator to go."""
+    uid = body["metadata"]["uid"]
+    stop = rt.stops.pop(uid, None)
+    if stop is not None:
+        stop.set()
+        meta = body["metadata"]
+        kick = rt.kicks.get((str(meta["namespace"]), str(meta["name"])))
+        if kick is not None:
+            kick.set()  # wake the loop now
+    rt.caches.pop(uid, None)
     rt.metrics.caches.set(len(rt.caches))
     if rt.diffbase is not None:
-        rt.diffbase.forget(body["metadata"]["uid"])
+        rt.diffbase.forget(uid)
 
 
 _LIVE_FIELD = {f.alias or name: name for name, f in LiveConfig.model_fields.items()}
@@ -478,11 +537,17 @@ async def control_loop(
     meta = body["metadata"]
     key: IndexKey = (str(meta["namespace"]), str(meta["name"]))
     kick = rt.kicks.setdefault(key, asyncio.Event())
+    stop = rt.stops.setdefault(str(meta["uid"]), asyncio.Event())
     try:
-        await _control_loop(rt, stopped, body, indexes, logger, kick=kick)
+        await _control_loop(rt, stopped, body, indexes, logger, kick=kick, stop=stop)
     finally:
         if rt.kicks.get(key) is kick:
             del rt.kicks[key]
+        if stop.is_set():  # deleted: a pass that was running when it went may have remembered it again
+            rt.caches.pop(str(meta["uid"]), None)
+            rt.metrics.caches.set(len(rt.caches))
+        elif rt.stops.get(str(meta["uid"])) is stop:
+            del rt.stops[str(meta["uid"])]
 
 
 def pod_seen(rt: Runtime | None, pod: Mapping[str, Any]) -> None:
@@ -511,9 +576,10 @@ async def _control_loop(
     logger: Logger,
     *,
     kick: asyncio.Event,
+    stop: asyncio.Event,
 ) -> None:
     due = 0.0  # when the next full pass is due (monotonic; 0: one interval from the start)
-    while not stopped:
+    while not stopped and not stop.is_set():
         try:
             interval = parse_duration(
                 str((body.get("spec") or {}).get("metrics", {}).get("scrapeInterval", "30s"))
@@ -523,12 +589,16 @@ async def _control_loop(
         if not due:
             due = time.monotonic() + interval * random.uniform(0.9, 1.1)
         kicked = await _woken(stopped, kick, max(0.0, due - time.monotonic()))
-        if stopped:
+        if stopped or stop.is_set():
             break
         kick.clear()
         full = time.monotonic() >= due
         state = cache_state(rt, body)
         try:
+            if (full or not kicked) and not await _still_exists(rt, body, indexes, state):
+                logger.info("the KVCache is gone (its deletion was not seen): its control loop ends")
+                forget(rt, body)
+                break
             async with state.lock:
                 if full or not kicked:
                     due = 0.0
@@ -543,6 +613,24 @@ async def _control_loop(
         except Exception:  # a supervisor loop: one bad pass must not stop scraping for good
             rt.metrics.errors.labels("control").inc()
             logger.exception("control pass crashed, retrying next interval")
+
+
+async def _still_exists(rt: Runtime, body: Mapping[str, Any], indexes: Indexes, state: CacheState) -> bool:
+    """Whether the KVCache still exists. Its DELETED event ends the loop (``forget``); one lost in
+    a watch gap (a relist after "410 Gone" reports no deletion) would leave the loop re-creating
+    children that garbage collection removes, every interval. A StatefulSet the index showed and
+    shows no more is the sign: only then is the API asked (one GET, not one per pass)."""
+    meta = body["metadata"]
+    key = (str(meta["namespace"]), str(meta["name"]))
+    shown = any(
+        obj.get("kind") == "StatefulSet" and obj["metadata"]["name"] == meta["name"]
+        for obj in indexes.children.get(key, ())
+    )
+    if shown or not state.had_statefulset:
+        state.had_statefulset = state.had_statefulset or shown
+        return True
+    found = await rt.kube.get(k8s.KVCACHES, key[0], key[1])
+    return found is not None and (found.get("metadata") or {}).get("uid") == meta["uid"]
 
 
 # --- the control pass -----------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ in a few lines (the control pass, converge, the tuned values and the indexes' sh
 * two indexes fed by watches, keyed by ``(namespace, app.kubernetes.io/instance)``: the children
   (every child kind and the backup Jobs) and the engine pods; the control pass reads them instead
   of listing;
-* create/update/resume: one converge pass; delete: forget the per-cache state;
+* create/update/resume: one converge pass; a KVCache's DELETED event: forget it, end its loop;
 * a daemon per KVCache: the scrape timer and control loop (an engine pod's watch event wakes it
-  for a membership pass: the warm join, the shard map);
+  for a membership pass: the warm join, the shard map), **without Kopf's finalizer** (below);
 * the validating admission webhook (``admission.review``; served as ``webhook.configure`` says).
 """
 
@@ -55,7 +55,7 @@ async def reconcile_handler(
     await controller.reconcile_cache(memo.runtime, body, indexes, logger, diff=diff, reason=reason)
 
 
-@kopf.on.delete(api.GROUP, api.PLURAL, optional=True)
+@kopf.on.event(api.GROUP, api.PLURAL, when=lambda type, **_: type == "DELETED")
 async def forget(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     controller.forget(memo.runtime, body)
 
@@ -66,6 +66,9 @@ async def control_loop(
 ) -> None:
     indexes = controller.Indexes.of(kwargs)
     await controller.control_loop(memo.runtime, stopped, body, indexes, logger)
+
+
+controller.without_finalizer(control_loop)  # see there: the KVCache needs no finalizer
 
 
 @kopf.on.startup()

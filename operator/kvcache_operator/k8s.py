@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import aiohttp
 import kopf
+import orjson
 
 from kvcache_operator import api
 
@@ -170,11 +171,16 @@ class KubeClient:
         resource = f"{kind.plural}/{subresource}" if subresource else kind.plural
         if (kind.group, resource, verb) not in API_CALLS | PEERING_CALLS:
             raise AssertionError(f"undeclared API call {verb} {kind.group}/{resource}: add it to API_CALLS")
-        headers = {"Content-Type": content_type} if content_type else None
+        headers = {"Content-Type": content_type or "application/json"} if json is not None else None
+        data = orjson.dumps(json, option=orjson.OPT_NON_STR_KEYS) if json is not None else None
         async with self._session.request(
-            method, self._server + path, json=json, params=params, headers=headers
+            method, self._server + path, data=data, params=params, headers=headers
         ) as response:
-            body = await response.json(content_type=None) if response.content_length != 0 else None
+            raw = await response.read()
+            try:
+                body = orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:  # a proxy's or an old server's plain-text error
+                body = raw.decode(errors="replace")
             if response.status >= 400 and response.status not in (404, 409):
                 message = (body or {}).get("message", "") if isinstance(body, dict) else str(body)
                 raise ApiError(response.status, message)

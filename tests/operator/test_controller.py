@@ -312,3 +312,33 @@ def test_the_control_loop_interval_stays_within_the_apis_bounds(text: str, secon
 def test_the_control_loop_interval_refuses_what_is_not_a_duration() -> None:
     with pytest.raises(ValueError, match="not a duration"):
         controller.parse_duration("30 seconds")
+
+
+async def test_a_deletion_the_watch_never_reported_ends_the_loop_after_one_get(
+    cluster: Cluster, runtime: controller.Runtime
+) -> None:
+    """``_still_exists``: free while the index shows the StatefulSet (or never did); once a
+    StatefulSet it showed is gone, one GET decides (a re-created namesake has another uid)."""
+    emu = cluster.emu
+    emu.create(KVCACHES, make_kvcache("lost"))
+    body = emu.get(KVCACHES, "lost", NS)
+    state = controller.CacheState()
+
+    def gets() -> int:
+        return sum(1 for v, p, *_ in emu.calls if v == "get" and p == "kvcaches")
+
+    assert await controller._still_exists(runtime, body, _indexes(cluster), state) is True  # no sts yet
+    await controller.converge(runtime, body, _indexes(cluster), state, LOGGER)
+    assert await controller._still_exists(runtime, body, _indexes(cluster), state) is True
+    assert state.had_statefulset and gets() == 0
+    emu.patch("apps/v1/statefulsets", "lost", {"metadata": {"labels": {"x": "y"}}}, NS)  # still there
+    assert await controller._still_exists(runtime, body, _indexes(cluster), state) is True
+    assert gets() == 0
+    emu.delete("apps/v1/statefulsets", "lost", NS)  # someone deleted the StatefulSet only
+    assert await controller._still_exists(runtime, body, _indexes(cluster), state) is True
+    assert gets() == 1
+    emu.delete(KVCACHES, "lost", NS)  # the KVCache itself (its DELETED event lost)
+    assert await controller._still_exists(runtime, body, _indexes(cluster), state) is False
+    emu.create(KVCACHES, make_kvcache("lost"))  # a namesake: not the cache this loop served
+    assert await controller._still_exists(runtime, body, _indexes(cluster), state) is False
+    assert gets() == 3

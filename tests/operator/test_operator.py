@@ -722,13 +722,14 @@ def _observed_generation(emu: Any, name: str) -> Any:
     return (emu.get(KVCACHES, name, NS).get("status") or {}).get("observedGeneration")
 
 
-async def test_a_new_kvcache_costs_its_children_the_finalizer_and_one_status_write(
+async def test_a_new_kvcache_costs_its_children_and_one_status_write(
     cluster: Cluster, operator: kopf.Memo
 ) -> None:
-    """Kopf keeps the last-handled spec in memory (``controller.MemoryDiffBase``) and writes no
-    ``kopf-managed`` marker, so creating a KVCache writes 8 children, Kopf's finalizer and one
-    status; an edit still reaches the update handler with its diff (the user's maxTokens replaces
-    the tuned one) and costs no Kopf write; a deleted KVCache's spec is forgotten."""
+    """Kopf keeps the last-handled spec in memory (``controller.MemoryDiffBase``), writes no
+    ``kopf-managed`` marker and no finalizer (``controller.without_finalizer``), so creating a
+    KVCache writes 8 children and one status; an edit still reaches the update handler with its
+    diff (the user's maxTokens replaces the tuned one) and costs no Kopf write; a deleted KVCache
+    is gone at once, its spec forgotten and its control loop ended."""
     emu = cluster.emu
     tuning = {"mode": "Auto", "maxTokensMin": 128, "maxTokensMax": 4096, "intervalSeconds": 30}
     emu.create(KVCACHES, make_kvcache("lean", metrics={"scrapeInterval": "1h"}, tuning=tuning))
@@ -739,11 +740,10 @@ async def test_a_new_kvcache_costs_its_children_the_finalizer_and_one_status_wri
         **{("create", plural, ""): 2 for plural in ("configmaps", "secrets", "services")},
         ("create", "statefulsets", ""): 1,
         ("create", "poddisruptionbudgets", ""): 1,
-        ("patch", "kvcaches", ""): 1,  # the finalizer, and nothing else of Kopf's
-        ("patch", "kvcaches", "status"): 1,
+        ("patch", "kvcaches", "status"): 1,  # and nothing of Kopf's: no finalizer, no annotation
     }
     meta = emu.get(KVCACHES, "lean", NS)["metadata"]
-    assert meta["finalizers"] == ["kvcache.dev/finalizer"]
+    assert not meta.get("finalizers")
     assert not any(key.startswith("kvcache.dev/") for key in meta.get("annotations") or {})
 
     def rendered(tokens: int) -> bool:
@@ -761,10 +761,12 @@ async def test_a_new_kvcache_costs_its_children_the_finalizer_and_one_status_wri
     assert _kopf_writes(emu, "lean") == kopf_writes  # no annotation PATCH after the update either
 
     uid = meta["uid"]
-    assert uid in operator.runtime.diffbase.essences
+    rt = operator.runtime
+    assert uid in rt.diffbase.essences and uid in rt.stops and uid in rt.caches
     emu.delete(KVCACHES, "lean", NS)
-    await wait_for(lambda: not emu.list(KVCACHES, NS), what="the KVCache gone")
-    assert uid not in operator.runtime.diffbase.essences
+    assert not emu.list(KVCACHES, NS)  # no finalizer: gone at once, with or without an operator
+    await wait_for(lambda: (NS, "lean") not in rt.kicks, what="the control loop ended")
+    assert uid not in rt.diffbase.essences and uid not in rt.caches
 
 
 async def test_the_last_handled_annotation_of_an_older_version_is_read_once_and_removed(
@@ -785,3 +787,21 @@ async def test_the_last_handled_annotation_of_an_older_version_is_read_once_and_
         what="the old annotation removed",
     )
     assert "patch" in _kopf_writes(emu, "legacy")
+
+
+async def test_the_finalizer_of_an_older_version_is_removed_and_deletion_needs_no_operator(
+    cluster: Cluster, operator: kopf.Memo
+) -> None:
+    """Older versions put Kopf's finalizer on every KVCache (for the control loop's daemon): the
+    first pass of this one removes it, so the KVCache no longer waits for an operator to go."""
+    emu = cluster.emu
+    body = make_kvcache("held", metrics={"scrapeInterval": "1h"})
+    body["metadata"]["finalizers"] = ["kvcache.dev/finalizer"]
+    emu.create(KVCACHES, body)
+    await wait_for(lambda: _observed_generation(emu, "held") == 1, what="the status")
+    await wait_for(
+        lambda: not emu.get(KVCACHES, "held", NS)["metadata"].get("finalizers"), what="no finalizer"
+    )
+    emu.delete(KVCACHES, "held", NS)
+    assert not emu.list(KVCACHES, NS)
+    await wait_for(lambda: (NS, "held") not in operator.runtime.kicks, what="the control loop ended")
