@@ -44,6 +44,7 @@ import kopf
 from kvcache_engine.contract import (
     WARM_GATE,
     AdminError,
+    KVCacheConfig,
     LiveConfig,
     ShardMap,
     handoff_timeout_s,
@@ -119,7 +120,18 @@ class CacheState:
     parsed: tuple[int, api.KVCache] | None = None  # (metadata.generation, the parsed spec)
     placed: tuple[str, ...] = ()  # the ready engines (URL, pod uid, restarts) last told the placement
     had_statefulset: bool = False  # the index has shown its StatefulSet (see ``_still_exists``)
+    config: tuple[api.KVCache, LiveConfig, KVCacheConfig, Manifest] | None = None  # engine_config
     clean: tuple[Any, ...] | None = None  # the inputs of the last plan that found nothing to do
+
+    def engine_config(self, kvc: api.KVCache, overrides: LiveConfig) -> tuple[KVCacheConfig, Manifest]:
+        """``resources.engine_config`` and its file form, computed again only when the parsed spec
+        or the overrides move: every pass asks twice (the policy, converge), and building them was
+        a tenth of an idle cache's pass."""
+        if self.config is not None and self.config[0] is kvc and self.config[1] == overrides:
+            return self.config[2], self.config[3]
+        config = resources.engine_config(kvc, overrides)
+        self.config = (kvc, overrides, config, config.to_file_dict())
+        return self.config[2], self.config[3]
 
     def parse(self, body: Mapping[str, Any]) -> api.KVCache:
         """The parsed KVCache, parsed again only when its generation moves (spec changes bump it)."""
@@ -722,7 +734,7 @@ async def _decide_and_act(
     when a tuning was applied (converge renders and pushes them)."""
     sts = observed.statefulset
     overrides = reconcile.live_overrides(kvc.spec, read_tuned(observed.configmap, logger))
-    config = resources.engine_config(kvc, overrides)
+    config, _ = state.engine_config(kvc, overrides)
     now = time.time()
     proposals = policy.decide(
         policy.PolicyInput(
@@ -964,7 +976,7 @@ async def converge(
     kept = {k: v for k, v in reconcile.live_overrides(kvc.spec, stored).given().items() if k not in reset}
     overrides = LiveConfig.model_validate(kept)
     replicas = reconcile.desired_replicas(kvc.spec, sts)
-    config = resources.engine_config(kvc, overrides)
+    config, config_file = state.engine_config(kvc, overrides)
     paused = reconcile.is_paused(meta)
     touched_sts = False
     checking = rollout.pods_to_check(sts, observed.pods)  # a rollout held at a partition
@@ -998,7 +1010,7 @@ async def converge(
         pods=observed.pods,
         rolling=touched_sts or reconcile.rolling_out(sts),
         paused=paused,
-        effective_config=config.to_file_dict(),
+        effective_config=config_file,
         observation=state.observation,
         decisions=state.decisions,
         last_backup=status_mod.backup_record(observed.jobs) if kvc.spec.backup.enabled else None,

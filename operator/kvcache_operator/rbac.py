@@ -71,7 +71,7 @@ RULES: tuple[Rule, ...] = (
         "kvcache.dev",
         "kvcaches",
         ("get", "list", "watch", "patch"),
-        why="Kopf watches KVCaches and patches its finalizer and progress annotations",
+        why="Kopf watches KVCaches, patches its progress annotations, removes older versions' finalizer",
     ),
     Rule("kvcache.dev", "kvcaches/status", ("get", "patch", "update"), why="status, conditions"),
     Rule("kvcache.dev", "kvcaches/scale", ("get",), why="read the scale subresource it reports"),

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import kopf
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvcache_engine.contract import LiveConfig
 from kvcache_operator import api, controller, k8s, policy, rbac
@@ -342,3 +345,50 @@ async def test_a_deletion_the_watch_never_reported_ends_the_loop_after_one_get(
     emu.create(KVCACHES, make_kvcache("lost"))  # a namesake: not the cache this loop served
     assert await controller._still_exists(runtime, body, _indexes(cluster), state) is False
     assert gets() == 3
+
+
+_LABELS = st.dictionaries(st.sampled_from(["a", "b", "kvcache.dev/x"]), st.text(max_size=3), max_size=3)
+_ANNOTATIONS = st.dictionaries(
+    st.sampled_from(
+        [
+            "keep",
+            "kvcache.dev/last-handled-configuration",
+            "kvcache.dev/reconcile_handler",
+            "kubectl.kubernetes.io/last-applied-configuration",
+            "other.zalando.org/kopf-managed",
+            "other.zalando.org/handler",
+            "x.kopf.zalando.org/y",
+        ]
+    ),
+    st.text(max_size=3),
+    max_size=5,
+)
+
+
+@given(
+    spec=st.dictionaries(st.sampled_from(["replicas", "cache"]), st.integers() | st.text(max_size=3)),
+    labels=_LABELS,
+    annotations=_ANNOTATIONS,
+    status=st.dictionaries(st.sampled_from(["phase", "x"]), st.text(max_size=3)),
+)
+def test_the_diffbase_essence_of_a_kvcache_is_kopfs_and_index_only_kinds_have_none(
+    spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str], status: dict[str, str]
+) -> None:
+    """``MemoryDiffBase.build`` hands Kopf only what the essence keeps: the same essence as Kopf's
+    own storage builds (and cleared of progress keys the same way), never sharing the body's
+    objects; a child or a pod (index handlers only) gets an empty one and no stored base."""
+    meta = {"name": "c", "namespace": NS, "uid": "u1", "labels": labels, "annotations": annotations}
+    body = {"apiVersion": "kvcache.dev/v1alpha1", "kind": "KVCache", "metadata": meta, "spec": spec}
+    if status:
+        body["status"] = status
+    ours, progress = controller.MemoryDiffBase(), controller.ProgressAnnotations(prefix="kvcache.dev")
+    kopfs = kopf.AnnotationsDiffBaseStorage(prefix="kvcache.dev", key="last-handled-configuration")
+    essence = ours.build(body=kopf.Body(body))
+    assert essence == kopfs.build(body=kopf.Body(body))
+    assert progress.clear(essence=essence) == kopf.AnnotationsProgressStorage(prefix="kvcache.dev").clear(
+        essence=essence
+    )
+    if spec:
+        assert essence["spec"] == spec and essence["spec"] is not spec
+    child = {**body, "apiVersion": "v1", "kind": "ConfigMap"}
+    assert ours.build(body=kopf.Body(child)) == {} and ours.fetch(body=kopf.Body(child)) is None
