@@ -196,9 +196,9 @@ class ProgressAnnotations(kopf.AnnotationsProgressStorage):
 
     def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
         """Kopf's, minus its deep copy when no annotation of ours is there to strip (every event
-        of every KVCache but a retrying handler's): twice per event, it was a tenth of a create's
-        handling. The essence is Kopf's own fresh copy (``MemoryDiffBase.build``) or the stored one,
-        which nothing mutates."""
+        of every KVCache but a retrying handler's): twice per event, ~8 % of Kopf's handling of a
+        KVCache event in a burst's profile. The essence is Kopf's own fresh copy
+        (``MemoryDiffBase.build``) or the stored one, which nothing mutates."""
         annotations = (essence.get("metadata") or {}).get("annotations") or {}
         if not any(key.startswith(f"{self.prefix}/") for key in annotations):
             return essence
@@ -230,8 +230,9 @@ class MemoryDiffBase(kopf.DiffBaseStorage):
 
         Kopf builds an essence for every watch event of every kind before it looks for a handler
         (and deep-copies the whole body for it, status and managed fields included): for a child
-        or a pod, which have index handlers only, no handler ever reads it, and copying each
-        StatefulSet's pod template was a fifth of the operator's CPU while it created caches."""
+        or a pod, which have index handlers only, no handler ever reads it (each StatefulSet's pod
+        template copied for nothing). Kopf's cause detection fell from ~11 % to ~5 % of the
+        operator's samples in a py-spy profile of a burst of new caches."""
         if body.get("kind") != api.KIND:
             return cast(kopf.BodyEssence, {})
         extra = list(extra_fields or ())

@@ -181,11 +181,10 @@ class KubeClient:
                 body = orjson.loads(raw) if raw else None
             except orjson.JSONDecodeError:  # a proxy's or an old server's plain-text error
                 body = raw.decode(errors="replace")
-            if response.status >= 400 and response.status not in (404, 409):
-                message = (body or {}).get("message", "") if isinstance(body, dict) else str(body)
-                raise ApiError(response.status, message)
-            if response.status == 409:
-                raise ConflictError(409, (body or {}).get("message", "") if isinstance(body, dict) else "")
+            if response.status >= 400 and response.status != 404:
+                message = body.get("message", "") if isinstance(body, dict) else str(body or "")
+                error = ConflictError if response.status == 409 else ApiError
+                raise error(response.status, message)
             return response.status, body
 
     async def get(self, kind: Kind, namespace: str | None, name: str) -> Manifest | None:
